@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Module graph (dependencies point one way, top to bottom):
+//   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
+//   StrataSimulation (fault-injecting storage, test support) -> StrataCore
+let package = Package(
+  name: "Strata",
+  products: [
+    .executable(name: "strata", targets: ["strata"]),
+    .library(name: "StrataCore", targets: ["StrataCore"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+  ],
+  targets: [
+    // CRC-32C with the SSE4.2 instruction when the CPU has it, a table otherwise.
+    .target(name: "CStrataCRC32C"),
+    // Pure on-disk format: encoding, decoding and validation. No I/O.
+    .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
+    // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
+    .target(name: "StrataCore", dependencies: ["StrataFormat"]),
+    // Deterministic fault-injecting storage for crash tests and the simulator.
+    .target(name: "StrataSimulation", dependencies: ["StrataCore"]),
+    // The `strata` command set; the executable only calls into it.
+    .target(
+      name: "StrataCLI",
+      dependencies: [
+        "StrataCore",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]
+    ),
+    .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
+    .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
+    .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation"]),
+    .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
+  ],
+  swiftLanguageModes: [.v6]
+)

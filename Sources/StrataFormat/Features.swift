@@ -1,0 +1,24 @@
+/// Feature bits of the superblock (format-spec/README.md, "Feature bits").
+///
+/// - incompatible: a reader that does not know a set bit must refuse to open the image.
+/// - compatible: unknown bits are ignored and preserved.
+/// - autoclear: unknown bits are cleared by any writer that opens the image.
+public struct FeatureSet: Equatable, Sendable {
+  public var incompatible: UInt64
+  public var compatible: UInt64
+  public var autoclear: UInt64
+
+  public init(incompatible: UInt64 = 0, compatible: UInt64 = 0, autoclear: UInt64 = 0) {
+    self.incompatible = incompatible
+    self.compatible = compatible
+    self.autoclear = autoclear
+  }
+
+  /// Incompatible bits this implementation understands. Version 1 defines none; bits are
+  /// reserved for compressed payloads (bit 0) and content-hash dedup (bit 1).
+  public static let knownIncompatible: UInt64 = 0
+  public static let knownCompatible: UInt64 = 0
+  public static let knownAutoclear: UInt64 = 0
+
+  public var unknownIncompatible: UInt64 { incompatible & ~Self.knownIncompatible }
+}
