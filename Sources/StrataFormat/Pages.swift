@@ -37,6 +37,57 @@ public struct PageRef: Equatable, Hashable, Sendable {
   }
 }
 
+/// An internal map entry (and the map root): a child node's page reference plus flags.
+///
+///     word0  page address of the child node (0 = no node)
+///     word1  bits 0-31 checksum of the child node; bit 32 = the whole subtree reads as zero
+///            (state zero, only with page 0); bits 33-63 reserved, zero
+///
+/// A null child without the zero flag means the whole subtree is unallocated.
+public struct ChildRef: Equatable, Hashable, Sendable {
+  public var page: UInt64
+  public var checksum: UInt32
+  public var zeroSubtree: Bool
+
+  public init(page: UInt64, checksum: UInt32, zeroSubtree: Bool = false) {
+    precondition(!(zeroSubtree && page != 0))
+    self.page = page
+    self.checksum = checksum
+    self.zeroSubtree = zeroSubtree
+  }
+
+  public static let unallocated = ChildRef(page: 0, checksum: 0)
+  public static let zero = ChildRef(page: 0, checksum: 0, zeroSubtree: true)
+  public var isNull: Bool { page == 0 }
+
+  public var words: (UInt64, UInt64) { (page, UInt64(checksum) | (zeroSubtree ? 1 << 32 : 0)) }
+
+  public static func decode(word0: UInt64, word1: UInt64) throws -> ChildRef {
+    guard word0 <= Layout.maxPageAddress else {
+      throw FormatError(.invalidField, "map child", "page address \(word0) exceeds 48 bits")
+    }
+    let flags = word1 >> 32
+    guard flags <= 1 else { throw FormatError(.invalidField, "map child", "reserved flags \(flags)") }
+    if word0 == 0 {
+      guard UInt32(truncatingIfNeeded: word1) == 0 else {
+        throw FormatError(.invalidField, "map child", "null child with a checksum")
+      }
+    } else if flags != 0 {
+      throw FormatError(.invalidField, "map child", "zero-subtree flag on a stored node")
+    }
+    return ChildRef(page: word0, checksum: UInt32(truncatingIfNeeded: word1), zeroSubtree: flags == 1)
+  }
+
+  public func encode(into w: inout ByteWriter) {
+    w.u64(words.0)
+    w.u64(words.1)
+  }
+
+  public static func decode(_ r: inout ByteReader) throws -> ChildRef {
+    try decode(word0: try r.u64(), word1: try r.u64())
+  }
+}
+
 /// Checksum of a metadata page, seeded with what the page is and where it belongs in its
 /// structure, so a valid page of the wrong kind or position is still rejected.
 public func pageChecksum(kind: PageKind, level: UInt8, key: UInt64, _ page: UnsafeRawBufferPointer) -> UInt32 {
@@ -112,11 +163,12 @@ public struct MapEntry: Equatable, Sendable {
 
 /// One segment's line in the usage table: what the cleaner needs to pick victims.
 public struct SegmentUsage: Equatable, Sendable {
-  /// Pages referenced by the head: data blocks, map nodes, usage and catalog pages.
+  /// Pages the head references in this segment: data blocks and map nodes. Record headers and
+  /// the checkpoint's own usage and catalog pages are not counted (the checkpoint names those).
   public var livePages: UInt32
-  /// Pages appended so far (the segment's fill level).
+  /// The segment's fill when it was sealed; 0 while it is the open segment of the log.
   public var writtenPages: UInt32
-  /// Highest sequence number written into the segment: its age for cost-benefit cleaning.
+  /// Sequence number of the segment's SEAL: its age for cost-benefit cleaning; 0 while open.
   public var lastSeq: UInt64
 
   public init(livePages: UInt32 = 0, writtenPages: UInt32 = 0, lastSeq: UInt64 = 0) {
@@ -146,11 +198,7 @@ public struct SegmentUsage: Equatable, Sendable {
     var out: [SegmentUsage] = []
     out.reserveCapacity(count)
     for _ in 0..<count {
-      let e = SegmentUsage(livePages: try r.u32(), writtenPages: try r.u32(), lastSeq: try r.u64())
-      guard e.livePages <= e.writtenPages else {
-        throw FormatError(.invalidField, "usage page", "live pages \(e.livePages) exceed written \(e.writtenPages)")
-      }
-      out.append(e)
+      out.append(SegmentUsage(livePages: try r.u32(), writtenPages: try r.u32(), lastSeq: try r.u64()))
     }
     return out
   }

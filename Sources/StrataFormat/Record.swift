@@ -97,7 +97,9 @@ public struct CheckpointBody: Equatable, Sendable {
   public var virtualSize: UInt64
   public var blockSize: UInt32
   public var mapDepth: UInt8
-  public var root: PageRef
+  public var root: ChildRef
+  /// Virtual blocks whose state is data (what `info` calls allocated).
+  public var dataBlocks: UInt64
   /// Page address of the previous checkpoint record (0 for the first).
   public var previousCheckpoint: UInt64
   public var segmentCount: UInt64
@@ -106,13 +108,15 @@ public struct CheckpointBody: Equatable, Sendable {
   public var catalogPages: [PageRef]
 
   public init(
-    virtualSize: UInt64, blockSize: UInt32, mapDepth: UInt8, root: PageRef, previousCheckpoint: UInt64,
+    virtualSize: UInt64, blockSize: UInt32, mapDepth: UInt8, root: ChildRef, dataBlocks: UInt64,
+    previousCheckpoint: UInt64,
     segmentCount: UInt64, snapshotCount: UInt64, usagePages: [PageRef], catalogPages: [PageRef]
   ) {
     self.virtualSize = virtualSize
     self.blockSize = blockSize
     self.mapDepth = mapDepth
     self.root = root
+    self.dataBlocks = dataBlocks
     self.previousCheckpoint = previousCheckpoint
     self.segmentCount = segmentCount
     self.snapshotCount = snapshotCount
@@ -120,7 +124,7 @@ public struct CheckpointBody: Equatable, Sendable {
     self.catalogPages = catalogPages
   }
 
-  var encodedLength: Int { 64 + 16 * (usagePages.count + catalogPages.count) }
+  var encodedLength: Int { 72 + 16 * (usagePages.count + catalogPages.count) }
 }
 
 /// An operation of a log record. Sequence numbers are implicit (record seq + index).
@@ -218,6 +222,7 @@ public enum LogOp: Equatable, Sendable {
       w.u8(0)
       w.u16(0)
       b.root.encode(into: &w)
+      w.u64(b.dataBlocks)
       w.u64(b.previousCheckpoint)
       w.u64(b.segmentCount)
       w.u64(b.snapshotCount)
@@ -307,7 +312,8 @@ public enum LogOp: Equatable, Sendable {
       let depth = try body.u8()
       _ = try body.u8()
       _ = try body.u16()
-      let root = try PageRef.decode(&body)
+      let root = try ChildRef.decode(&body)
+      let dataBlocks = try body.u64()
       let previous = try body.u64()
       let segmentCount = try body.u64()
       let snapshotCount = try body.u64()
@@ -320,7 +326,7 @@ public enum LogOp: Equatable, Sendable {
       guard depth >= 1, depth <= Layout.maxMapDepth, Int(depth) >= Layout.mapDepth(forBlocks: blocks) else {
         throw FormatError(.invalidField, name, "map depth \(depth) cannot address \(blocks) blocks")
       }
-      guard segmentCount >= 1, usageCount == (Int(clamping: segmentCount) + SegmentUsage.perPage - 1) / SegmentUsage.perPage,
+      guard segmentCount >= 1, UInt64(usageCount) == (segmentCount - 1) / UInt64(SegmentUsage.perPage) + 1,
         (usageCount + catalogCount) * 16 <= body.remaining
       else {
         throw FormatError(.invalidField, name, "\(usageCount) usage pages for \(segmentCount) segments")
@@ -331,7 +337,8 @@ public enum LogOp: Equatable, Sendable {
       for _ in 0..<catalogCount { catalog.append(try PageRef.decode(&body)) }
       op = .checkpoint(
         CheckpointBody(
-          virtualSize: size, blockSize: blockSize, mapDepth: depth, root: root, previousCheckpoint: previous,
+          virtualSize: size, blockSize: blockSize, mapDepth: depth, root: root, dataBlocks: dataBlocks,
+          previousCheckpoint: previous,
           segmentCount: segmentCount, snapshotCount: snapshotCount, usagePages: usage, catalogPages: catalog))
     }
     return op

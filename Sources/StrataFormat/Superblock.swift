@@ -113,7 +113,7 @@ public struct Superblock: Equatable, Sendable {
     guard dataOffset >= 2 * UInt64(Layout.pageSize), dataOffset % UInt64(Layout.pageSize) == 0 else {
       throw FormatError(.invalidField, name, "data offset \(dataOffset) is not page aligned past the superblocks")
     }
-    guard checkpointPage * UInt64(Layout.pageSize) >= dataOffset, checkpointPage <= Layout.maxPageAddress else {
+    guard checkpointPage <= Layout.maxPageAddress, checkpointPage * UInt64(Layout.pageSize) >= dataOffset else {
       throw FormatError(.invalidField, name, "checkpoint page \(checkpointPage) lies outside the segment area")
     }
     return Superblock(
