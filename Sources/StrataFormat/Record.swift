@@ -136,8 +136,9 @@ public enum LogOp: Equatable, Sendable {
   /// A named snapshot of everything before this operation.
   case snapshot(name: String, baseCheckpoint: UInt64)
   case snapshotDelete(seq: UInt64)
-  /// The head becomes the state at `seq` (a snapshot's sequence number).
-  case restore(seq: UInt64)
+  /// The head becomes the state at `seq` (a snapshot's sequence number), whose view starts
+  /// from the checkpoint record at `baseCheckpoint`.
+  case restore(seq: UInt64, baseCheckpoint: UInt64)
   case resize(virtualSize: UInt64)
   /// Metadata pages stored as payload, referenced later by a checkpoint.
   case pages([PageDescriptor])
@@ -175,7 +176,8 @@ public enum LogOp: Equatable, Sendable {
     case .write(_, let checksums): (24 + 4 * checksums.count + 7) & ~7
     case .zero, .discard: 24
     case .snapshot(let name, _): (8 + 8 + 2 + name.utf8.count + 7) & ~7
-    case .snapshotDelete, .restore, .resize, .seal: 16
+    case .snapshotDelete, .resize, .seal: 16
+    case .restore: 24
     case .pages(let d): 16 + 16 * d.count
     case .checkpoint(let body): 8 + body.encodedLength
     }
@@ -199,8 +201,11 @@ public enum LogOp: Equatable, Sendable {
       w.u64(base)
       w.u16(UInt16(name.utf8.count))
       w.raw(name.utf8)
-    case .snapshotDelete(let seq), .restore(let seq):
+    case .snapshotDelete(let seq):
       w.u64(seq)
+    case .restore(let seq, let base):
+      w.u64(seq)
+      w.u64(base)
     case .resize(let size):
       w.u64(size)
     case .seal(let next):
@@ -282,7 +287,7 @@ public enum LogOp: Equatable, Sendable {
     case .snapshotDelete:
       op = .snapshotDelete(seq: try body.u64())
     case .restore:
-      op = .restore(seq: try body.u64())
+      op = .restore(seq: try body.u64(), baseCheckpoint: try body.u64())
     case .resize:
       let size = try body.u64()
       guard size <= Layout.maxVirtualSize else { throw FormatError(.invalidField, name, "virtual size \(size)") }

@@ -1,0 +1,332 @@
+import StrataFormat
+
+/// A Strata disk image: a log-structured, copy-on-write virtual disk in one file.
+///
+/// Writes append to the log and are durable once `flush()` returns; snapshots are one log
+/// operation each. An image is used from one thread at a time (it is not `Sendable`).
+public final class StrataImage {
+  let storage: ImageStorage
+  let geometry: Geometry
+  let options: ImageOptions
+  let pages: PageReader
+  var superblock: Superblock
+  public let readOnly: Bool
+
+  // The head state. Every change goes through `apply`, which replay uses too.
+  var virtualSize: UInt64
+  var map: BlockMap
+  let usage: UsageTable
+  var catalog: Catalog
+  var catalogRefs: [PageRef]
+  var catalogDirty = false
+  var lastCheckpointPage: UInt64
+  var lastCheckpointSeq: UInt64
+
+  /// Appends to the log; nil when read-only and while recovery replays the log.
+  private(set) var writer: LogWriter?
+  /// Sequence number of the next operation (the log end), kept for read-only opens too.
+  var endSeq: UInt64 = 0
+  var changedSinceCheckpoint = false
+  var pagesAtCheckpoint: UInt64 = 0
+  var isClosed = false
+  /// What recovery had to do or skip (a damaged superblock, a cut log tail): `check` reports it.
+  public internal(set) var recoveryNotes: [String] = []
+
+  init(
+    storage: ImageStorage, superblock: Superblock, options: ImageOptions, pages: PageReader, state: LoadedCheckpoint,
+    readOnly: Bool
+  ) {
+    self.storage = storage
+    self.geometry = pages.geometry
+    self.options = options
+    self.pages = pages
+    self.superblock = superblock
+    self.readOnly = readOnly
+    self.virtualSize = state.virtualSize
+    self.map = state.map
+    self.usage = state.usage
+    self.catalog = state.catalog
+    self.catalogRefs = state.catalogRefs
+    self.lastCheckpointPage = state.page
+    self.lastCheckpointSeq = state.seq
+    map.accounting = usage
+  }
+
+  /// Starts appending at the end of the log found by recovery (or at the start of a new image).
+  func startWriter(at end: LogEnd) {
+    precondition(writer == nil && !readOnly)
+    let w = LogWriter(
+      storage: storage, geometry: geometry, segment: end.segment, tailPage: end.page, nextSeq: end.nextSeq,
+      lastChecksum: end.lastChecksum, clock: options.clock)
+    w.sealHandler = { [unowned self] segment, written, seq in
+      self.applySeal(segment: segment, writtenPages: written, seq: seq)
+    }
+    writer = w
+    pages.writer = w
+    pagesAtCheckpoint = 0
+  }
+
+  deinit {
+    assert(isClosed, "StrataImage was never closed")
+  }
+
+  // MARK: Lifecycle
+
+  /// Creates a new image file of `virtualSize` bytes (a multiple of 512) and opens it.
+  public static func create(path: String, virtualSize: UInt64, options: ImageOptions = ImageOptions(), overwrite: Bool = false)
+    throws -> StrataImage
+  {
+    try validateCreate(virtualSize: virtualSize, options: options)
+    let storage = try FileStorage(path: path, mode: .create(overwrite: overwrite))
+    do {
+      return try create(storage: storage, virtualSize: virtualSize, options: options)
+    } catch {
+      try? storage.close()
+      throw error
+    }
+  }
+
+  /// Opens an existing image file.
+  public static func open(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
+    let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite)
+    do {
+      return try open(storage: storage, options: options)
+    } catch {
+      try? storage.close()
+      throw error
+    }
+  }
+
+  /// Makes everything written so far durable, writes a checkpoint so the next open is quick,
+  /// and releases the file.
+  public func close() throws {
+    precondition(!isClosed, "image closed twice")
+    defer {
+      isClosed = true
+      try? storage.close()
+    }
+    if writer != nil && changedSinceCheckpoint { try checkpoint() }
+  }
+
+  // MARK: Reads and writes
+
+  public var size: UInt64 { virtualSize }
+  public var blockSize: Int { geometry.blockSize }
+
+  /// Reads `buffer.count` bytes at `offset`. Unwritten ranges read as zeros; a block whose data
+  /// fails its checksum throws `.dataCorrupt` instead of returning wrong bytes.
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try checkOpen()
+    try checkRange(offset, UInt64(buffer.count), size: virtualSize)
+    try readMapped(map, into: buffer, at: offset)
+  }
+
+  public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: count)
+    try out.withUnsafeMutableBytes { try read(into: $0, at: offset) }
+    return out
+  }
+
+  /// Writes `data` at `offset`; any alignment. Partial blocks are read, merged and rewritten.
+  /// Durable after the next `flush()`.
+  public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    try checkWritable()
+    try checkRange(offset, UInt64(data.count), size: virtualSize)
+    try writeBytes(data, at: offset)
+    try checkpointIfDue()
+  }
+
+  public func write(_ data: [UInt8], at offset: UInt64) throws {
+    try data.withUnsafeBytes { try write($0, at: offset) }
+  }
+
+  /// Returns once every write, discard and snapshot before it is durable.
+  public func flush() throws {
+    try checkOpen()
+    try writer?.flush()
+  }
+
+  /// Makes whole blocks inside the range unallocated (they read as zeros). Partial blocks at the
+  /// edges are left as they are: a discard is a hint, as in virtio-blk and NBD.
+  public func discard(at offset: UInt64, length: UInt64) throws {
+    try checkWritable()
+    try checkRange(offset, length, size: virtualSize)
+    let bs = UInt64(blockSize)
+    let first = (offset + bs - 1) / bs
+    let end = (offset + length) / bs
+    if first < end { try logAndApply(.discard(firstBlock: first, count: end - first)) }
+    try checkpointIfDue()
+  }
+
+  /// Makes the range read as zeros without storing data.
+  public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+    try checkWritable()
+    try checkRange(offset, length, size: virtualSize)
+    try zeroBytes(at: offset, length: length)
+    try checkpointIfDue()
+  }
+
+  /// Changes the virtual size. Shrinking drops data past the new end and needs `allowShrink`.
+  public func resize(to newSize: UInt64, allowShrink: Bool = false) throws {
+    try checkWritable()
+    try Self.validateSize(newSize)
+    if newSize < virtualSize && !allowShrink {
+      throw StrataError(.invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data; pass --shrink to confirm")
+    }
+    guard newSize != virtualSize else { return }
+    try logAndApply(.resize(virtualSize: newSize))
+    try checkpoint()
+  }
+
+  // MARK: Snapshots
+
+  /// Creates a named snapshot of everything written so far. It costs one log operation and is
+  /// durable with the next `flush()`.
+  @discardableResult
+  public func createSnapshot(name: String) throws -> SnapshotInfo {
+    try checkWritable()
+    do { try SnapshotEntry.validateName(name) } catch let e as FormatError {
+      throw StrataError(.invalidArgument, "invalid snapshot name \"\(name)\": \(e.detail)")
+    }
+    guard catalog.entry(named: name) == nil else {
+      throw StrataError(.alreadyExists, "snapshot \"\(name)\" already exists")
+    }
+    let seq = try logAndApply(.snapshot(name: name, baseCheckpoint: lastCheckpointPage))
+    guard let entry = catalog.entry(seq: seq) else { preconditionFailure("snapshot \(seq) not in catalog") }
+    return SnapshotInfo(entry)
+  }
+
+  public var snapshots: [SnapshotInfo] { catalog.entries.map(SnapshotInfo.init) }
+
+  public func snapshot(named name: String) throws -> SnapshotInfo {
+    SnapshotInfo(try snapshotEntry(name))
+  }
+
+  public func deleteSnapshot(name: String) throws {
+    try checkWritable()
+    let entry = try snapshotEntry(name)
+    try logAndApply(.snapshotDelete(seq: entry.seq))
+  }
+
+  /// Moves the head back to a snapshot. The snapshot stays; later snapshots stay too.
+  public func restore(snapshot name: String) throws {
+    try checkWritable()
+    let entry = try snapshotEntry(name)
+    writer?.closeRecord()  // the view is read back from the log
+    try logAndApply(.restore(seq: entry.seq, baseCheckpoint: entry.baseCheckpoint))
+    try checkpoint()
+  }
+
+  /// A read-only view of a snapshot, frozen while the head changes.
+  public func snapshotView(name: String) throws -> SnapshotView {
+    try checkOpen()
+    let entry = try snapshotEntry(name)
+    return SnapshotView(image: self, view: try view(at: entry.seq, base: entry.baseCheckpoint), info: SnapshotInfo(entry))
+  }
+
+  func snapshotEntry(_ name: String) throws -> SnapshotEntry {
+    try checkOpen()
+    guard let entry = catalog.entry(named: name) else {
+      throw StrataError(.notFound, "no snapshot named \"\(name)\" (strata snapshot list shows them)")
+    }
+    return entry
+  }
+
+  // MARK: Map and info
+
+  /// The extents of the head (or of a view's map) in `offset..<offset+length`, merged.
+  public func extents(from offset: UInt64 = 0, length: UInt64? = nil) throws -> [Extent] {
+    try checkOpen()
+    return try extents(of: map, size: virtualSize, from: offset, length: length)
+  }
+
+  public var info: ImageInfo {
+    get throws {
+      try checkOpen()
+      return ImageInfo(
+        formatVersion: Superblock.version, imageID: superblock.imageID.map { hex8($0) }.joined(),
+        virtualSize: virtualSize, blockSize: blockSize, segmentSize: geometry.segmentSize,
+        segmentCount: usage.segmentCount, dataBlocks: map.dataBlocks,
+        livePages: usage.entries.reduce(0) { $0 + UInt64($1.livePages) }, fileSize: try storage.size(),
+        snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? endSeq, checkpointSeq: lastCheckpointSeq,
+        superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
+        features: superblock.features)
+    }
+  }
+
+  // MARK: Checks
+
+  func checkOpen() throws {
+    precondition(!isClosed, "image used after close")
+  }
+
+  func checkWritable() throws {
+    try checkOpen()
+    guard writer != nil else { throw StrataError(.readOnly, "the image is open read-only") }
+  }
+
+  func checkRange(_ offset: UInt64, _ length: UInt64, size: UInt64) throws {
+    guard offset <= size, length <= size - offset else {
+      throw StrataError(.outOfRange, "range \(offset)+\(length) lies outside the \(size)-byte disk")
+    }
+  }
+
+  static func validateSize(_ size: UInt64) throws {
+    guard size > 0, size % 512 == 0, size <= Layout.maxVirtualSize else {
+      throw StrataError(.invalidArgument, "virtual size \(size) must be a positive multiple of 512 up to \(Layout.maxVirtualSize)")
+    }
+  }
+
+  static func validateCreate(virtualSize: UInt64, options: ImageOptions) throws {
+    try validateSize(virtualSize)
+    guard Layout.allowedBlockSizes.contains(options.blockSize) else {
+      throw StrataError(.invalidArgument, "block size \(options.blockSize) must be one of \(Layout.allowedBlockSizes)")
+    }
+    guard Layout.isValidSegmentSize(options.segmentSize), options.segmentSize >= 16 * options.blockSize else {
+      throw StrataError(.invalidArgument, "segment size \(options.segmentSize) must be a power of two from 1 MiB to 1 GiB")
+    }
+  }
+}
+
+extension SnapshotInfo {
+  init(_ e: SnapshotEntry) {
+    self.init(name: e.name, seq: e.seq, timestampNanoseconds: e.timestampNanoseconds)
+  }
+}
+
+func hex8(_ b: UInt8) -> String {
+  let s = String(b, radix: 16)
+  return s.count == 1 ? "0" + s : s
+}
+
+/// A frozen, read-only view of the image at a snapshot.
+public final class SnapshotView {
+  let image: StrataImage
+  let view: MapView
+  public let info: SnapshotInfo
+
+  init(image: StrataImage, view: MapView, info: SnapshotInfo) {
+    self.image = image
+    self.view = view
+    self.info = info
+  }
+
+  public var size: UInt64 { view.virtualSize }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try image.checkOpen()
+    try image.checkRange(offset, UInt64(buffer.count), size: view.virtualSize)
+    try image.readMapped(view.map, into: buffer, at: offset)
+  }
+
+  public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: count)
+    try out.withUnsafeMutableBytes { try read(into: $0, at: offset) }
+    return out
+  }
+
+  public func extents(from offset: UInt64 = 0, length: UInt64? = nil) throws -> [Extent] {
+    try image.checkOpen()
+    return try image.extents(of: view.map, size: view.virtualSize, from: offset, length: length)
+  }
+}

@@ -1,0 +1,248 @@
+import StrataFormat
+
+/// Appends records to the open segment through an in-memory copy of it.
+///
+/// Records are built in `buffer` (one segment, page aligned) and written out in page-aligned
+/// runs: when a megabyte is pending, on flush, and when the segment is sealed. Every record
+/// starts on a page boundary, so a page that was synced is never rewritten: a torn write can
+/// only damage records that were never acknowledged as durable.
+final class LogWriter {
+  private enum OpenKind { case data, pages }
+
+  private struct OpenRecord {
+    var kind: OpenKind
+    var headerPage: Int
+    var firstSeq: UInt64
+    var timestamp: UInt64
+    var ops: [LogOp] = []
+    var headerBytes = RecordHeader.encodedLength
+    var descriptors: [PageDescriptor] = []
+  }
+
+  /// Called when a segment is sealed: gets (segment, fill in pages, seal seq), returns the next
+  /// segment. The image applies exactly what replaying the SEAL will apply.
+  typealias SealHandler = (_ segment: Int, _ writtenPages: Int, _ seq: UInt64) -> Int
+
+  static let writeOutThreshold = 256  // pages: write out once a MiB is pending
+  /// Data and PAGES records reserve one header page.
+  private static let batchHeaderCapacity = Layout.pageSize
+  private static let maxPagesPerRecord = (Layout.pageSize - RecordHeader.encodedLength - 16) / 16
+
+  let storage: ImageStorage
+  let geometry: Geometry
+  let clock: @Sendable () -> UInt64
+  var sealHandler: SealHandler = { _, _, _ in preconditionFailure("seal handler not set") }
+
+  private let buffer: UnsafeMutableRawBufferPointer
+  private(set) var segment: Int
+  private(set) var tailPage: Int
+  private(set) var writtenPages: Int
+  private(set) var nextSeq: UInt64
+  private(set) var lastChecksum: UInt32
+  private var open: OpenRecord?
+  private(set) var needsSync = false
+  /// Pages appended since the writer started: checkpoints are due by log volume.
+  private(set) var appendedPages: UInt64 = 0
+  /// Largest block count of one WRITE operation, so that it fits an empty record and segment.
+  let maxBlocksPerWrite: Int
+
+  init(
+    storage: ImageStorage, geometry: Geometry, segment: Int, tailPage: Int, nextSeq: UInt64, lastChecksum: UInt32,
+    clock: @escaping @Sendable () -> UInt64
+  ) {
+    self.storage = storage
+    self.geometry = geometry
+    self.segment = segment
+    self.tailPage = tailPage
+    self.writtenPages = tailPage
+    self.nextSeq = nextSeq
+    self.lastChecksum = lastChecksum
+    self.clock = clock
+    buffer = .allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
+    buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    let byHeader = (Self.batchHeaderCapacity - RecordHeader.encodedLength - 24) / 4
+    let bySegment = (geometry.pagesPerSegment - 2) / geometry.pagesPerBlock
+    maxBlocksPerWrite = min(1024, byHeader, bySegment)
+  }
+
+  deinit { buffer.deallocate() }
+
+  var pendingPages: Int { tailPage - writtenPages }
+  var pagesLeft: Int { geometry.pagesPerSegment - tailPage - 1 }  // one page stays for the SEAL
+  var position: UInt64 { geometry.firstPage(ofSegment: segment) + UInt64(tailPage) }
+
+  // MARK: Appending
+
+  /// Appends a WRITE of `checksums.count` blocks from `data`; returns its seq and first data page.
+  func appendWrite(firstBlock: UInt64, data: UnsafeRawBufferPointer, checksums: [UInt32]) throws -> (UInt64, UInt64) {
+    precondition(!checksums.isEmpty && checksums.count <= maxBlocksPerWrite)
+    precondition(data.count == checksums.count * geometry.blockSize)
+    let op = LogOp.write(firstBlock: firstBlock, checksums: checksums)
+    let pages = checksums.count * geometry.pagesPerBlock
+    let seq = try beginOp(op, kind: .data, payloadPages: pages)
+    let page = position
+    UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: data)
+    tailPage += pages
+    appendedPages += UInt64(pages)
+    try writeOutIfDue()
+    return (seq, page)
+  }
+
+  /// Appends an operation without payload (zero, discard, snapshot, resize, …); returns its seq.
+  @discardableResult
+  func appendOp(_ op: LogOp) throws -> UInt64 {
+    precondition(op.payloadPages(blockSize: geometry.blockSize) == 0)
+    switch op {
+    case .checkpoint, .seal, .pages: preconditionFailure("\(op.type) is written by the log writer itself")
+    default: break
+    }
+    return try beginOp(op, kind: .data, payloadPages: 0)
+  }
+
+  /// Appends one metadata page (in a PAGES record) and returns its page address.
+  func appendMetaPage(_ bytes: UnsafeRawBufferPointer, descriptor: PageDescriptor) throws -> UInt64 {
+    precondition(bytes.count == Layout.pageSize)
+    if let o = open, o.kind != .pages || o.descriptors.count == Self.maxPagesPerRecord || pagesLeft < 1 {
+      closeRecord()
+    }
+    if open == nil {
+      if pagesLeft < 2 { try seal() }
+      open = OpenRecord(kind: .pages, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
+      nextSeq += 1
+      tailPage += 1
+      appendedPages += 1
+    }
+    open!.descriptors.append(descriptor)
+    let page = position
+    UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: bytes)
+    tailPage += 1
+    appendedPages += 1
+    return page
+  }
+
+  /// Appends a CHECKPOINT record; the caller made room with `makeRoom` so that no seal can
+  /// happen in between (a seal would change the state the checkpoint describes).
+  func appendCheckpoint(_ body: CheckpointBody) -> (page: UInt64, header: RecordHeader) {
+    closeRecord()
+    let result = appendStandalone([.checkpoint(body)])
+    return result
+  }
+
+  /// Pages a CHECKPOINT record with `body` occupies.
+  static func checkpointPages(_ body: CheckpointBody) -> Int {
+    (RecordHeader.encodedLength + LogOp.checkpoint(body).encodedLength + Layout.pageSize - 1) / Layout.pageSize
+  }
+
+  /// Seals the segment now unless `pages` pages (plus a record header) still fit in it.
+  func makeRoom(pages: Int) throws {
+    closeRecord()
+    if pagesLeft < pages + 1 && tailPage > 0 { try seal() }
+    precondition(pagesLeft >= pages + 1 || tailPage == 0, "\(pages) pages never fit one segment")
+  }
+
+  private func beginOp(_ op: LogOp, kind: OpenKind, payloadPages: Int) throws -> UInt64 {
+    if let o = open, o.kind != kind || o.headerBytes + op.encodedLength > Self.batchHeaderCapacity || pagesLeft < payloadPages {
+      closeRecord()
+    }
+    if open == nil {
+      if pagesLeft < 1 + payloadPages { try seal() }
+      precondition(pagesLeft >= 1 + payloadPages)
+      open = OpenRecord(kind: kind, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
+      tailPage += 1
+      appendedPages += 1
+    }
+    open!.ops.append(op)
+    open!.headerBytes += op.encodedLength
+    let seq = nextSeq
+    nextSeq += 1
+    return seq
+  }
+
+  /// Timestamp of the record the next operation joins (snapshots take their time from it).
+  var openRecordTimestamp: UInt64? { open?.timestamp }
+
+  /// Finishes the open record: encodes its header area into the page reserved for it.
+  func closeRecord(flags: RecordHeader.Flags = []) {
+    guard let o = open else { return }
+    open = nil
+    let ops = o.kind == .pages ? [LogOp.pages(o.descriptors)] : o.ops
+    let (bytes, header) = LogRecord.encodeHeaderArea(
+      ops: ops, seq: o.firstSeq, previousChecksum: lastChecksum, timestampNanoseconds: o.timestamp, flags: flags,
+      blockSize: geometry.blockSize)
+    precondition(bytes.count == Layout.pageSize, "batch header overflowed its page")
+    precondition(o.headerPage + header.totalPages == tailPage, "payload does not follow its header")
+    bytes.withUnsafeBytes {
+      UnsafeMutableRawBufferPointer(rebasing: buffer[(o.headerPage * Layout.pageSize)...]).copyMemory(from: $0)
+    }
+    lastChecksum = header.checksum
+  }
+
+  @discardableResult
+  private func appendStandalone(_ ops: [LogOp]) -> (page: UInt64, header: RecordHeader) {
+    precondition(open == nil)
+    let (bytes, header) = LogRecord.encodeHeaderArea(
+      ops: ops, seq: nextSeq, previousChecksum: lastChecksum, timestampNanoseconds: clock(), flags: [],
+      blockSize: geometry.blockSize)
+    let pages = bytes.count / Layout.pageSize
+    precondition(tailPage + pages <= geometry.pagesPerSegment, "record does not fit the segment")
+    let page = position
+    bytes.withUnsafeBytes {
+      UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: $0)
+    }
+    tailPage += pages
+    appendedPages += UInt64(pages)
+    nextSeq += UInt64(ops.count)
+    lastChecksum = header.checksum
+    return (page, header)
+  }
+
+  /// Ends the segment with a SEAL record and continues the log in the next one.
+  func seal() throws {
+    closeRecord()
+    precondition(tailPage < geometry.pagesPerSegment)
+    let next = sealHandler(segment, tailPage + 1, nextSeq)
+    appendStandalone([.seal(nextSegment: UInt64(next))])
+    try writeOut()
+    segment = next
+    tailPage = 0
+    writtenPages = 0
+  }
+
+  // MARK: Writing out
+
+  private func writeOutIfDue() throws {
+    if pendingPages >= Self.writeOutThreshold {
+      closeRecord()
+      try writeOut()
+    }
+  }
+
+  /// Writes every closed record that is still only in memory (no sync).
+  func writeOut() throws {
+    precondition(open == nil, "an open record cannot be written out")
+    guard pendingPages > 0 else { return }
+    let bytes = UnsafeRawBufferPointer(rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
+    try storage.write(bytes, at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages)))
+    writtenPages = tailPage
+    needsSync = true
+  }
+
+  /// Makes everything appended so far durable: the group commit point.
+  func flush() throws {
+    closeRecord(flags: .flushPoint)
+    try writeOut()
+    if needsSync {
+      try storage.sync()
+      needsSync = false
+    }
+  }
+
+  /// Copies `page` if it is appended but not yet written out; false if it is on storage.
+  func copyPending(page: UInt64, into out: UnsafeMutableRawBufferPointer) -> Bool {
+    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+    let local = geometry.pageInSegment(page)
+    guard local >= writtenPages && local < tailPage else { return false }
+    out.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
+    return true
+  }
+}

@@ -1,0 +1,66 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+import StrataFormat
+
+/// How an image is created or opened.
+public struct ImageOptions: Sendable {
+  /// Bytes per virtual block: 4 KiB (default) times a power of two up to 64 KiB. Creation only.
+  public var blockSize: Int = Layout.defaultBlockSize
+  /// Bytes per log segment: a power of two in 1 MiB...1 GiB (default 8 MiB). Creation only.
+  public var segmentSize: Int = Layout.defaultSegmentSize
+  /// Clean map nodes kept in memory (4 KiB each); bounds metadata RAM whatever the disk size.
+  public var mapCacheNodes: Int = 16384
+  /// Dirty map nodes that trigger a checkpoint.
+  public var maxDirtyNodes: Int = 4096
+  /// Log pages appended since the last checkpoint that trigger one (bounds recovery time).
+  public var checkpointIntervalPages: Int = 65536
+  public var readOnly: Bool = false
+  /// Nanoseconds since the Unix epoch; tests substitute a deterministic clock.
+  public var clock: @Sendable () -> UInt64 = wallClockNanoseconds
+
+  public init() {}
+}
+
+public func wallClockNanoseconds() -> UInt64 {
+  var ts = timespec()
+  clock_gettime(CLOCK_REALTIME, &ts)
+  return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// A named snapshot as the API reports it.
+public struct SnapshotInfo: Equatable, Sendable {
+  public var name: String
+  /// Sequence number of the snapshot: the view holds every operation before it.
+  public var seq: UInt64
+  public var timestampNanoseconds: UInt64
+}
+
+/// A run of virtual blocks with one state, as `map` reports it.
+public struct Extent: Equatable, Sendable {
+  public var offset: UInt64
+  public var length: UInt64
+  public var state: BlockState
+  /// Byte offset in the image file of the first block (data only); the run is contiguous there.
+  public var fileOffset: UInt64?
+}
+
+/// What `info` reports.
+public struct ImageInfo: Sendable {
+  public var formatVersion: UInt32
+  public var imageID: String
+  public var virtualSize: UInt64
+  public var blockSize: Int
+  public var segmentSize: Int
+  public var segmentCount: Int
+  public var dataBlocks: UInt64
+  public var allocatedBytes: UInt64 { dataBlocks * UInt64(blockSize) }
+  public var livePages: UInt64
+  public var fileSize: UInt64
+  public var snapshotCount: Int
+  public var nextSeq: UInt64
+  public var checkpointSeq: UInt64
+  public var superblockGeneration: UInt64
+  public var createdNanoseconds: UInt64
+  public var features: FeatureSet
+}

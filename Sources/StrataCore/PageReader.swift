@@ -1,0 +1,167 @@
+import StrataFormat
+
+/// Reads pages of the image: from storage, or from the log writer when they are appended but
+/// not yet written out. Also the `NodeSource` of every block map (head and snapshot views).
+final class PageReader: NodeSource {
+  let storage: ImageStorage
+  let geometry: Geometry
+  let cache: NodeCache
+  weak var writer: LogWriter?
+
+  init(storage: ImageStorage, geometry: Geometry, cacheNodes: Int) {
+    self.storage = storage
+    self.geometry = geometry
+    self.cache = NodeCache(capacity: cacheNodes)
+  }
+
+  /// Reads `count` pages starting at `page` into `out`. Pages past the end of the file are an
+  /// error unless `zeroPastEnd` (the log walk treats them as "no record here").
+  func readPages(_ page: UInt64, _ count: Int, into out: UnsafeMutableRawBufferPointer, zeroPastEnd: Bool = false) throws {
+    precondition(out.count == count * Layout.pageSize)
+    var done = 0
+    while done < count {
+      let p = page + UInt64(done)
+      let slice = UnsafeMutableRawBufferPointer(rebasing: out[(done * Layout.pageSize)...])
+      if let writer, writer.copyPending(page: p, into: UnsafeMutableRawBufferPointer(rebasing: slice[..<Layout.pageSize])) {
+        done += 1
+        continue
+      }
+      // Everything up to the writer's pending region (or the end) comes from storage in one call.
+      var run = 1
+      while done + run < count, !(writer?.isPending(page: p + UInt64(run)) ?? false) { run += 1 }
+      let want = UnsafeMutableRawBufferPointer(rebasing: slice[..<(run * Layout.pageSize)])
+      let got = try storage.read(into: want, at: Geometry.byteOffset(ofPage: p))
+      if got < want.count {
+        guard zeroPastEnd else {
+          throw StrataError(
+            .corrupt, "image file is truncated: page \(p + UInt64(got / Layout.pageSize)) lies past its end")
+        }
+        UnsafeMutableRawBufferPointer(rebasing: want[got...]).initializeMemory(as: UInt8.self, repeating: 0)
+      }
+      done += run
+    }
+  }
+
+  func readPage(_ page: UInt64) throws -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: Layout.pageSize)
+    try bytes.withUnsafeMutableBytes { try readPages(page, 1, into: $0) }
+    return bytes
+  }
+
+  /// Reads a metadata page and checks it against the checksum its referrer stored.
+  func readVerified(_ ref: PageRef, kind: PageKind, level: UInt8, key: UInt64) throws -> [UInt8] {
+    try checkAddress(ref.page, what: "\(kind) page")
+    let bytes = try readPage(ref.page)
+    let actual = bytes.withUnsafeBytes { pageChecksum(kind: kind, level: level, key: key, $0) }
+    guard actual == ref.checksum else {
+      throw StrataError(
+        .corrupt,
+        "\(kind) page \(key) at page \(ref.page) failed its checksum (stored \(hex32(ref.checksum)), computed \(hex32(actual)))"
+      )
+    }
+    return bytes
+  }
+
+  func checkAddress(_ page: UInt64, what: String) throws {
+    guard page >= geometry.firstDataPage, page <= Layout.maxPageAddress else {
+      throw StrataError(.corrupt, "\(what) points to page \(page), outside the segment area")
+    }
+  }
+
+  func load(_ ref: ChildRef, level: Int, index: UInt64) throws -> MapNode {
+    if let node = cache.get(ref.page) { return node }
+    let node = MapNode()
+    try checkAddress(ref.page, what: "map node (level \(level), index \(index))")
+    try readPages(ref.page, 1, into: node.bytes)
+    let actual = node.checksum(level: level, key: index)
+    guard actual == ref.checksum else {
+      throw StrataError(
+        .corrupt,
+        "map node (level \(level), index \(index)) at page \(ref.page) failed its checksum "
+          + "(stored \(hex32(ref.checksum)), computed \(hex32(actual)))")
+    }
+    do {
+      try node.validate(level: level)
+    } catch let e as FormatError {
+      throw StrataError.corrupt("map node (level \(level), index \(index)) at page \(ref.page)", e)
+    }
+    cache.insert(ref.page, node)
+    return node
+  }
+
+  func remember(_ node: MapNode, at page: UInt64) { cache.insert(page, node) }
+}
+
+/// A record read back from the log, with where it lies.
+struct StoredRecord {
+  var page: UInt64
+  var record: LogRecord
+  var header: RecordHeader { record.header }
+  /// First payload page (data blocks and metadata pages follow the header area).
+  var payloadPage: UInt64 { page + UInt64(header.headerPages) }
+  var endPage: UInt64 { page + UInt64(header.totalPages) }
+}
+
+extension PageReader {
+  /// Reads and checks the record at `page`. Returns nil when there is no valid record there
+  /// (the end of the log); throws only for I/O errors.
+  func record(at page: UInt64) throws -> StoredRecord? {
+    guard page >= geometry.firstDataPage else { return nil }
+    let local = geometry.pageInSegment(page)
+    var first = [UInt8](repeating: 0, count: Layout.pageSize)
+    try first.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
+    guard let header = try? first.withUnsafeBytes({ try RecordHeader.decode($0) }) else { return nil }
+    guard local + header.totalPages <= geometry.pagesPerSegment else { return nil }
+    var area = first
+    if header.headerPages > 1 {
+      var rest = [UInt8](repeating: 0, count: (header.headerPages - 1) * Layout.pageSize)
+      try rest.withUnsafeMutableBytes { try readPages(page + 1, header.headerPages - 1, into: $0, zeroPastEnd: true) }
+      area += rest
+    }
+    guard let record = try? area.withUnsafeBytes({ try LogRecord.decode(headerArea: $0, blockSize: geometry.blockSize) })
+    else { return nil }
+    return StoredRecord(page: page, record: record)
+  }
+
+  /// True when every WRITE's data in the record matches its checksums: recovery uses it to cut
+  /// a record whose header reached the disk but whose data did not.
+  func payloadIsIntact(_ stored: StoredRecord) throws -> Bool {
+    var page = stored.payloadPage
+    let blockBytes = geometry.blockSize
+    var block = [UInt8](repeating: 0, count: blockBytes)
+    for op in stored.record.ops {
+      if case .write(_, let checksums) = op {
+        for c in checksums {
+          try block.withUnsafeMutableBytes { try readPages(page, geometry.pagesPerBlock, into: $0, zeroPastEnd: true) }
+          if CRC32C.checksum(block) != c { return false }
+          page += UInt64(geometry.pagesPerBlock)
+        }
+      } else {
+        page += UInt64(op.payloadPages(blockSize: blockBytes))
+      }
+    }
+    return true
+  }
+
+  /// The record that follows `current` in the log (across a SEAL), if it continues the chain.
+  func next(after current: StoredRecord) throws -> StoredRecord? {
+    var page = current.endPage
+    if case .seal(let next) = current.record.ops.last {
+      guard next < UInt64(geometry.maxSegments) else { return nil }
+      page = geometry.firstPage(ofSegment: Int(next))
+    }
+    guard let candidate = try record(at: page) else { return nil }
+    guard candidate.header.seq == current.header.nextSeq,
+      candidate.header.previousChecksum == current.header.checksum
+    else { return nil }
+    return candidate
+  }
+}
+
+extension LogWriter {
+  func isPending(page: UInt64) -> Bool {
+    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+    let local = geometry.pageInSegment(page)
+    return local >= writtenPages && local < tailPage
+  }
+}

@@ -1,0 +1,102 @@
+import StrataFormat
+
+/// Per-segment accounting (format-spec, "Usage table"): live pages the head references and the
+/// fill of sealed segments. The cleaner will pick victims from it; `check` recounts it.
+final class UsageTable: LiveAccounting {
+  private(set) var entries: [SegmentUsage]
+  /// Where each usage page was last stored (page address and checksum).
+  private(set) var pageRefs: [PageRef]
+  private(set) var dirtyPages: Set<Int> = []
+  let geometry: Geometry
+
+  init(geometry: Geometry, entries: [SegmentUsage], pageRefs: [PageRef]) {
+    precondition(pageRefs.count == Self.pageCount(entries.count))
+    self.geometry = geometry
+    self.entries = entries
+    self.pageRefs = pageRefs
+  }
+
+  static func pageCount(_ segments: Int) -> Int { (segments + SegmentUsage.perPage - 1) / SegmentUsage.perPage }
+
+  var segmentCount: Int { entries.count }
+
+  private func touch(_ segment: Int) { dirtyPages.insert(segment / SegmentUsage.perPage) }
+
+  func acquire(page: UInt64, count: Int) {
+    let s = geometry.segment(ofPage: page)
+    precondition(s < entries.count, "page \(page) lies in unallocated segment \(s)")
+    entries[s].livePages += UInt32(count)
+    touch(s)
+  }
+
+  func release(page: UInt64, count: Int) {
+    let s = geometry.segment(ofPage: page)
+    precondition(s < entries.count && entries[s].livePages >= UInt32(count), "live pages underflow in segment \(s)")
+    entries[s].livePages -= UInt32(count)
+    touch(s)
+  }
+
+  /// A new segment joins the log (append-only allocation in format version 1).
+  func appendSegment() -> Int {
+    entries.append(SegmentUsage())
+    if pageRefs.count < Self.pageCount(entries.count) { pageRefs.append(.null) }
+    touch(entries.count - 1)
+    return entries.count - 1
+  }
+
+  func seal(segment: Int, writtenPages: Int, seq: UInt64) {
+    entries[segment].writtenPages = UInt32(writtenPages)
+    entries[segment].lastSeq = seq
+    touch(segment)
+  }
+
+  func replaceAll(entries: [SegmentUsage], pageRefs: [PageRef]) {
+    self.entries = entries
+    self.pageRefs = pageRefs
+    dirtyPages = []
+  }
+
+  /// Replaces the live counts with a recount (after a restore, or by `check --repair`).
+  func setLivePages(_ live: [UInt32]) {
+    precondition(live.count == entries.count)
+    for s in 0..<entries.count where entries[s].livePages != live[s] {
+      entries[s].livePages = live[s]
+      touch(s)
+    }
+  }
+
+  func encodePage(_ index: Int) -> [UInt8] {
+    let lo = index * SegmentUsage.perPage
+    let hi = min(entries.count, lo + SegmentUsage.perPage)
+    return SegmentUsage.encodePage(entries[lo..<hi])
+  }
+
+  func stored(page index: Int, at ref: PageRef) {
+    pageRefs[index] = ref
+    dirtyPages.remove(index)
+  }
+}
+
+/// Image geometry shared by every component: turns segments and pages into byte offsets.
+struct Geometry: Sendable {
+  let blockSize: Int
+  let segmentSize: Int
+  let dataOffset: UInt64
+
+  var pagesPerBlock: Int { blockSize / Layout.pageSize }
+  var pagesPerSegment: Int { segmentSize / Layout.pageSize }
+  var firstDataPage: UInt64 { dataOffset / UInt64(Layout.pageSize) }
+  /// Segments whose pages stay within 48-bit page addresses.
+  var maxSegments: Int { Int((Layout.maxPageAddress - firstDataPage) / UInt64(pagesPerSegment)) }
+
+  func segment(ofPage page: UInt64) -> Int {
+    precondition(page >= firstDataPage)
+    return Int((page - firstDataPage) / UInt64(pagesPerSegment))
+  }
+
+  func firstPage(ofSegment s: Int) -> UInt64 { firstDataPage + UInt64(s) * UInt64(pagesPerSegment) }
+
+  func pageInSegment(_ page: UInt64) -> Int { Int((page - firstDataPage) % UInt64(pagesPerSegment)) }
+
+  static func byteOffset(ofPage page: UInt64) -> UInt64 { page * UInt64(Layout.pageSize) }
+}
