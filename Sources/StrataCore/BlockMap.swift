@@ -176,9 +176,11 @@ final class BlockMap {
     let node: MapNode
     if let d = dirty[NodeKey(level: level, index: index)] {
       node = d
-    } else if !ref.isNull {
-      node = try source.load(ref, level: level, index: index)
+    } else if !ref.isNull, let loaded = try? source.load(ref, level: level, index: index) {
+      node = loaded
     } else {
+      // Empty, or unreadable: a damaged subtree being discarded (by `check --repair` or a guest)
+      // must not fail the discard; its pages stay counted, a leak that `check` reports.
       return
     }
     for i in 0..<Layout.mapFanout {

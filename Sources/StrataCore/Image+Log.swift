@@ -26,7 +26,11 @@ struct LoadedCheckpoint {
     guard Int(body.blockSize) == g.blockSize else {
       throw StrataError(.corrupt, "checkpoint at page \(stored.page) has block size \(body.blockSize), the image \(g.blockSize)")
     }
-    guard body.segmentCount <= UInt64(g.maxSegments) else {
+    // The open segment may not have reached the file yet: one more than the file covers.
+    let fileSize = try pages.storage.size()
+    let segmentBytes = UInt64(g.segmentSize)
+    let fileSegments = (fileSize > g.dataOffset ? (fileSize - g.dataOffset + segmentBytes - 1) / segmentBytes : 0) + 1
+    guard body.segmentCount <= min(UInt64(g.maxSegments), fileSegments) else {
       throw StrataError(.corrupt, "checkpoint at page \(stored.page) claims \(body.segmentCount) segments")
     }
     let segments = Int(body.segmentCount)
@@ -142,16 +146,18 @@ extension StrataImage {
     if let unknown = candidates.first.map({ $0.features.unknownIncompatible }), unknown != 0 {
       throw StrataError(.unsupported, "the image uses incompatible features this build does not know (bits \(String(unknown, radix: 16)))")
     }
+    var problems: [String] = []
     for sb in candidates {
       do {
         let image = try recover(storage: storage, superblock: sb, options: options)
         image.recoveryNotes = notes + image.recoveryNotes
+        image.recoveryProblems = problems
         return image
       } catch let e as StrataError where e.code == .corrupt {
-        notes.append("superblock generation \(sb.generation): \(e.message)")
+        problems.append("the checkpoint of superblock generation \(sb.generation) is unusable: \(e.message)")
       }
     }
-    throw StrataError(.corrupt, notes.joined(separator: "; "))
+    throw StrataError(.corrupt, (notes + problems).joined(separator: "; "))
   }
 
   private static func recover(storage: ImageStorage, superblock sb: Superblock, options: ImageOptions) throws -> StrataImage {
@@ -191,6 +197,11 @@ extension StrataImage {
         payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
       }
       current = next
+    }
+    let endPage: UInt64 =
+      if case .seal(let next) = current.record.ops.last { geometry.firstPage(ofSegment: Int(next)) } else { current.endPage }
+    if recoveryNotes.isEmpty, try pages.hasRecordMagic(at: endPage) {
+      recoveryNotes.append("log ends at seq \(current.header.nextSeq); the record at page \(endPage) is torn, stale or unflushed")
     }
     if case .seal(let next) = current.record.ops.last {
       return LogEnd(segment: Int(next), page: 0, nextSeq: current.header.nextSeq, lastChecksum: current.header.checksum)

@@ -29,8 +29,11 @@ public final class StrataImage {
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
-  /// What recovery had to do or skip (a damaged superblock, a cut log tail): `check` reports it.
+  /// What recovery skipped that a crash explains (a torn superblock slot, a cut log tail).
   public internal(set) var recoveryNotes: [String] = []
+  /// What recovery skipped that a crash does not explain: the newest checkpoint was unusable and
+  /// an older one was used, so changes after it may be lost. `check` reports these as corruption.
+  public internal(set) var recoveryProblems: [String] = []
 
   init(
     storage: ImageStorage, superblock: Superblock, options: ImageOptions, pages: PageReader, state: LoadedCheckpoint,

@@ -41,6 +41,10 @@ final class LogWriter {
   private(set) var lastChecksum: UInt32
   private var open: OpenRecord?
   private(set) var needsSync = false
+  /// Pages of the open segment known durable; a failed sync rewrites from here.
+  private var syncedPages: Int
+  private var sealedSinceSync = false
+  private var failure: String?
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
   /// Largest block count of one WRITE operation, so that it fits an empty record and segment.
@@ -55,6 +59,7 @@ final class LogWriter {
     self.segment = segment
     self.tailPage = tailPage
     self.writtenPages = tailPage
+    self.syncedPages = tailPage
     self.nextSeq = nextSeq
     self.lastChecksum = lastChecksum
     self.clock = clock
@@ -102,6 +107,7 @@ final class LogWriter {
   /// Appends one metadata page (in a PAGES record) and returns its page address.
   func appendMetaPage(_ bytes: UnsafeRawBufferPointer, descriptor: PageDescriptor) throws -> UInt64 {
     precondition(bytes.count == Layout.pageSize)
+    try checkUsable()
     if let o = open, o.kind != .pages || o.descriptors.count == Self.maxPagesPerRecord || pagesLeft < 1 {
       closeRecord()
     }
@@ -141,6 +147,7 @@ final class LogWriter {
   }
 
   private func beginOp(_ op: LogOp, kind: OpenKind, payloadPages: Int) throws -> UInt64 {
+    try checkUsable()
     if let o = open, o.kind != kind || o.headerBytes + op.encodedLength > Self.batchHeaderCapacity || pagesLeft < payloadPages {
       closeRecord()
     }
@@ -202,10 +209,18 @@ final class LogWriter {
     precondition(tailPage < geometry.pagesPerSegment)
     let next = sealHandler(segment, tailPage + 1, nextSeq)
     appendStandalone([.seal(nextSegment: UInt64(next))])
-    try writeOut()
+    do {
+      try writeOut()
+    } catch {
+      // The in-memory log has moved on to a segment the file does not show yet.
+      failure = "writing the end of segment \(segment) failed (\(error))"
+      throw error
+    }
     segment = next
     tailPage = 0
     writtenPages = 0
+    syncedPages = 0
+    sealedSinceSync = true
   }
 
   // MARK: Writing out
@@ -228,12 +243,32 @@ final class LogWriter {
   }
 
   /// Makes everything appended so far durable: the group commit point.
+  ///
+  /// After a failed sync the kernel may have dropped the dirty pages while marking them clean
+  /// (the "fsyncgate" lesson), so a retry must write them again: the pages since the last good
+  /// sync are rewritten from the buffer. If a seal intervened they are no longer buffered, and
+  /// the writer refuses further work until the image is reopened (recovery reads the truth).
   func flush() throws {
+    try checkUsable()
     closeRecord(flags: .flushPoint)
     try writeOut()
     if needsSync {
-      try storage.sync()
+      do {
+        try storage.sync()
+      } catch {
+        if sealedSinceSync { failure = "a sync failed after the log moved to a new segment" } else { writtenPages = syncedPages }
+        throw error
+      }
       needsSync = false
+      syncedPages = writtenPages
+      sealedSinceSync = false
+    }
+  }
+
+  /// Throws once the writer cannot guarantee durability any more (see `flush`).
+  func checkUsable() throws {
+    if let failure {
+      throw StrataError(.io, "the image must be reopened: \(failure); unflushed writes since the last flush are lost")
     }
   }
 

@@ -120,7 +120,16 @@ extension PageReader {
     }
     guard let record = try? area.withUnsafeBytes({ try LogRecord.decode(headerArea: $0, blockSize: geometry.blockSize) })
     else { return nil }
+    // Every record but a segment's last (its SEAL) leaves a page for that SEAL.
+    if case .seal = record.ops.last {} else if local + header.totalPages >= geometry.pagesPerSegment { return nil }
     return StoredRecord(page: page, record: record)
+  }
+
+  /// True when the page starts with a record magic (whether or not the record is valid).
+  func hasRecordMagic(at page: UInt64) throws -> Bool {
+    var first = [UInt8](repeating: 0, count: Layout.pageSize)
+    try first.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
+    return first.withUnsafeBytes { $0.littleEndian(at: 0, as: UInt32.self) } == RecordHeader.magic
   }
 
   /// True when every WRITE's data in the record matches its checksums: recovery uses it to cut

@@ -1,4 +1,5 @@
 import Testing
+import Glibc
 @testable import StrataCore
 
 @Test func smokeCreateWriteReopen() throws {
@@ -19,5 +20,34 @@ import Testing
   #expect(try img2.read(at: 8192, count: 4096) == [UInt8](repeating: 7, count: 4096))
   let c = try img2.recount()
   #expect(c.livePages == img2.usage.entries.map(\.livePages))
+  try img2.close()
+}
+
+@Test func smokeCheckAndInspect() throws {
+  let path = "/tmp/smoke/b.strata"
+  let img = try StrataImage.create(path: path, virtualSize: 64 << 20, overwrite: true)
+  try img.write([UInt8](repeating: 7, count: 100_000), at: 5000)
+  try img.createSnapshot(name: "s1")
+  try img.write([UInt8](repeating: 3, count: 100_000), at: 50000)
+  try img.flush()
+  let r = try img.check()
+  #expect(r.result == .clean, "\(r)")
+  let ins = try img.inspect()
+  #expect(ins.totalRecords > 2)
+  let ext = try img.extents()
+  let dataPage = try #require(ext.first { $0.state == .data }?.fileOffset)
+  try img.close()
+  // Flip a byte inside the first data block.
+  let fd = open(path, O_RDWR)
+  var b: UInt8 = 0
+  pread(fd, &b, 1, off_t(dataPage) + 10)
+  b ^= 0xFF
+  pwrite(fd, &b, 1, off_t(dataPage) + 10)
+  close(fd)
+  let img2 = try StrataImage.open(path: path)
+  let r2 = try img2.check()
+  #expect(r2.result == .corrupt)
+  #expect(r2.errors.contains { $0.contains("checksum") })
+  #expect(throws: StrataError.self) { try img2.read(at: 5000, count: 100) }
   try img2.close()
 }
