@@ -6,7 +6,9 @@ import StrataFormat
 /// when it changed; millions of snapshots want a paged tree (a later, feature-flagged format).
 struct Catalog {
   private(set) var entries: [SnapshotEntry] = []
-  private var byName: [String: UInt64] = [:]
+  /// Keyed by the name's UTF-8 bytes: names are equal when their bytes are (format-spec), not
+  /// when Swift's `String` would call them canonically equivalent.
+  private var byName: [[UInt8]: UInt64] = [:]
 
   init(entries: [SnapshotEntry] = []) {
     for e in entries { add(e) }
@@ -15,7 +17,7 @@ struct Catalog {
   var count: Int { entries.count }
 
   func entry(named name: String) -> SnapshotEntry? {
-    guard let seq = byName[name] else { return nil }
+    guard let seq = byName[Array(name.utf8)] else { return nil }
     return entry(seq: seq)
   }
 
@@ -27,9 +29,9 @@ struct Catalog {
   /// False when the name is taken or the seq is not newer than every entry.
   @discardableResult
   mutating func add(_ e: SnapshotEntry) -> Bool {
-    guard byName[e.name] == nil, entries.last.map({ $0.seq < e.seq }) ?? true else { return false }
+    guard byName[Array(e.name.utf8)] == nil, entries.last.map({ $0.seq < e.seq }) ?? true else { return false }
     entries.append(e)
-    byName[e.name] = e.seq
+    byName[Array(e.name.utf8)] = e.seq
     return true
   }
 
@@ -38,7 +40,7 @@ struct Catalog {
     let i = lowerBound(seq)
     guard i < entries.count, entries[i].seq == seq else { return nil }
     let e = entries.remove(at: i)
-    byName[e.name] = nil
+    byName[Array(e.name.utf8)] = nil
     return e
   }
 

@@ -143,11 +143,12 @@ extension StrataImage {
       throw StrataError(.corrupt, "both superblocks are damaged: " + notes.joined(separator: "; "))
     }
     candidates.sort { $0.generation > $1.generation }
-    if let unknown = candidates.first.map({ $0.features.unknownIncompatible }), unknown != 0 {
-      throw StrataError(.unsupported, "the image uses incompatible features this build does not know (bits \(String(unknown, radix: 16)))")
-    }
     var problems: [String] = []
     for sb in candidates {
+      let unknown = sb.features.unknownIncompatible
+      guard unknown == 0 else {
+        throw StrataError(.unsupported, "the image uses incompatible features this build does not know (bits 0x\(String(unknown, radix: 16)))")
+      }
       do {
         let image = try recover(storage: storage, superblock: sb, options: options)
         image.recoveryNotes = notes + image.recoveryNotes
@@ -194,7 +195,7 @@ extension StrataImage {
       var payload = next.payloadPage
       for (i, op) in next.record.ops.enumerated() {
         try apply(op, seq: next.header.seq + UInt64(i), payloadPage: payload, record: next)
-        payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
+          payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
       }
       current = next
     }

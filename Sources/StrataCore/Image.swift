@@ -177,6 +177,12 @@ public final class StrataImage {
       throw StrataError(.invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data; pass --shrink to confirm")
     }
     guard newSize != virtualSize else { return }
+    let tail = newSize % UInt64(blockSize)
+    if newSize < virtualSize && tail != 0 {
+      // The last block survives the shrink: clear what lies past the new end, or a later grow
+      // would bring those bytes back.
+      try zeroBytes(at: newSize, length: min(UInt64(blockSize) - tail, virtualSize - newSize))
+    }
     try logAndApply(.resize(virtualSize: newSize))
     try checkpoint()
   }

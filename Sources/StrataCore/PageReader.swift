@@ -132,8 +132,9 @@ extension PageReader {
     return first.withUnsafeBytes { $0.littleEndian(at: 0, as: UInt32.self) } == RecordHeader.magic
   }
 
-  /// True when every WRITE's data in the record matches its checksums: recovery uses it to cut
-  /// a record whose header reached the disk but whose data did not.
+  /// True when every payload page of the record (WRITE data, PAGES metadata) matches its
+  /// checksum: recovery uses it to cut a record whose header reached the disk but whose payload
+  /// did not.
   func payloadIsIntact(_ stored: StoredRecord) throws -> Bool {
     var page = stored.payloadPage
     let blockBytes = geometry.blockSize
@@ -145,8 +146,14 @@ extension PageReader {
           if CRC32C.checksum(block) != c { return false }
           page += UInt64(geometry.pagesPerBlock)
         }
-      } else {
-        page += UInt64(op.payloadPages(blockSize: blockBytes))
+      } else if case .pages(let descriptors) = op {
+        // A checkpoint will refer to these pages: a torn one must end the log here.
+        for d in descriptors {
+          let bytes = try readPage(page)
+          let actual = bytes.withUnsafeBytes { pageChecksum(kind: d.kind, level: d.level, key: d.key, $0) }
+          if actual != d.checksum { return false }
+          page += 1
+        }
       }
     }
     return true

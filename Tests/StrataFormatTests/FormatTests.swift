@@ -1273,3 +1273,58 @@ func encodeRecord(
     #expect(rejected > 0)
   }
 }
+
+// MARK: - The worked example of format-spec/README.md, section 14
+
+@Suite struct SpecExampleTests {
+  static let imageID: [UInt8] = [0x5f, 0x0e, 0x2b, 0x3c, 0x8a, 0x11, 0x4d, 0x6e, 0x9b, 0x27, 0xc4, 0xd1, 0xe0, 0x73, 0xa5, 0xb8]
+  static let clock: UInt64 = 1_767_225_600_000_000_000
+
+  @Test func genesisMatchesTheSpecification() throws {
+    #expect(Self.clock == 0x1886_7251_edfa_0000)
+    #expect(CRC32C.checksum(Self.imageID) == 0x787d_5b88)
+    #expect(Layout.mapDepth(forBlocks: (1 << 30) / 4096) == 3)
+
+    let usage = SegmentUsage.encodePage([SegmentUsage()][...])
+    #expect(usage == [UInt8](repeating: 0, count: 4096))
+    let usageChecksum = usage.withUnsafeBytes { pageChecksum(kind: .usage, level: 0, key: 0, $0) }
+    #expect(usageChecksum == 0x3feb_b63c)
+
+    let first = LogRecord.encodeHeaderArea(
+      ops: [.pages([PageDescriptor(kind: .usage, level: 0, checksum: usageChecksum, key: 0)])], seq: 1,
+      previousChecksum: CRC32C.checksum(Self.imageID), timestampNanoseconds: Self.clock, flags: [], blockSize: 4096)
+    #expect(first.header.headerLength == 96)
+    #expect(first.header.payloadPages == 1)
+    #expect(first.header.checksum == 0x43e9_9847)
+
+    let body = CheckpointBody(
+      virtualSize: 1 << 30, blockSize: 4096, mapDepth: 3, root: .unallocated, dataBlocks: 0, previousCheckpoint: 0,
+      segmentCount: 1, snapshotCount: 0, usagePages: [PageRef(page: 257, checksum: usageChecksum)], catalogPages: [])
+    let second = LogRecord.encodeHeaderArea(
+      ops: [.checkpoint(body)], seq: 2, previousChecksum: first.header.checksum, timestampNanoseconds: Self.clock,
+      flags: [], blockSize: 4096)
+    #expect(second.header.headerLength == 160)
+    #expect(second.header.checksum == 0xcbc3_be83)
+    #expect(Array(second.bytes[0x90..<0xA0]) == [0x01, 0x01, 0, 0, 0, 0, 0, 0, 0x3c, 0xb6, 0xeb, 0x3f, 0, 0, 0, 0])
+
+    var sb = Superblock(
+      generation: 0, imageID: Self.imageID, blockSize: 4096, segmentSize: 8 << 20, dataOffset: 1 << 20,
+      checkpointPage: 258, checkpointSeq: 2, checkpointChecksum: second.header.checksum, createdNanoseconds: Self.clock)
+    let slot0 = sb.encode()
+    sb.generation = 1
+    let slot1 = sb.encode()
+    #expect(read32(slot0, 124) == 0xb7c8_86ae)
+    #expect(read32(slot1, 124) == 0xb0dd_48fd)
+    #expect(Array(slot0[0x40..<0x70]) == [
+      0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,
+      0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+      0x83, 0xbe, 0xc3, 0xcb, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xfa, 0xed, 0x51, 0x72, 0x86, 0x18,
+    ])
+    // Both records decode and chain.
+    let a = try decodeRecord(first.bytes)
+    let b = try decodeRecord(second.bytes)
+    #expect(b.header.seq == a.header.nextSeq)
+    #expect(b.header.previousChecksum == a.header.checksum)
+    #expect(try decodeSuperblock(slot1).generation == 1)
+  }
+}
