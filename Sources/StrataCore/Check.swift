@@ -22,6 +22,8 @@ public struct CheckReport: Codable, Sendable {
   public var checkedDataBlocks = 0
   public var checkedSnapshots = 0
 
+  public init() {}
+
   public var result: Result { !errors.isEmpty ? .corrupt : (!leaks.isEmpty ? .leaks : .clean) }
 }
 

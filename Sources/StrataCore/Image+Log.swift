@@ -126,7 +126,7 @@ extension StrataImage {
     var notes: [String] = []
     var sawMagic = false
     for (slot, offset) in Layout.superblockOffsets.enumerated() {
-      let bytes = head[Int(offset)..<min(got, Int(offset) + Layout.pageSize)]
+      let bytes = head[min(got, Int(offset))..<min(got, Int(offset) + Layout.pageSize)]
       let decoded = Array(bytes).withUnsafeBytes { raw -> Result<Superblock, FormatError> in
         if Superblock.hasMagic(raw) { sawMagic = true }
         return Result { try Superblock.decode(raw) }.mapError { $0 as? FormatError ?? FormatError(.invalidField, "superblock", "\($0)") }
@@ -174,7 +174,7 @@ extension StrataImage {
     let image = StrataImage(storage: storage, superblock: sb, options: options, pages: pages, state: state, readOnly: options.readOnly)
     do {
       let end = try image.replay(after: stored)
-      image.endSeq = end.nextSeq
+      image.recoveredEnd = end
       if !options.readOnly { image.startWriter(at: end) }
     } catch {
       image.isClosed = true

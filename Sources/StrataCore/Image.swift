@@ -1,3 +1,4 @@
+@_exported import enum StrataFormat.BlockState
 import StrataFormat
 
 /// A Strata disk image: a log-structured, copy-on-write virtual disk in one file.
@@ -24,8 +25,8 @@ public final class StrataImage {
 
   /// Appends to the log; nil when read-only and while recovery replays the log.
   private(set) var writer: LogWriter?
-  /// Sequence number of the next operation (the log end), kept for read-only opens too.
-  var endSeq: UInt64 = 0
+  /// Where recovery found the log end; read-only opens report it (a writer moves on from it).
+  var recoveredEnd = LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: 0)
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
@@ -101,7 +102,8 @@ public final class StrataImage {
   }
 
   /// Makes everything written so far durable, writes a checkpoint so the next open is quick,
-  /// and releases the file.
+  /// and releases the file. The image is closed afterwards even when this throws (the error
+  /// says what may not have reached the disk); closing twice is a programming error.
   public func close() throws {
     precondition(!isClosed, "image closed twice")
     defer {
@@ -174,7 +176,7 @@ public final class StrataImage {
     try checkWritable()
     try Self.validateSize(newSize)
     if newSize < virtualSize && !allowShrink {
-      throw StrataError(.invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data; pass --shrink to confirm")
+      throw StrataError(.invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data and must be confirmed")
     }
     guard newSize != virtualSize else { return }
     let tail = newSize % UInt64(blockSize)
@@ -236,7 +238,7 @@ public final class StrataImage {
   func snapshotEntry(_ name: String) throws -> SnapshotEntry {
     try checkOpen()
     guard let entry = catalog.entry(named: name) else {
-      throw StrataError(.notFound, "no snapshot named \"\(name)\" (strata snapshot list shows them)")
+      throw StrataError(.notFound, "no snapshot named \"\(name)\"")
     }
     return entry
   }
@@ -257,7 +259,8 @@ public final class StrataImage {
         virtualSize: virtualSize, blockSize: blockSize, segmentSize: geometry.segmentSize,
         segmentCount: usage.segmentCount, dataBlocks: map.dataBlocks,
         livePages: usage.entries.reduce(0) { $0 + UInt64($1.livePages) }, fileSize: try storage.size(),
-        snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? endSeq, checkpointSeq: lastCheckpointSeq,
+        diskUsage: try (storage as? FileStorage)?.allocatedSize(),
+        snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq, checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
         features: superblock.features)
     }

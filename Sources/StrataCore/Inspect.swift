@@ -96,14 +96,15 @@ extension StrataImage {
           previousCheckpointPage: body.previousCheckpoint))
       page = body.previousCheckpoint
     }
-    let openSegment = writer?.segment ?? -1
+    let openSegment = writer?.segment ?? recoveredEnd.segment
+    let openFill = writer?.tailPage ?? recoveredEnd.page
     let segments = usage.entries.enumerated().map { i, e in
-      let open = e.writtenPages == 0 && (i == openSegment || i == usage.segmentCount - 1)
+      let open = i == openSegment
       return InspectReport.Segment(
         index: i, state: open ? "open" : "sealed",
         fileOffset: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: i)),
         liveBytes: UInt64(e.livePages) * UInt64(Layout.pageSize),
-        filledBytes: UInt64(open ? (writer?.tailPage ?? 0) : Int(e.writtenPages)) * UInt64(Layout.pageSize),
+        filledBytes: UInt64(open ? openFill : Int(e.writtenPages)) * UInt64(Layout.pageSize),
         lastSeq: e.lastSeq)
     }
     var records: [InspectReport.Record] = []
@@ -120,7 +121,7 @@ extension StrataImage {
     }
     return InspectReport(
       superblocks: slots, checkpoints: checkpoints, segments: segments, records: records, totalRecords: total,
-      logEndSeq: writer?.nextSeq ?? endSeq,
+      logEndSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
       snapshots: catalog.entries.map {
         InspectReport.Snapshot(name: $0.name, seq: $0.seq, timestampNanoseconds: $0.timestampNanoseconds, baseCheckpointPage: $0.baseCheckpoint)
       }, recoveryNotes: recoveryNotes + recoveryProblems)

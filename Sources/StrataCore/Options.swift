@@ -55,8 +55,12 @@ public struct ImageInfo: Sendable {
   public var segmentCount: Int
   public var dataBlocks: UInt64
   public var allocatedBytes: UInt64 { dataBlocks * UInt64(blockSize) }
+  /// 4 KiB pages the head references (data and map nodes).
   public var livePages: UInt64
+  public var liveBytes: UInt64 { livePages * UInt64(Layout.pageSize) }
   public var fileSize: UInt64
+  /// Bytes the file occupies on disk (what `du` shows), when the storage is a file.
+  public var diskUsage: UInt64?
   public var snapshotCount: Int
   public var nextSeq: UInt64
   public var checkpointSeq: UInt64

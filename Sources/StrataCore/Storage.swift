@@ -39,7 +39,7 @@ public final class FileStorage: ImageStorage {
     switch mode {
     case .readOnly: flags = O_RDONLY
     case .readWrite: flags = O_RDWR
-    case .create(let overwrite): flags = O_RDWR | O_CREAT | (overwrite ? O_TRUNC : O_EXCL)
+    case .create(let overwrite): flags = O_RDWR | O_CREAT | (overwrite ? 0 : O_EXCL)
     }
     let fd = Self.retrying { Glibc.open(path, flags | O_CLOEXEC, 0o644) }
     guard fd >= 0 else {
@@ -51,19 +51,27 @@ public final class FileStorage: ImageStorage {
       throw StrataError.system("open", path, errno: e)
     }
     self.fd = fd
+    // From here on, every failure closes the descriptor and forgets it before throwing.
+    func fail(_ error: StrataError) -> StrataError {
+      Glibc.close(fd)
+      self.fd = -1
+      return error
+    }
     var st = stat()
     if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR {
-      Glibc.close(fd)
-      throw StrataError(.invalidArgument, "\(path) is a directory")
+      throw fail(StrataError(.invalidArgument, "\(path) is a directory"))
     }
     let lock: Int32 = if case .readOnly = mode { LOCK_SH } else { LOCK_EX }
     if Self.retrying({ flock(fd, lock | LOCK_NB) }) != 0 {
       let e = Glibc.errno
-      Glibc.close(fd)
       if e == EWOULDBLOCK {
-        throw StrataError(.locked, "\(path) is in use by another process (it holds the image lock)", errno: e)
+        throw fail(StrataError(.locked, "\(path) is in use by another process (it holds the image lock)", errno: e))
       }
-      throw StrataError.system("flock", path, errno: e)
+      throw fail(StrataError.system("flock", path, errno: e))
+    }
+    // Overwriting truncates only once the lock is held, never under another process's feet.
+    if case .create(overwrite: true) = mode, Self.retrying({ ftruncate(fd, 0) }) != 0 {
+      throw fail(StrataError.system("ftruncate", path, errno: Glibc.errno))
     }
   }
 

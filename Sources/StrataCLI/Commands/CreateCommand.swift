@@ -1,0 +1,51 @@
+import ArgumentParser
+import StrataCore
+
+struct CreateCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "create",
+    abstract: "Create a new, empty Strata image.",
+    discussion: """
+      The new disk reads as zeros everywhere and the file starts small: space is used only as \
+      data is written.
+
+      Example:
+        strata create vm.strata --size 20G
+      """
+  )
+
+  @Argument(help: "Path of the image file to create.")
+  var image: String
+
+  @Option(
+    name: .shortAndLong,
+    help: ArgumentHelp("Virtual disk size, a multiple of 512 (e.g. 20G, 512M).", valueName: "size"),
+    transform: ByteCount.parseDiskSize)
+  var size: UInt64
+
+  @Option(
+    help: ArgumentHelp("Bytes per virtual block: 4K (default), 8K, 16K, 32K or 64K.", valueName: "size"),
+    transform: ByteCount.parse)
+  var blockSize: UInt64?
+
+  @Option(
+    help: ArgumentHelp("Bytes per log segment: a power of two from 1M to 1G (default 8M).", valueName: "size"),
+    transform: ByteCount.parse)
+  var segmentSize: UInt64?
+
+  @Flag(help: "Replace the file if it already exists.")
+  var force = false
+
+  func run() throws {
+    try runReportingErrors {
+      var options = ImageOptions()
+      if let blockSize { options.blockSize = Int(clamping: blockSize) }
+      if let segmentSize { options.segmentSize = Int(clamping: segmentSize) }
+      let created = try ImageAccess.create(image, size: size, options: options, overwrite: force)
+      try ImageAccess.withOpened(created, path: image) { try $0.flush() }
+      print(
+        "Formatting '\(image)', fmt=strata size=\(size) block_size=\(options.blockSize) "
+          + "segment_size=\(options.segmentSize)")
+    }
+  }
+}

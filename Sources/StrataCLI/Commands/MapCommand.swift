@@ -1,0 +1,34 @@
+import ArgumentParser
+import StrataCore
+
+struct MapCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "map",
+    abstract: "Show which ranges of the disk hold data, zeros or nothing.",
+    discussion: """
+      Each extent is a run of blocks in one state: 'data' (stored in the image file at the \
+      offset shown under 'Mapped to'), 'zero' (known to be zeros, nothing stored) or \
+      'unallocated' (never written or discarded; reads as zeros). Opens the image read-only.
+      """
+  )
+
+  @Argument(help: "Path of the image.")
+  var image: String
+
+  @Option(help: ArgumentHelp("Map this snapshot instead of the current disk.", valueName: "name"))
+  var snapshot: String?
+
+  @OptionGroup var format: OutputOptions
+
+  func run() throws {
+    try runReportingErrors {
+      let entries = try ImageAccess.with(image, readOnly: true) { opened in
+        try ImageAccess.source(opened, snapshot: snapshot).extents(0, nil).map(MapEntry.init)
+      }
+      switch format.output {
+      case .human: print(MapEntry.table(entries, file: image))
+      case .json: try Printer.printJSON(entries)
+      }
+    }
+  }
+}

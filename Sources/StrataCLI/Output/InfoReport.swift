@@ -1,0 +1,104 @@
+import StrataCore
+
+/// What `strata info` prints.
+struct InfoReport: Encodable {
+  var filename: String
+  var format = "strata"
+  var formatVersion: UInt32
+  var virtualSize: UInt64
+  var blockSize: Int
+  var segmentSize: Int
+  var segments: Int
+  var allocatedBytes: UInt64
+  var liveBytes: UInt64
+  var fileSize: UInt64
+  var diskUsage: UInt64
+  var snapshots: Int
+  var nextSeq: UInt64
+  var checkpointSeq: UInt64
+  var superblockGeneration: UInt64
+  var imageID: String
+  var created: String
+  var incompatibleFeatures: UInt64
+  var compatibleFeatures: UInt64
+  var recoveryNotes: [String]
+  var recoveryProblems: [String]
+
+  enum CodingKeys: String, CodingKey {
+    case filename, format, segments, snapshots, created
+    case formatVersion = "format_version"
+    case virtualSize = "virtual_size"
+    case blockSize = "block_size"
+    case segmentSize = "segment_size"
+    case allocatedBytes = "allocated_bytes"
+    case liveBytes = "live_bytes"
+    case fileSize = "file_size"
+    case diskUsage = "disk_usage"
+    case nextSeq = "next_seq"
+    case checkpointSeq = "checkpoint_seq"
+    case superblockGeneration = "superblock_generation"
+    case imageID = "image_id"
+    case incompatibleFeatures = "incompatible_features"
+    case compatibleFeatures = "compatible_features"
+    case recoveryNotes = "recovery_notes"
+    case recoveryProblems = "recovery_problems"
+  }
+
+  init(path: String, info: ImageInfo, recoveryNotes: [String], recoveryProblems: [String]) {
+    filename = path
+    formatVersion = info.formatVersion
+    virtualSize = info.virtualSize
+    blockSize = info.blockSize
+    segmentSize = info.segmentSize
+    segments = info.segmentCount
+    allocatedBytes = info.allocatedBytes
+    liveBytes = info.liveBytes
+    fileSize = info.fileSize
+    diskUsage = info.diskUsage ?? info.fileSize
+    snapshots = info.snapshotCount
+    nextSeq = info.nextSeq
+    checkpointSeq = info.checkpointSeq
+    superblockGeneration = info.superblockGeneration
+    imageID = info.imageID
+    created = rfc3339(nanoseconds: info.createdNanoseconds)
+    incompatibleFeatures = info.features.incompatible
+    compatibleFeatures = info.features.compatible
+    self.recoveryNotes = recoveryNotes
+    self.recoveryProblems = recoveryProblems
+  }
+
+  /// qemu-img info style: `label: value`, sizes both human and in bytes.
+  var humanText: String {
+    func size(_ bytes: UInt64) -> String { "\(ByteCount.format(bytes)) (\(bytes) bytes)" }
+    var lines = [
+      "image: \(filename)",
+      "file format: strata (version \(formatVersion))",
+      "virtual size: \(size(virtualSize))",
+      "disk size: \(ByteCount.format(diskUsage))",
+      "file size: \(size(fileSize))",
+      "block size: \(blockSize)",
+      "segment size: \(size(UInt64(segmentSize)))",
+      "segments: \(segments)",
+      "allocated: \(size(allocatedBytes))",
+      "live log data: \(size(liveBytes))",
+      "snapshots: \(snapshots)",
+      "next seq: \(nextSeq)",
+      "checkpoint seq: \(checkpointSeq)",
+      "superblock generation: \(superblockGeneration)",
+      "image id: \(imageID)",
+      "created: \(created)",
+    ]
+    if incompatibleFeatures != 0 || compatibleFeatures != 0 {
+      lines.append("features: incompatible \(hex(incompatibleFeatures)), compatible \(hex(compatibleFeatures))")
+    }
+    if !recoveryNotes.isEmpty {
+      lines.append("recovery notes:")
+      lines += recoveryNotes.map { "    \($0)" }
+    }
+    if !recoveryProblems.isEmpty {
+      lines.append("recovery problems (the image is damaged):")
+      lines += recoveryProblems.map { "    \($0)" }
+    }
+    return lines.joined(separator: "\n")
+  }
+}
