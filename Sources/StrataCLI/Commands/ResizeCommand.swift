@@ -33,6 +33,11 @@ struct ResizeCommand: ParsableCommand {
         let old = opened.size
         let new = try size.apply(to: old)
         try ByteCount.checkDiskSize(new)
+        if new < old && !shrink {
+          throw StrataError(
+            .invalidArgument,
+            "shrinking from \(old) to \(new) bytes discards the data past the new end; pass --shrink to confirm")
+        }
         try opened.resize(to: new, allowShrink: shrink)
         try opened.flush()
         return (old, new)
