@@ -3,6 +3,7 @@ import PackageDescription
 
 // Module graph (dependencies point one way, top to bottom):
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
+//                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
 let package = Package(
   name: "Strata",
@@ -16,10 +17,16 @@ let package = Package(
   targets: [
     // CRC-32C with the SSE4.2 instruction when the CPU has it, a table otherwise.
     .target(name: "CStrataCRC32C"),
+    // System libraries and Linux calls, one shim each.
+    .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+    .systemLibrary(name: "CAIO", providers: [.apt(["libaio-dev"])]),
+    .target(name: "CStrataLinux"),
+    // I/O engines: io_uring, native AIO, synchronous; no knowledge of images.
+    .target(name: "StrataIO", dependencies: ["CURing", "CAIO", "CStrataLinux"]),
     // Pure on-disk format: encoding, decoding and validation. No I/O.
     .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
     // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
-    .target(name: "StrataCore", dependencies: ["StrataFormat"]),
+    .target(name: "StrataCore", dependencies: ["StrataFormat", "StrataIO", "CStrataLinux"]),
     // Deterministic fault-injecting storage for crash tests and the simulator.
     .target(name: "StrataSimulation", dependencies: ["StrataCore"]),
     // The `strata` command set; the executable only calls into it.

@@ -1,6 +1,9 @@
 #if canImport(Glibc)
   import Glibc
 #endif
+import CStrataLinux
+import StrataFormat
+import StrataIO
 
 /// Where an image's bytes live. The image does all its I/O through this protocol, so tests can
 /// inject faults and the io_uring engine can plug in underneath.
@@ -20,8 +23,9 @@ public protocol ImageStorage: AnyObject {
   func close() throws
 }
 
-/// A regular file accessed with pread/pwrite, locked with flock so that two processes never
-/// write one image.
+/// A regular file accessed through an I/O engine (io_uring, native AIO or pread/pwrite), with
+/// O_DIRECT where the file system supports it, and locked with flock so that two processes
+/// never write one image.
 public final class FileStorage: ImageStorage {
   public enum Mode: Sendable {
     case readOnly
@@ -30,20 +34,38 @@ public final class FileStorage: ImageStorage {
     case create(overwrite: Bool)
   }
 
+  /// Bounce buffer size for callers whose memory is not aligned for O_DIRECT.
+  private static let bounceBytes = 1 << 20
+
   public let path: String
   private var fd: Int32
+  public private(set) var engine: (any IOEngine)?
+  /// Which engine runs and why (for the log line users need when performance surprises them).
+  public private(set) var engineDescription = ""
+  public private(set) var isDirect = false
+  private let bounce: UnsafeMutableRawBufferPointer
 
-  public init(path: String, mode: Mode) throws {
+  public init(path: String, mode: Mode, engine requested: IOEngineKind? = nil, direct: Bool = true) throws {
     self.path = path
+    bounce = .allocate(byteCount: Self.bounceBytes, alignment: Layout.pageSize)
     let flags: Int32
     switch mode {
     case .readOnly: flags = O_RDONLY
     case .readWrite: flags = O_RDWR
     case .create(let overwrite): flags = O_RDWR | O_CREAT | (overwrite ? 0 : O_EXCL)
     }
-    let fd = Self.retrying { Glibc.open(path, flags | O_CLOEXEC, 0o644) }
+    var fd: Int32 = -1
+    if direct {
+      fd = Self.retrying { Glibc.open(path, flags | O_CLOEXEC | strata_o_direct(), 0o644) }
+      isDirect = fd >= 0
+    }
+    // File systems without O_DIRECT (tmpfs) refuse it with EINVAL: use the page cache there.
+    if fd < 0 && (!direct || Glibc.errno == EINVAL) {
+      fd = Self.retrying { Glibc.open(path, flags | O_CLOEXEC, 0o644) }
+    }
     guard fd >= 0 else {
       let e = Glibc.errno
+      bounce.deallocate()
       if e == EEXIST {
         throw StrataError(.alreadyExists, "\(path) already exists (use --force to overwrite)", errno: e)
       }
@@ -73,38 +95,65 @@ public final class FileStorage: ImageStorage {
     if case .create(overwrite: true) = mode, Self.retrying({ ftruncate(fd, 0) }) != 0 {
       throw fail(StrataError.system("ftruncate", path, errno: Glibc.errno))
     }
+    do {
+      let choice = try IOEngines.make(fd: fd, depth: 8, requested: requested ?? StrataEnvironment.engine)
+      engine = choice.engine
+      engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))\(isDirect ? ", O_DIRECT" : ", page cache")"
+    } catch {
+      throw fail(StrataError.system(error.call, path, errno: error.errno))
+    }
   }
 
   deinit {
     assert(fd < 0, "FileStorage for \(path) was never closed")
+    bounce.deallocate()
   }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+    try transfer(.read, UnsafeMutableRawPointer(buffer.baseAddress), count: buffer.count, at: offset)
+  }
+
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    _ = try transfer(.write, UnsafeMutableRawPointer(mutating: bytes.baseAddress), count: bytes.count, at: offset)
+  }
+
+  /// Moves bytes through the engine, bouncing through an aligned buffer when O_DIRECT cannot
+  /// use the caller's memory or range directly; returns the byte count (short only at EOF).
+  private func transfer(_ op: IOOpcode, _ base: UnsafeMutableRawPointer?, count: Int, at offset: UInt64) throws -> Int {
+    guard count > 0, let base else { return 0 }
+    let aligned = !isDirect || (Int(bitPattern: base) % Layout.pageSize == 0 && count % 512 == 0 && offset % 512 == 0)
+    if !aligned {
+      precondition(offset % 512 == 0 || op == .read, "unaligned O_DIRECT write at \(offset)")
+      precondition(op == .read || count % 512 == 0, "unaligned O_DIRECT write of \(count) bytes")
+    }
     var done = 0
-    while done < buffer.count {
-      let n = Self.retrying {
-        pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-      }
-      if n < 0 { throw StrataError.system("pread", path, errno: Glibc.errno) }
-      if n == 0 { break }
-      done += n
+    while done < count {
+      let chunk = aligned ? count - done : min(count - done, bounce.count)
+      let target = aligned ? base + done : bounce.baseAddress!
+      let length = aligned ? chunk : (chunk + 511) & ~511
+      if !aligned && op == .write { bounce.baseAddress!.copyMemory(from: base + done, byteCount: chunk) }
+      let r = try perform(IORequest(opcode: op, buffer: target, length: length, offset: offset + UInt64(done), userData: 1))
+      let got = min(r, chunk)
+      if !aligned && op == .read && got > 0 { (base + done).copyMemory(from: target, byteCount: got) }
+      done += got
+      if r < length { break }
     }
     return done
   }
 
-  public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
-    var done = 0
-    while done < bytes.count {
-      let n = Self.retrying {
-        pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-      }
-      if n < 0 { throw StrataError.system("pwrite", path, errno: Glibc.errno) }
-      done += n
+  private func perform(_ request: IORequest) throws -> Int {
+    guard let engine else { preconditionFailure("FileStorage used after close") }
+    let r: Int32
+    do { r = try engine.perform(request) } catch { throw StrataError.system(error.call, path, errno: error.errno) }
+    if r < 0 {
+      let call = request.opcode == .read ? "read" : request.opcode == .write ? "write" : "fdatasync"
+      throw StrataError.system(call, path, errno: -r)
     }
+    return Int(r)
   }
 
   public func sync() throws {
-    if Self.retrying({ fdatasync(fd) }) != 0 { throw StrataError.system("fdatasync", path, errno: Glibc.errno) }
+    _ = try perform(.fsync(userData: 2))
   }
 
   public func size() throws -> UInt64 {
@@ -128,6 +177,11 @@ public final class FileStorage: ImageStorage {
 
   public func close() throws {
     precondition(fd >= 0, "FileStorage closed twice")
+    engine?.close()
+    engine = nil
+    // io_uring tears a ring down asynchronously and may hold the registered file (and with it
+    // the flock) a little longer than the ring: release the lock explicitly.
+    _ = flock(fd, LOCK_UN)
     let result = Glibc.close(fd)
     fd = -1
     if result != 0 { throw StrataError.system("close", path, errno: Glibc.errno) }
@@ -138,5 +192,14 @@ public final class FileStorage: ImageStorage {
       let r = call()
       if r >= 0 || Glibc.errno != EINTR { return r }
     }
+  }
+}
+
+/// Settings read from the environment, so that a whole test suite can run on each engine
+/// (`STRATA_AIO=io_uring|native|threads`).
+enum StrataEnvironment {
+  static var engine: IOEngineKind? {
+    guard let raw = getenv("STRATA_AIO") else { return nil }
+    return IOEngineKind(rawValue: String(cString: raw))
   }
 }

@@ -1,0 +1,3 @@
+// Linux native AIO (libaio), imported into Swift.
+#include <features.h>
+#include <libaio.h>
