@@ -34,6 +34,7 @@ let package = Package(
       name: "StrataCLI",
       dependencies: [
         "StrataCore",
+        "StrataIO",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]
     ),
@@ -41,6 +42,7 @@ let package = Package(
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation"]),
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
+    .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -28,6 +28,7 @@ public struct StrataCommand: ParsableCommand {
       ResizeCommand.self,
       InspectCommand.self,
       CheckCommand.self,
+      BenchCommand.self,
     ]
   )
 

@@ -104,6 +104,19 @@ public final class FileStorage: ImageStorage {
     }
   }
 
+  /// A second engine on the same file for a high-queue-depth queue (one engine per thread).
+  /// `registered` memory is registered with io_uring so requests into it skip page pinning.
+  public func makeEngine(depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer]) throws
+    -> EngineChoice
+  {
+    precondition(fd >= 0)
+    do {
+      return try IOEngines.make(fd: fd, depth: depth, requested: kind ?? StrataEnvironment.engine, registeredBuffers: registered)
+    } catch {
+      throw StrataError.system(error.call, path, errno: error.errno)
+    }
+  }
+
   deinit {
     assert(fd < 0, "FileStorage for \(path) was never closed")
     bounce.deallocate()

@@ -1,0 +1,292 @@
+import StrataFormat
+import StrataIO
+
+/// A finished queue request: its tag and, if it failed, why.
+public struct QueueCompletion {
+  public var tag: UInt64
+  public var error: StrataError?
+
+  public init(tag: UInt64, error: StrataError?) {
+    self.tag = tag
+    self.error = error
+  }
+}
+
+/// High-queue-depth access to an image for servers and VMMs: many requests in flight, one
+/// thread, completions reaped in batches. Reads of stored blocks go to the I/O engine straight
+/// into the caller's buffer and are verified on completion; writes are appended to the in-memory
+/// log and complete at once; a flush completes when the log up to it is durable (one sync
+/// serves every write before it: group commit).
+///
+/// Buffers passed to `submitRead` must stay valid until their completion is reaped. Memory
+/// given as `registered` at creation is registered with io_uring (fewer page pins per read).
+public final class ImageQueue {
+  public let depth: Int
+  public let engineDescription: String
+  public var inFlight: Int { depth - freeSlots.count }
+
+  private struct BlockCheck {
+    var data: UnsafeMutableRawPointer
+    var checksum: UInt32
+    var block: UInt64
+    /// Where the verified bytes go when they were read into a bounce block (partial blocks).
+    var copyTo: UnsafeMutableRawPointer?
+    var copyFrom: Int
+    var copyLength: Int
+  }
+
+  private struct Slot {
+    var tag: UInt64 = 0
+    var piecesLeft = 0
+    var failure: StrataError?
+    var checks: UnsafeMutablePointer<BlockCheck>
+    var checkCount = 0
+    var pieceLengths: UnsafeMutablePointer<Int32>
+    var bounce: UnsafeMutableRawBufferPointer
+  }
+
+  private let image: StrataImage
+  private let engine: any IOEngine
+  private var slots: [Slot]
+  private var freeSlots: [Int]
+  private var ready: [QueueCompletion] = []
+  private let requests: UnsafeMutablePointer<IORequest>
+  private let engineCompletions: UnsafeMutableBufferPointer<IOCompletion>
+  private let registered: [UnsafeMutableRawBufferPointer]
+  private var closed = false
+
+  /// Requests larger than this are served synchronously (virtio-blk and NBD limits are lower).
+  public static let maxRequestBytes = 4 << 20
+  static let maxPieces = 64
+  /// Engine reads one request may use: the engine holds `depth * piecesPerRequest` (≤ 4096).
+  private let piecesPerRequest: Int
+
+  public init(image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil, registered: [UnsafeMutableRawBufferPointer] = [])
+    throws
+  {
+    precondition(depth >= 1 && depth <= 1024)
+    guard let file = image.storage as? FileStorage else {
+      throw StrataError(.invalidArgument, "a queue needs an image in a file")
+    }
+    self.image = image
+    self.depth = depth
+    self.registered = registered
+    let bs = image.blockSize
+    // A request becomes at most `maxPieces` engine reads (one per run of blocks contiguous in
+    // the file); the rest of a more fragmented request is read synchronously.
+    piecesPerRequest = max(1, min(Self.maxPieces, 4096 / depth))
+    let choice = try file.makeEngine(depth: depth * piecesPerRequest, kind: kind, registered: registered)
+    engine = choice.engine
+    engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))"
+    requests = .allocate(capacity: Self.maxPieces)
+    engineCompletions = .allocate(capacity: depth * piecesPerRequest)
+    slots = (0..<depth).map { _ in
+      Slot(
+        checks: .allocate(capacity: Self.maxRequestBytes / bs + 2), pieceLengths: .allocate(capacity: Self.maxRequestBytes / bs + 2),
+        bounce: .allocate(byteCount: 2 * bs, alignment: Layout.pageSize))
+    }
+    freeSlots = Array((0..<depth).reversed())
+    ready.reserveCapacity(depth)
+  }
+
+  deinit {
+    precondition(closed, "ImageQueue was never closed")
+    for s in slots {
+      s.checks.deallocate()
+      s.pieceLengths.deallocate()
+      s.bounce.deallocate()
+    }
+    requests.deallocate()
+    engineCompletions.deallocate()
+  }
+
+  /// Waits for every read in flight and releases the engine.
+  public func close() {
+    precondition(!closed)
+    engine.close()
+    closed = true
+  }
+
+  private func takeSlot(tag: UInt64) throws -> Int {
+    guard let s = freeSlots.popLast() else {
+      throw StrataError(.invalidArgument, "the queue is full (\(depth) requests in flight): reap first")
+    }
+    slots[s].tag = tag
+    slots[s].failure = nil
+    slots[s].checkCount = 0
+    slots[s].piecesLeft = 0
+    return s
+  }
+
+  private func completeNow(_ slot: Int, _ error: StrataError?) {
+    ready.append(QueueCompletion(tag: slots[slot].tag, error: error))
+    freeSlots.append(slot)
+  }
+
+  // MARK: Submission
+
+  public func submitWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
+    let s = try takeSlot(tag: tag)
+    do { try image.write(data, at: offset) } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
+  }
+
+  public func submitFlush(tag: UInt64) throws {
+    let s = try takeSlot(tag: tag)
+    do { try image.flush() } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
+  }
+
+  public func submitDiscard(at offset: UInt64, length: UInt64, tag: UInt64) throws {
+    let s = try takeSlot(tag: tag)
+    do { try image.discard(at: offset, length: length) } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
+  }
+
+  public func submitWriteZeroes(at offset: UInt64, length: UInt64, tag: UInt64) throws {
+    let s = try takeSlot(tag: tag)
+    do { try image.writeZeroes(at: offset, length: length) } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
+  }
+
+  /// Reads `buffer.count` bytes at `offset`. Blocks still in the in-memory log tail are copied
+  /// at once; stored blocks are read by the engine.
+  public func submitRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
+    let s = try takeSlot(tag: tag)
+    do {
+      try image.checkOpen()
+      try image.checkRange(offset, UInt64(buffer.count), size: image.size)
+      guard buffer.count <= Self.maxRequestBytes, let base = buffer.baseAddress else {
+        if buffer.count > 0 { try image.read(into: buffer, at: offset) }
+        return completeNow(s, nil)
+      }
+      let pieces = try plan(s, base, buffer.count, offset)
+      guard pieces > 0 else { return try finish(s) }
+      slots[s].piecesLeft = pieces
+      let accepted = try engineSubmit(pieces)
+      precondition(accepted == pieces, "engine depth too small")
+    } catch let e as StrataError {
+      // A request that failed before reaching the engine (nothing in flight for it).
+      if slots[s].piecesLeft == 0 { completeNow(s, e) } else { throw e }
+    }
+  }
+
+  private func engineSubmit(_ count: Int) throws -> Int {
+    do {
+      return try engine.submit(UnsafeBufferPointer(start: requests, count: count))
+    } catch {
+      throw StrataError.system(error.call, "image queue", errno: error.errno)
+    }
+  }
+
+  /// Turns a read into engine requests (stored in `requests`) and checks to run on completion.
+  private func plan(_ s: Int, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) throws -> Int {
+    let bs = image.blockSize
+    let ppb = image.geometry.pagesPerBlock
+    let direct = Int(bitPattern: base) % Layout.pageSize == 0
+    var pieces = 0
+    var bounceUsed = 0
+    var done = 0
+    while done < count {
+      let position = offset + UInt64(done)
+      let block = position / UInt64(bs)
+      let inBlock = Int(position % UInt64(bs))
+      let n = min(bs - inBlock, count - done)
+      let entry = try image.map.entry(block)
+      let dest = base + done
+      if entry.state != .data {
+        dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
+      } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct) || (n < bs && bounceUsed == 2)
+        || pieces == piecesPerRequest
+      {
+        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+      } else {
+        let whole = n == bs
+        let target = whole ? dest : slots[s].bounce.baseAddress! + bounceUsed * bs
+        if !whole { bounceUsed += 1 }
+        let c = slots[s].checkCount
+        slots[s].checks[c] = BlockCheck(
+          data: target, checksum: entry.checksum, block: block, copyTo: whole ? nil : dest, copyFrom: inBlock, copyLength: n)
+        slots[s].checkCount += 1
+        let fileOffset = Geometry.byteOffset(ofPage: entry.page)
+        // Extend the previous engine read when this block follows it in the file and in memory.
+        if whole, pieces > 0, let prev = Optional(requests[pieces - 1]), prev.buffer! + prev.length == target,
+          prev.offset + UInt64(prev.length) == fileOffset
+        {
+          requests[pieces - 1].length += bs
+          slots[s].pieceLengths[pieces - 1] += Int32(bs)
+        } else {
+          requests[pieces] = IORequest(
+            opcode: .read, buffer: target, length: ppb * Layout.pageSize, offset: fileOffset,
+            userData: UInt64(s) << 16 | UInt64(pieces), registeredBuffer: registeredIndex(target, bs))
+          slots[s].pieceLengths[pieces] = Int32(bs)
+          pieces += 1
+        }
+      }
+      done += n
+    }
+    return pieces
+  }
+
+  private func registeredIndex(_ p: UnsafeMutableRawPointer, _ length: Int) -> Int16 {
+    for (i, r) in registered.enumerated() where p >= r.baseAddress! && p + length <= r.baseAddress! + r.count {
+      return Int16(i)
+    }
+    return -1
+  }
+
+  // MARK: Completion
+
+  /// Waits for at least `minimum` completions (at most those in flight) and stores up to
+  /// `out.count`; returns how many it stored.
+  public func reap(_ out: UnsafeMutableBufferPointer<QueueCompletion>, minimum: Int) throws -> Int {
+    precondition(minimum <= inFlight + ready.count)
+    var n = 0
+    while true {
+      while n < out.count, !ready.isEmpty {
+        out[n] = ready.removeFirst()
+        n += 1
+      }
+      if n >= minimum || engine.inFlight == 0 { return n }
+      let got: Int
+      do {
+        got = try engine.reap(UnsafeMutableBufferPointer(rebasing: engineCompletions[..<engine.inFlight]), minimum: 1)
+      } catch {
+        throw StrataError.system(error.call, "image queue", errno: error.errno)
+      }
+      for i in 0..<got {
+        let c = engineCompletions[i]
+        let s = Int(c.userData >> 16)
+        let piece = Int(c.userData & 0xFFFF)
+        if c.result < 0 {
+          slots[s].failure = slots[s].failure ?? StrataError.system("read", "image", errno: -c.result)
+        } else if c.result != slots[s].pieceLengths[piece] {
+          slots[s].failure = slots[s].failure ?? StrataError(.corrupt, "image file is truncated: a data block lies past its end")
+        }
+        slots[s].piecesLeft -= 1
+        if slots[s].piecesLeft == 0 { try finish(s) }
+      }
+    }
+  }
+
+  /// Verifies every block the engine read for slot `s` and completes it.
+  private func finish(_ s: Int) throws {
+    var error = slots[s].failure
+    if error == nil {
+      let bs = image.blockSize
+      for i in 0..<slots[s].checkCount {
+        let check = slots[s].checks[i]
+        let actual = CRC32C.checksum(UnsafeRawBufferPointer(start: check.data, count: bs))
+        guard actual == check.checksum else {
+          error = StrataError(
+            .dataCorrupt,
+            "block \(check.block) failed its checksum (stored \(hex32(check.checksum)), read \(hex32(actual))): "
+              + "the data is damaged and is not returned")
+          break
+        }
+        if let to = check.copyTo { to.copyMemory(from: check.data + check.copyFrom, byteCount: check.copyLength) }
+      }
+    }
+    completeNow(s, error)
+  }
+}
