@@ -120,6 +120,8 @@ public final class AIOEngine: IOEngine {
     return n
   }
 
+  public func flushSubmissions() throws(SystemError) {}
+
   public func close() {
     precondition(!closed)
     drain(self)

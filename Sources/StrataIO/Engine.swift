@@ -64,14 +64,18 @@ public struct IOCompletion: Sendable, Equatable {
 /// locks, and `submit`/`reap` allocate nothing.
 ///
 /// Contract: at most `depth` requests are in flight; `submit` accepts as many as fit and returns
-/// the count; `reap` waits for at least `minimum` completions (never more than are in flight)
-/// and returns how many it stored. Requests complete in any order.
+/// the count but may only queue them until `flushSubmissions` or `reap` (batching); `reap`
+/// waits for at least `minimum` completions (never more than are in flight) and returns how
+/// many it stored. Requests complete in any order.
 public protocol IOEngine: AnyObject {
   var kind: IOEngineKind { get }
   var depth: Int { get }
   var inFlight: Int { get }
   func submit(_ requests: UnsafeBufferPointer<IORequest>) throws(SystemError) -> Int
   func reap(_ completions: UnsafeMutableBufferPointer<IOCompletion>, minimum: Int) throws(SystemError) -> Int
+  /// Starts requests that `submit` only queued (engines may defer them to batch system calls;
+  /// `reap` always starts them first).
+  func flushSubmissions() throws(SystemError)
   /// Cancels nothing: waits for every request in flight, then releases the engine.
   func close()
 }

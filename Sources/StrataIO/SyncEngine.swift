@@ -61,5 +61,7 @@ public final class SyncEngine: IOEngine {
     return n
   }
 
+  public func flushSubmissions() throws(SystemError) {}
+
   public func close() {}
 }

@@ -12,6 +12,8 @@ public final class URingEngine: IOEngine {
   public let kind = IOEngineKind.ioUring
   public let depth: Int
   public private(set) var inFlight = 0
+  /// Requests prepared in the submission queue but not yet handed to the kernel.
+  private var unsubmitted = 0
   private let ring: UnsafeMutablePointer<io_uring>
   private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
   private var closed = false
@@ -82,23 +84,32 @@ public final class URingEngine: IOEngine {
       sqe.pointee.user_data = request.userData
       queued += 1
     }
-    guard queued > 0 else { return 0 }
+    inFlight += queued
+    unsubmitted += queued
+    return queued
+  }
+
+  /// Hands queued requests to the kernel. `reap` does it too, in the same system call as the
+  /// wait, so a burst of submissions costs one `io_uring_enter`.
+  public func flushSubmissions() throws(SystemError) {
+    guard unsubmitted > 0 else { return }
     var submitted: Int32
     repeat { submitted = io_uring_submit(ring) } while submitted == -EINTR
     guard submitted >= 0 else { throw SystemError("io_uring_submit", errno: -submitted) }
-    inFlight += queued
-    return queued
+    unsubmitted = 0
   }
 
   public func reap(_ completions: UnsafeMutableBufferPointer<IOCompletion>, minimum: Int) throws(SystemError) -> Int {
     precondition(minimum <= inFlight && minimum <= completions.count)
     let want = min(completions.count, depth)
     var n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
-    if n < minimum {
-      var cqe: UnsafeMutablePointer<io_uring_cqe>?
+    if n < minimum || unsubmitted > 0 {
       var r: Int32
-      repeat { r = io_uring_wait_cqe_nr(ring, &cqe, UInt32(minimum)) } while r == -EINTR
-      guard r == 0 else { throw SystemError("io_uring_wait_cqe", errno: -r) }
+      repeat {
+        r = io_uring_submit_and_wait(ring, UInt32(n < minimum ? minimum - n : 0))
+      } while r == -EINTR
+      guard r >= 0 else { throw SystemError("io_uring_submit_and_wait", errno: -r) }
+      unsubmitted = 0
       n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
     }
     for i in 0..<n {

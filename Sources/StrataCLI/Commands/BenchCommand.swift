@@ -39,7 +39,9 @@ struct BenchCommand: ParsableCommand {
   @Option(name: .shortAndLong, help: ArgumentHelp("Byte offset where the tested range starts.", valueName: "offset"))
   var offset = "0"
 
-  @Option(name: [.short, .customLong("aio")], help: "I/O engine: io_uring, native or threads (default: the best available).")
+  @Option(
+    name: [.customShort("i"), .customLong("aio")],
+    help: "I/O engine: io_uring, native or threads (default: the best available, as qemu-img bench -i).")
   var engine: IOEngineKind?
 
   @OptionGroup var format: OutputOptions
