@@ -33,8 +33,7 @@ extension StrataImage {
         }
         done += run * bs
       } else {
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: bs, alignment: Layout.pageSize)
-        defer { scratch.deallocate() }
+        let scratch = scratch.readBlock
         try pages.readPages(entry.page, ppb, into: scratch)
         try verify(UnsafeRawBufferPointer(scratch), entry, block: block)
         UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)])
@@ -65,8 +64,7 @@ extension StrataImage {
       let inBlock = Int(position % UInt64(bs))
       let n = min(bs - inBlock, data.count - done)
       if n < bs {
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: bs, alignment: Layout.pageSize)
-        defer { scratch.deallocate() }
+        let scratch = scratch.writeBlock
         try readMapped(map, into: scratch, at: block * UInt64(bs))
         UnsafeMutableRawBufferPointer(rebasing: scratch[inBlock..<(inBlock + n)])
           .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]))
@@ -94,10 +92,12 @@ extension StrataImage {
       if zero {
         try logAndApply(.zero(firstBlock: first + UInt64(i), count: UInt64(j - i)))
       } else {
-        let checksums = (i..<j).map { CRC32C.checksum(block($0)) }
+        let checksums = UnsafeMutableBufferPointer(rebasing: scratch.checksums[0..<(j - i)])
+        for k in i..<j { checksums[k - i] = CRC32C.checksum(block(k)) }
         let run = UnsafeRawBufferPointer(rebasing: bytes[(i * bs)..<(j * bs)])
-        let (seq, page) = try writer.appendWrite(firstBlock: first + UInt64(i), data: run, checksums: checksums)
-        try apply(.write(firstBlock: first + UInt64(i), checksums: checksums), seq: seq, payloadPage: page, timestamp: 0)
+        let (seq, page) = try writer.appendWrite(
+          firstBlock: first + UInt64(i), data: run, checksums: UnsafeBufferPointer(checksums))
+        try applyWrite(firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map, seq: seq)
         changedSinceCheckpoint = true
       }
       i = j
@@ -159,4 +159,23 @@ func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
     i += 1
   }
   return true
+}
+
+/// Buffers the data path reuses instead of allocating per request.
+final class ImageScratch {
+  let readBlock: UnsafeMutableRawBufferPointer
+  let writeBlock: UnsafeMutableRawBufferPointer
+  let checksums: UnsafeMutableBufferPointer<UInt32>
+
+  init(blockSize: Int, maxBlocksPerWrite: Int) {
+    readBlock = .allocate(byteCount: blockSize, alignment: Layout.pageSize)
+    writeBlock = .allocate(byteCount: blockSize, alignment: Layout.pageSize)
+    checksums = .allocate(capacity: maxBlocksPerWrite)
+  }
+
+  deinit {
+    readBlock.deallocate()
+    writeBlock.deallocate()
+    checksums.deallocate()
+  }
 }

@@ -287,10 +287,8 @@ extension StrataImage {
     }
     switch op {
     case .write(let first, let checksums):
-      try checkBlocks(first, UInt64(checksums.count))
-      for (i, c) in checksums.enumerated() {
-        let page = payloadPage + UInt64(i * geometry.pagesPerBlock)
-        try map.setEntry(first + UInt64(i), .data(page: page, checksum: c))
+      try checksums.withUnsafeBufferPointer {
+        try applyWrite(firstBlock: first, checksums: $0, payloadPage: payloadPage, map: map, seq: seq, size: size)
       }
     case .zero(let first, let count):
       try checkBlocks(first, count)
@@ -308,6 +306,20 @@ extension StrataImage {
       size = newSize
     default:
       preconditionFailure("\(op.type) does not change the map")
+    }
+  }
+
+  /// The map side of a WRITE: the blocks now live in the payload starting at `payloadPage`.
+  func applyWrite(
+    firstBlock: UInt64, checksums: UnsafeBufferPointer<UInt32>, payloadPage: UInt64, map: BlockMap, seq: UInt64,
+    size: UInt64? = nil
+  ) throws {
+    let blocks = ((size ?? virtualSize) + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
+    guard firstBlock < blocks, UInt64(checksums.count) <= blocks - firstBlock else {
+      throw StrataError(.corrupt, "write at seq \(seq) touches blocks \(firstBlock)+\(checksums.count) past the \(blocks)-block disk")
+    }
+    for (i, c) in checksums.enumerated() {
+      try map.setEntry(firstBlock + UInt64(i), .data(page: payloadPage + UInt64(i * geometry.pagesPerBlock), checksum: c))
     }
   }
 

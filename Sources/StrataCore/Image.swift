@@ -30,6 +30,7 @@ public final class StrataImage {
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
+  let scratch: ImageScratch
   /// What recovery skipped that a crash explains (a torn superblock slot, a cut log tail).
   public internal(set) var recoveryNotes: [String] = []
   /// What recovery skipped that a crash does not explain: the newest checkpoint was unusable and
@@ -53,6 +54,7 @@ public final class StrataImage {
     self.catalogRefs = state.catalogRefs
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
+    self.scratch = ImageScratch(blockSize: pages.geometry.blockSize, maxBlocksPerWrite: LogWriter.maxBlocksPerWrite(pages.geometry))
     map.accounting = usage
   }
 

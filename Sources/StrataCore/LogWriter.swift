@@ -14,9 +14,8 @@ final class LogWriter {
     var headerPage: Int
     var firstSeq: UInt64
     var timestamp: UInt64
-    var ops: [LogOp] = []
-    var headerBytes = RecordHeader.encodedLength
-    var descriptors: [PageDescriptor] = []
+    var opCount = 0
+    var pageCount = 0
   }
 
   /// Called when a segment is sealed: gets (segment, fill in pages, seal seq), returns the next
@@ -40,6 +39,11 @@ final class LogWriter {
   private(set) var nextSeq: UInt64
   private(set) var lastChecksum: UInt32
   private var open: OpenRecord?
+  /// The open record's header area (placeholder header, then operations), reused for every
+  /// record so that appending allocates nothing.
+  private var area = ByteWriter(capacity: Layout.pageSize)
+  /// The open PAGES record's descriptors, reused likewise.
+  private var descriptors: [PageDescriptor] = []
   private(set) var needsSync = false
   /// Pages of the open segment known durable; a failed sync rewrites from here.
   private var syncedPages: Int
@@ -65,9 +69,13 @@ final class LogWriter {
     self.clock = clock
     buffer = .allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
     buffer.initializeMemory(as: UInt8.self, repeating: 0)
-    let byHeader = (Self.batchHeaderCapacity - RecordHeader.encodedLength - 24) / 4
+    maxBlocksPerWrite = Self.maxBlocksPerWrite(geometry)
+  }
+
+  static func maxBlocksPerWrite(_ geometry: Geometry) -> Int {
+    let byHeader = (batchHeaderCapacity - RecordHeader.encodedLength - 24) / 4
     let bySegment = (geometry.pagesPerSegment - 2) / geometry.pagesPerBlock
-    maxBlocksPerWrite = min(1024, byHeader, bySegment)
+    return min(1024, byHeader, bySegment)
   }
 
   deinit { buffer.deallocate() }
@@ -79,12 +87,14 @@ final class LogWriter {
   // MARK: Appending
 
   /// Appends a WRITE of `checksums.count` blocks from `data`; returns its seq and first data page.
-  func appendWrite(firstBlock: UInt64, data: UnsafeRawBufferPointer, checksums: [UInt32]) throws -> (UInt64, UInt64) {
+  func appendWrite(firstBlock: UInt64, data: UnsafeRawBufferPointer, checksums: UnsafeBufferPointer<UInt32>) throws
+    -> (UInt64, UInt64)
+  {
     precondition(!checksums.isEmpty && checksums.count <= maxBlocksPerWrite)
     precondition(data.count == checksums.count * geometry.blockSize)
-    let op = LogOp.write(firstBlock: firstBlock, checksums: checksums)
     let pages = checksums.count * geometry.pagesPerBlock
-    let seq = try beginOp(op, kind: .data, payloadPages: pages)
+    let seq = try beginOp(length: LogOp.writeLength(blocks: checksums.count), kind: .data, payloadPages: pages)
+    LogOp.encodeWrite(firstBlock: firstBlock, checksums: checksums, into: &area)
     let page = position
     UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: data)
     tailPage += pages
@@ -101,24 +111,28 @@ final class LogWriter {
     case .checkpoint, .seal, .pages: preconditionFailure("\(op.type) is written by the log writer itself")
     default: break
     }
-    return try beginOp(op, kind: .data, payloadPages: 0)
+    let seq = try beginOp(length: op.encodedLength, kind: .data, payloadPages: 0)
+    op.encode(into: &area)
+    return seq
   }
 
   /// Appends one metadata page (in a PAGES record) and returns its page address.
   func appendMetaPage(_ bytes: UnsafeRawBufferPointer, descriptor: PageDescriptor) throws -> UInt64 {
     precondition(bytes.count == Layout.pageSize)
     try checkUsable()
-    if let o = open, o.kind != .pages || o.descriptors.count == Self.maxPagesPerRecord || pagesLeft < 1 {
+    if let o = open, o.kind != .pages || o.pageCount == Self.maxPagesPerRecord || pagesLeft < 1 {
       closeRecord()
     }
     if open == nil {
       if pagesLeft < 2 { try seal() }
-      open = OpenRecord(kind: .pages, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
+      open = OpenRecord(kind: .pages, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock(), opCount: 1)
+      descriptors.removeAll(keepingCapacity: true)
       nextSeq += 1
       tailPage += 1
       appendedPages += 1
     }
-    open!.descriptors.append(descriptor)
+    descriptors.append(descriptor)
+    open!.pageCount += 1
     let page = position
     UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: bytes)
     tailPage += 1
@@ -146,20 +160,23 @@ final class LogWriter {
     precondition(pagesLeft >= pages + 1 || tailPage == 0, "\(pages) pages never fit one segment")
   }
 
-  private func beginOp(_ op: LogOp, kind: OpenKind, payloadPages: Int) throws -> UInt64 {
+  /// Makes room in an open data record for an operation of `length` bytes (the caller then
+  /// encodes it into `area`) and returns its sequence number.
+  private func beginOp(length: Int, kind: OpenKind, payloadPages: Int) throws -> UInt64 {
     try checkUsable()
-    if let o = open, o.kind != kind || o.headerBytes + op.encodedLength > Self.batchHeaderCapacity || pagesLeft < payloadPages {
+    if let o = open, o.kind != kind || area.count + length > Self.batchHeaderCapacity || pagesLeft < payloadPages {
       closeRecord()
     }
     if open == nil {
       if pagesLeft < 1 + payloadPages { try seal() }
       precondition(pagesLeft >= 1 + payloadPages)
       open = OpenRecord(kind: kind, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
+      area.reset()
+      area.zeros(RecordHeader.encodedLength)
       tailPage += 1
       appendedPages += 1
     }
-    open!.ops.append(op)
-    open!.headerBytes += op.encodedLength
+    open!.opCount += 1
     let seq = nextSeq
     nextSeq += 1
     return seq
@@ -172,13 +189,17 @@ final class LogWriter {
   func closeRecord(flags: RecordHeader.Flags = []) {
     guard let o = open else { return }
     open = nil
-    let ops = o.kind == .pages ? [LogOp.pages(o.descriptors)] : o.ops
-    let (bytes, header) = LogRecord.encodeHeaderArea(
-      ops: ops, seq: o.firstSeq, previousChecksum: lastChecksum, timestampNanoseconds: o.timestamp, flags: flags,
-      blockSize: geometry.blockSize)
-    precondition(bytes.count == Layout.pageSize, "batch header overflowed its page")
-    precondition(o.headerPage + header.totalPages == tailPage, "payload does not follow its header")
-    bytes.withUnsafeBytes {
+    if o.kind == .pages {
+      area.reset()
+      area.zeros(RecordHeader.encodedLength)
+      LogOp.pages(descriptors).encode(into: &area)
+    }
+    let payload = tailPage - o.headerPage - 1
+    let header = LogRecord.finishHeaderArea(
+      &area, opCount: o.opCount, payloadPages: payload, seq: o.firstSeq, previousChecksum: lastChecksum,
+      timestampNanoseconds: o.timestamp, flags: flags)
+    precondition(area.count == Layout.pageSize, "batch header overflowed its page")
+    area.bytes.withUnsafeBytes {
       UnsafeMutableRawBufferPointer(rebasing: buffer[(o.headerPage * Layout.pageSize)...]).copyMemory(from: $0)
     }
     lastChecksum = header.checksum

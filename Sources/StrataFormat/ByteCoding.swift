@@ -32,9 +32,18 @@ public struct ByteWriter {
   }
 
   /// Overwrites a little-endian UInt32 at `offset`, e.g. a checksum computed after encoding.
-  public mutating func patchU32(_ v: UInt32, at offset: Int) {
-    precondition(offset >= 0 && offset + 4 <= bytes.count)
-    for i in 0..<4 { bytes[offset + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(i))) }
+  public mutating func patchU32(_ v: UInt32, at offset: Int) { patch(v, at: offset) }
+
+  /// Overwrites a little-endian integer at `offset` (a header filled in after its body).
+  public mutating func patch<T: FixedWidthInteger>(_ v: T, at offset: Int) {
+    let size = MemoryLayout<T>.size
+    precondition(offset >= 0 && offset + size <= bytes.count)
+    bytes.withUnsafeMutableBytes { $0.storeBytes(of: v.littleEndian, toByteOffset: offset, as: T.self) }
+  }
+
+  /// Appends little-endian UInt32s from borrowed memory (checksum lists) without an array.
+  public mutating func u32s(_ values: UnsafeBufferPointer<UInt32>) {
+    for v in values { u32(v) }
   }
 
   private mutating func integer<T: FixedWidthInteger>(_ v: T) {

@@ -173,7 +173,7 @@ public enum LogOp: Equatable, Sendable {
   /// Encoded size in bytes, including the 8-byte operation header.
   public var encodedLength: Int {
     switch self {
-    case .write(_, let checksums): (24 + 4 * checksums.count + 7) & ~7
+    case .write(_, let checksums): Self.writeLength(blocks: checksums.count)
     case .zero, .discard: 24
     case .snapshot(let name, _): (8 + 8 + 2 + name.utf8.count + 7) & ~7
     case .snapshotDelete, .resize, .seal: 16
@@ -183,17 +183,34 @@ public enum LogOp: Equatable, Sendable {
     }
   }
 
+  /// Encoded size of a WRITE of `blocks` blocks.
+  public static func writeLength(blocks: Int) -> Int { (24 + 4 * blocks + 7) & ~7 }
+
+  /// Encodes a WRITE straight from borrowed checksums: the write path's allocation-free form
+  /// of `LogOp.write(...).encode(into:)`.
+  public static func encodeWrite(firstBlock: UInt64, checksums: UnsafeBufferPointer<UInt32>, into w: inout ByteWriter) {
+    w.u16(OpType.write.rawValue)
+    w.u16(0)
+    w.u32(UInt32(writeLength(blocks: checksums.count)))
+    w.u64(firstBlock)
+    w.u32(UInt32(checksums.count))
+    w.u32(0)  // codec: 0 = uncompressed
+    w.u32s(checksums)
+    w.align(to: 8)
+  }
+
   public func encode(into w: inout ByteWriter) {
+    if case .write(let first, let checksums) = self {
+      checksums.withUnsafeBufferPointer { Self.encodeWrite(firstBlock: first, checksums: $0, into: &w) }
+      return
+    }
     let start = w.count
     w.u16(type.rawValue)
     w.u16(0)
     w.u32(UInt32(encodedLength))
     switch self {
-    case .write(let first, let checksums):
-      w.u64(first)
-      w.u32(UInt32(checksums.count))
-      w.u32(0)  // codec: 0 = uncompressed
-      for c in checksums { w.u32(c) }
+    case .write:
+      preconditionFailure("encoded above")
     case .zero(let first, let count), .discard(let first, let count):
       w.u64(first)
       w.u64(count)
@@ -371,32 +388,41 @@ public struct LogRecord: Equatable, Sendable {
     var w = ByteWriter(capacity: Layout.pageSize)
     w.zeros(RecordHeader.encodedLength)
     for op in ops { op.encode(into: &w) }
-    let headerLength = w.count
-    precondition(headerLength <= Layout.maxRecordHeaderLength)
     let payload = ops.reduce(0) { $0 + $1.payloadPages(blockSize: blockSize) }
-    var header = RecordHeader(
-      flags: flags, headerLength: UInt32(headerLength), payloadPages: UInt32(payload), seq: seq,
-      opCount: UInt32(ops.count), previousChecksum: previousChecksum, timestampNanoseconds: timestampNanoseconds,
-      checksum: 0)
-    var h = ByteWriter(capacity: RecordHeader.encodedLength)
-    h.u32(RecordHeader.magic)
-    h.u16(RecordHeader.version)
-    h.u16(flags.rawValue)
-    h.u32(header.headerLength)
-    h.u32(header.payloadPages)
-    h.u64(seq)
-    h.u32(header.opCount)
-    h.u32(previousChecksum)
-    h.u64(timestampNanoseconds)
-    h.u32(0)  // checksum, patched below
-    h.zeros(RecordHeader.encodedLength - h.count)
-    var bytes = w.bytes
-    bytes.replaceSubrange(0..<RecordHeader.encodedLength, with: h.bytes)
-    header.checksum = CRC32C.checksum(bytes)
-    for i in 0..<4 { bytes[RecordHeader.checksumOffset + i] = UInt8(truncatingIfNeeded: header.checksum >> (8 * UInt32(i))) }
-    let padded = (bytes.count + Layout.pageSize - 1) / Layout.pageSize * Layout.pageSize
-    bytes.append(contentsOf: repeatElement(0, count: padded - bytes.count))
-    return (bytes, header)
+    let header = finishHeaderArea(
+      &w, opCount: ops.count, payloadPages: payload, seq: seq, previousChecksum: previousChecksum,
+      timestampNanoseconds: timestampNanoseconds, flags: flags)
+    return (w.bytes, header)
+  }
+
+  /// Completes a header area whose operations were encoded after a 64-byte placeholder: fills
+  /// in the header, computes the checksum and pads with zeros to whole pages, in place.
+  public static func finishHeaderArea(
+    _ w: inout ByteWriter, opCount: Int, payloadPages: Int, seq: UInt64, previousChecksum: UInt32,
+    timestampNanoseconds: UInt64, flags: RecordHeader.Flags
+  ) -> RecordHeader {
+    let headerLength = w.count
+    precondition(opCount >= 1 && headerLength > RecordHeader.encodedLength && headerLength <= Layout.maxRecordHeaderLength)
+    w.patch(RecordHeader.magic, at: 0)
+    w.patch(RecordHeader.version, at: 4)
+    w.patch(flags.rawValue, at: 6)
+    w.patch(UInt32(headerLength), at: 8)
+    w.patch(UInt32(payloadPages), at: 12)
+    w.patch(seq, at: 16)
+    w.patch(UInt32(opCount), at: 24)
+    w.patch(previousChecksum, at: 28)
+    w.patch(timestampNanoseconds, at: 32)
+    w.patch(UInt32(0), at: RecordHeader.checksumOffset)
+    for offset in stride(from: RecordHeader.checksumOffset + 4, to: RecordHeader.encodedLength, by: 4) {
+      w.patch(UInt32(0), at: offset)
+    }
+    let checksum = CRC32C.checksum(w.bytes)
+    w.patch(checksum, at: RecordHeader.checksumOffset)
+    w.align(to: Layout.pageSize)
+    return RecordHeader(
+      flags: flags, headerLength: UInt32(headerLength), payloadPages: UInt32(payloadPages), seq: seq,
+      opCount: UInt32(opCount), previousChecksum: previousChecksum, timestampNanoseconds: timestampNanoseconds,
+      checksum: checksum)
   }
 
   /// Verifies the checksum of a complete header area and decodes its operations.
