@@ -23,6 +23,8 @@ let package = Package(
     .target(name: "CStrataLinux"),
     // I/O engines: io_uring, native AIO, synchronous; no knowledge of images.
     .target(name: "StrataIO", dependencies: ["CURing", "CAIO", "CStrataLinux"]),
+    // vhost-user and virtio wire formats: syntax only, no I/O (server, client and fuzzers share it).
+    .target(name: "VhostProtocol"),
     // Pure on-disk format: encoding, decoding and validation. No I/O.
     .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
     // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
