@@ -12,7 +12,8 @@ let package = Package(
     .library(name: "StrataCore", targets: ["StrataCore"]),
   ],
   dependencies: [
-    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
   ],
   targets: [
     // CRC-32C with the SSE4.2 instruction when the CPU has it, a table otherwise.
@@ -25,6 +26,11 @@ let package = Package(
     .target(name: "StrataIO", dependencies: ["CURing", "CAIO", "CStrataLinux"]),
     // vhost-user and virtio wire formats: syntax only, no I/O (server, client and fuzzers share it).
     .target(name: "VhostProtocol"),
+    // The vhost-user-blk back-end: protocol state machine, guest memory, virtqueues, workers.
+    .target(
+      name: "StrataVhost",
+      dependencies: ["StrataCore", "VhostProtocol", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
+    ),
     // Pure on-disk format: encoding, decoding and validation. No I/O.
     .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
     // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
@@ -37,7 +43,9 @@ let package = Package(
       dependencies: [
         "StrataCore",
         "StrataIO",
+        "StrataVhost",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Logging", package: "swift-log"),
       ]
     ),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),

@@ -105,3 +105,23 @@ uint16_t strata_load_acquire_u16(const volatile uint16_t *p) { return __atomic_l
 void strata_store_release_u32(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 uint32_t strata_load_acquire_u32(const volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 void strata_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+
+int strata_termination_signalfd(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+  return signalfd(-1, &set, SFD_CLOEXEC);
+}
+
+int strata_read_signal(int fd) {
+  struct signalfd_siginfo info;
+  ssize_t n = read(fd, &info, sizeof(info));
+  return n == (ssize_t)sizeof(info) ? (int)info.ssi_signo : -1;
+}

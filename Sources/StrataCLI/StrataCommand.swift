@@ -29,6 +29,7 @@ public struct StrataCommand: ParsableCommand {
       InspectCommand.self,
       CheckCommand.self,
       BenchCommand.self,
+      ServeCommand.self,
     ]
   )
 

@@ -83,7 +83,7 @@ public final class StrataImage {
     throws -> StrataImage
   {
     try validateCreate(virtualSize: virtualSize, options: options)
-    let storage = try FileStorage(path: path, mode: .create(overwrite: overwrite))
+    let storage = try FileStorage(path: path, mode: .create(overwrite: overwrite), engine: options.ioEngine)
     do {
       return try create(storage: storage, virtualSize: virtualSize, options: options)
     } catch {
@@ -94,7 +94,7 @@ public final class StrataImage {
 
   /// Opens an existing image file.
   public static func open(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
-    let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite)
+    let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite, engine: options.ioEngine)
     do {
       return try open(storage: storage, options: options)
     } catch {
@@ -118,6 +118,8 @@ public final class StrataImage {
   // MARK: Reads and writes
 
   public var size: UInt64 { virtualSize }
+  /// Which I/O engine the image file uses and why ("" for other storage).
+  public var engineDescription: String { (storage as? FileStorage)?.engineDescription ?? "" }
   public var blockSize: Int { geometry.blockSize }
 
   /// Reads `buffer.count` bytes at `offset`. Unwritten ranges read as zeros; a block whose data

@@ -2,6 +2,7 @@
   import Glibc
 #endif
 import StrataFormat
+import StrataIO
 
 /// How an image is created or opened.
 public struct ImageOptions: Sendable {
@@ -16,6 +17,8 @@ public struct ImageOptions: Sendable {
   /// Log pages appended since the last checkpoint that trigger one (bounds recovery time).
   public var checkpointIntervalPages: Int = 65536
   public var readOnly: Bool = false
+  /// I/O engine for the image file (nil: the best available, or `STRATA_AIO`).
+  public var ioEngine: IOEngineKind?
   /// Nanoseconds since the Unix epoch; tests substitute a deterministic clock.
   public var clock: @Sendable () -> UInt64 = wallClockNanoseconds
 

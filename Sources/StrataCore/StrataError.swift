@@ -48,7 +48,8 @@ public struct StrataError: Error, CustomStringConvertible, Sendable, Equatable {
     }
   }
 
-  static func system(_ call: String, _ path: String, errno e: Int32) -> StrataError {
+  /// A failed system call on `path`, with the errno explained.
+  public static func system(_ call: String, _ path: String, errno e: Int32) -> StrataError {
     let reason = String(cString: strerror(e))
     if e == ENOSPC || e == EDQUOT { return StrataError(.noSpace, "\(call) \(path): \(reason)", errno: e) }
     return StrataError(.io, "\(call) \(path): \(reason)", errno: e)

@@ -43,4 +43,11 @@ uint32_t strata_load_acquire_u32(const volatile uint32_t *p);
 /// A full memory barrier (EVENT_IDX: publish the used index, then read avail_event).
 void strata_fence_seq_cst(void);
 
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (threads created later inherit the
+/// mask) and returns a signalfd that becomes readable when one arrives; -1 with errno.
+int strata_termination_signalfd(void);
+
+/// Reads one pending signal from a signalfd; returns its number or -1.
+int strata_read_signal(int fd);
+
 #endif

@@ -6,8 +6,10 @@ enum ImageAccess {
   /// Opens an image. Unless `allowDamaged`, an image whose recovery had to fall back past
   /// damage a crash does not explain (`recoveryProblems`) is refused: reads could return an
   /// older state without saying so, and a write would checkpoint over the evidence.
-  static func open(_ path: String, readOnly: Bool, allowDamaged: Bool = false) throws -> StrataImage {
-    var options = ImageOptions()
+  static func open(_ path: String, readOnly: Bool, allowDamaged: Bool = false, options: ImageOptions = ImageOptions())
+    throws -> StrataImage
+  {
+    var options = options
     options.readOnly = readOnly
     return try about(path) {
       let image = try StrataImage.open(path: path, options: options)
