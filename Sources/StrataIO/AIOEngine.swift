@@ -82,10 +82,15 @@ public final class AIOEngine: IOEngine {
     while done < queued {
       let r = io_submit(context, queued - done, batch + done)
       if r == -EINTR || r == -EAGAIN { continue }
-      guard r > 0 else {
-        for i in done..<queued { freeSlots.append(batch[i]! - iocbs) }
-        queued = 0
-        throw SystemError("io_submit", errno: -r)
+      if r <= 0 {
+        // The kernel refused batch[done] (the ones before it are in flight): complete it with
+        // the error, as io_uring would, so the caller learns which request failed.
+        let slot = batch[done]! - iocbs
+        ready.push(IOCompletion(userData: userData[slot], result: r < 0 ? Int32(r) : -EIO))
+        freeSlots.append(slot)
+        inFlight += 1
+        done += 1
+        continue
       }
       done += Int(r)
       inFlight += Int(r)

@@ -31,17 +31,16 @@ public final class URingEngine: IOEngine {
       params.sq_thread_idle = 1000
     }
     let r = io_uring_queue_init_params(UInt32(depth), ring, &params)
+    // From here on deinit runs even when init throws: mark the engine closed so it only frees.
     guard r == 0 else {
-      ring.deallocate()
-      cqes.deallocate()
+      closed = true
       throw SystemError("io_uring_queue_init", errno: -r)
     }
     var fds = [fd]
     let rf = io_uring_register_files(ring, &fds, 1)
     if rf != 0 {
       io_uring_queue_exit(ring)
-      ring.deallocate()
-      cqes.deallocate()
+      closed = true
       throw SystemError("io_uring_register_files", errno: -rf)
     }
     if !registeredBuffers.isEmpty {
@@ -49,8 +48,7 @@ public final class URingEngine: IOEngine {
       let rb = io_uring_register_buffers(ring, &iovecs, UInt32(iovecs.count))
       if rb != 0 {
         io_uring_queue_exit(ring)
-        ring.deallocate()
-        cqes.deallocate()
+        closed = true
         throw SystemError("io_uring_register_buffers", errno: -rb)
       }
     }
@@ -103,14 +101,16 @@ public final class URingEngine: IOEngine {
     precondition(minimum <= inFlight && minimum <= completions.count)
     let want = min(completions.count, depth)
     var n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
-    if n < minimum || unsubmitted > 0 {
-      var r: Int32
+    if unsubmitted > 0 || n < minimum {
+      // The kernel counts completions already in the ring towards the wait, so wait for
+      // `minimum` itself, again until enough arrived.
       repeat {
-        r = io_uring_submit_and_wait(ring, UInt32(n < minimum ? minimum - n : 0))
-      } while r == -EINTR
-      guard r >= 0 else { throw SystemError("io_uring_submit_and_wait", errno: -r) }
-      unsubmitted = 0
-      n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+        var r: Int32
+        repeat { r = io_uring_submit_and_wait(ring, UInt32(n < minimum ? minimum : 0)) } while r == -EINTR
+        guard r >= 0 else { throw SystemError("io_uring_submit_and_wait", errno: -r) }
+        unsubmitted = 0
+        n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+      } while n < minimum
     }
     for i in 0..<n {
       let cqe = cqes[i]!.pointee
