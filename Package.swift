@@ -10,6 +10,9 @@ let package = Package(
   products: [
     .executable(name: "strata", targets: ["strata"]),
     .library(name: "StrataCore", targets: ["StrataCore"]),
+    // For the fuzzers (fuzz/Package.swift) and other tools that decode the formats.
+    .library(name: "StrataFormat", targets: ["StrataFormat"]),
+    .library(name: "VhostProtocol", targets: ["VhostProtocol"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -26,6 +29,7 @@ let package = Package(
     .target(name: "StrataIO", dependencies: ["CURing", "CAIO", "CStrataLinux"]),
     // vhost-user and virtio wire formats: syntax only, no I/O (server, client and fuzzers share it).
     .target(name: "VhostProtocol"),
+    .target(name: "VhostClient", dependencies: ["VhostProtocol", "CStrataLinux"]),
     // The vhost-user-blk back-end: protocol state machine, guest memory, virtqueues, workers.
     .target(
       name: "StrataVhost",
@@ -53,6 +57,7 @@ let package = Package(
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation"]),
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
+    .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
   ],
   swiftLanguageModes: [.v6]
 )
