@@ -3,7 +3,8 @@
 # Sourced by the other scripts; safe to run again (apt skips what is installed).
 set -euo pipefail
 
-packages=(liburing-dev libaio-dev libzstd-dev pkg-config)
+# qemu-system-common brings qemu-storage-daemon, the peer the vhost-user client tests run against.
+packages=(liburing-dev libaio-dev libzstd-dev pkg-config qemu-system-common qemu-utils fio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -232,6 +232,7 @@ final class LogWriter {
     appendStandalone([.seal(nextSegment: UInt64(next))])
     do {
       try writeOut()
+      try storage.completeWrites()  // the buffer is reused for the next segment
     } catch {
       // The in-memory log has moved on to a segment the file does not show yet.
       failure = "writing the end of segment \(segment) failed (\(error))"
@@ -258,7 +259,14 @@ final class LogWriter {
     precondition(open == nil, "an open record cannot be written out")
     guard pendingPages > 0 else { return }
     let bytes = UnsafeRawBufferPointer(rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
-    try storage.write(bytes, at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages)))
+    // Asynchronous: the buffer below `tailPage` never changes until the segment is sealed,
+    // and sealing waits for these writes before the buffer is reused.
+    do {
+      try storage.submitWrite(bytes, at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages)))
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
     writtenPages = tailPage
     needsSync = true
   }
@@ -272,17 +280,26 @@ final class LogWriter {
   func flush() throws {
     try checkUsable()
     closeRecord(flags: .flushPoint)
-    try writeOut()
-    if needsSync {
-      do {
-        try storage.sync()
-      } catch {
-        if sealedSinceSync { failure = "a sync failed after the log moved to a new segment" } else { writtenPages = syncedPages }
-        throw error
-      }
-      needsSync = false
-      syncedPages = writtenPages
-      sealedSinceSync = false
+    do {
+      try writeOut()
+      try storage.completeWrites()
+      if needsSync { try storage.sync() }
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+    needsSync = false
+    syncedPages = writtenPages
+    sealedSinceSync = false
+  }
+
+  /// A write or sync failed: what was written since the last good sync may not be on disk, so
+  /// write it again from the buffer next time (or, if a seal intervened, refuse further work).
+  private func rewindAfterFailedWrite() {
+    if sealedSinceSync {
+      failure = "a write or sync failed after the log moved to a new segment"
+    } else {
+      writtenPages = syncedPages
     }
   }
 

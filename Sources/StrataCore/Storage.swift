@@ -21,6 +21,16 @@ public protocol ImageStorage: AnyObject {
   func setSize(_ size: UInt64) throws
   /// Releases the storage. Called exactly once by the image.
   func close() throws
+  /// Starts a write that may complete later; `bytes` must stay unchanged until
+  /// `completeWrites` returns. Errors may surface here or in `completeWrites`.
+  func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws
+  /// Waits for every submitted write; throws the first error any of them met.
+  func completeWrites() throws
+}
+
+extension ImageStorage {
+  public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
+  public func completeWrites() throws {}
 }
 
 /// A regular file accessed through an I/O engine (io_uring, native AIO or pread/pwrite), with
@@ -96,7 +106,7 @@ public final class FileStorage: ImageStorage {
       throw fail(StrataError.system("ftruncate", path, errno: Glibc.errno))
     }
     do {
-      let choice = try IOEngines.make(fd: fd, depth: 8, requested: requested ?? StrataEnvironment.engine)
+      let choice = try IOEngines.make(fd: fd, depth: 16, requested: requested ?? StrataEnvironment.engine)
       engine = choice.engine
       engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))\(isDirect ? ", O_DIRECT" : ", page cache")"
     } catch {
@@ -154,10 +164,86 @@ public final class FileStorage: ImageStorage {
     return done
   }
 
+  // MARK: Asynchronous writes (the log's write-out overlaps with appending)
+
+  private static let writeTag: UInt64 = 0x5752_4954  // completions of submitWrite
+  private static let syncTag: UInt64 = 0x5359_4e43  // the one synchronous request at a time
+  private var writesInFlight = 0
+  private var writeError: StrataError?
+  private var completions = [IOCompletion](repeating: IOCompletion(userData: 0, result: 0), count: 64)
+
+  public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    guard let engine, isDirect, engine.kind != .threads, Int(bitPattern: bytes.baseAddress) % Layout.pageSize == 0,
+      bytes.count % Layout.pageSize == 0, offset % UInt64(Layout.pageSize) == 0
+    else {
+      return try write(bytes, at: offset)
+    }
+    while engine.inFlight >= engine.depth { try reapOne(waitingFor: nil) }
+    var request = IORequest(
+      opcode: .write, buffer: UnsafeMutableRawPointer(mutating: bytes.baseAddress), length: bytes.count, offset: offset,
+      userData: Self.writeTag | UInt64(bytes.count) << 32)
+    let accepted: Int
+    do {
+      accepted = try withUnsafePointer(to: &request) { try engine.submit(UnsafeBufferPointer(start: $0, count: 1)) }
+      try engine.flushSubmissions()
+    } catch let e as SystemError {
+      throw StrataError.system(e.call, path, errno: e.errno)
+    }
+    precondition(accepted == 1)
+    writesInFlight += 1
+  }
+
+  public func completeWrites() throws {
+    while writesInFlight > 0 { try reapOne(waitingFor: nil) }
+    if let e = writeError {
+      writeError = nil
+      throw e
+    }
+  }
+
+  /// Reaps completions until one arrives (or the one tagged `waitingFor`); returns its result.
+  @discardableResult
+  private func reapOne(waitingFor tag: UInt64?) throws -> Int32? {
+    guard let engine else { preconditionFailure("FileStorage used after close") }
+    while true {
+      let n: Int
+      do {
+        n = try completions.withUnsafeMutableBufferPointer { try engine.reap($0, minimum: 1) }
+      } catch let e as SystemError {
+        throw StrataError.system(e.call, path, errno: e.errno)
+      }
+      var found: Int32?
+      for c in completions[..<n] {
+        if c.userData == tag {
+          found = c.result
+        } else {
+          writesInFlight -= 1
+          let expected = Int32(truncatingIfNeeded: c.userData >> 32)
+          if c.result != expected && writeError == nil {
+            writeError = StrataError.system("write", path, errno: c.result < 0 ? -c.result : EIO)
+          }
+        }
+      }
+      if tag == nil || found != nil { return found }
+    }
+  }
+
   private func perform(_ request: IORequest) throws -> Int {
     guard let engine else { preconditionFailure("FileStorage used after close") }
+    var request = request
+    request.userData = Self.syncTag
     let r: Int32
-    do { r = try engine.perform(request) } catch { throw StrataError.system(error.call, path, errno: error.errno) }
+    do {
+      let accepted = try withUnsafePointer(to: &request) { try engine.submit(UnsafeBufferPointer(start: $0, count: 1)) }
+      if accepted == 0 {
+        try reapOne(waitingFor: nil)  // the queue is full of writes: make room
+        return try perform(request)
+      }
+    } catch let e as SystemError {
+      throw StrataError.system(e.call, path, errno: e.errno)
+    }
+    guard let result = try reapOne(waitingFor: Self.syncTag) else { preconditionFailure("lost a completion") }
+    r = result
     if r < 0 {
       let call = request.opcode == .read ? "read" : request.opcode == .write ? "write" : "fdatasync"
       throw StrataError.system(call, path, errno: -r)
@@ -166,6 +252,7 @@ public final class FileStorage: ImageStorage {
   }
 
   public func sync() throws {
+    try completeWrites()  // fdatasync covers completed writes only
     _ = try perform(.fsync(userData: 2))
   }
 
@@ -190,6 +277,7 @@ public final class FileStorage: ImageStorage {
 
   public func close() throws {
     precondition(fd >= 0, "FileStorage closed twice")
+    let pending = Result { try completeWrites() }
     engine?.close()
     engine = nil
     // io_uring tears a ring down asynchronously and may hold the registered file (and with it
@@ -197,6 +285,7 @@ public final class FileStorage: ImageStorage {
     _ = flock(fd, LOCK_UN)
     let result = Glibc.close(fd)
     fd = -1
+    try pending.get()
     if result != 0 { throw StrataError.system("close", path, errno: Glibc.errno) }
   }
 
