@@ -147,7 +147,7 @@ extension StrataImage {
 }
 
 /// True when every byte is zero; compares eight bytes at a time.
-func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+public func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
   var i = 0
   let n = bytes.count
   while i + 8 <= n {

@@ -149,7 +149,8 @@ extension PageReader {
       } else if case .pages(let descriptors) = op {
         // A checkpoint will refer to these pages: a torn one must end the log here.
         for d in descriptors {
-          let bytes = try readPage(page)
+          var bytes = [UInt8](repeating: 0, count: Layout.pageSize)
+          try bytes.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
           let actual = bytes.withUnsafeBytes { pageChecksum(kind: d.kind, level: d.level, key: d.key, $0) }
           if actual != d.checksum { return false }
           page += 1

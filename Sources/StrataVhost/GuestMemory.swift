@@ -36,6 +36,15 @@ final class GuestMemory: @unchecked Sendable {
       throw .invalid("memory region at guest address \(region.guestAddress) overlaps another")
     }
     let length = Int(region.size + region.mmapOffset)
+    // Touching a MAP_SHARED mapping past the end of its file raises SIGBUS: a region must lie
+    // within its file (memfd, hugetlbfs or tmpfs file alike).
+    var st = stat()
+    guard fstat(fd, &st) == 0 else {
+      throw .invalid("fstat of a memory region's fd failed: \(String(cString: strerror(errno)))")
+    }
+    guard (st.st_mode & S_IFMT) != S_IFREG || Int(st.st_size) >= length else {
+      throw .invalid("memory region of \(region.size) bytes at offset \(region.mmapOffset) exceeds its \(st.st_size)-byte file")
+    }
     guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
       throw .invalid("mmap of a \(length)-byte memory region failed: \(String(cString: strerror(errno)))")
     }
@@ -52,22 +61,20 @@ final class GuestMemory: @unchecked Sendable {
   /// Host pointer for guest-physical `address`...`address+length`, or nil if any byte is outside.
   @inline(__always)
   func guest(_ address: UInt64, length: Int) -> UnsafeMutableRawPointer? {
-    for r in regions {
-      let start = r.info.guestAddress
-      guard address >= start else { continue }
-      let offset = address - start
-      guard offset < r.info.size, UInt64(length) <= r.info.size - offset else { continue }
-      return r.base + Int(offset)
-    }
-    return nil
+    translate(address, length, user: false)
   }
 
   /// Host pointer for a front-end virtual address (how SET_VRING_ADDR names the rings).
   func user(_ address: UInt64, length: Int) -> UnsafeMutableRawPointer? {
+    translate(address, length, user: true)
+  }
+
+  @inline(__always)
+  private func translate(_ address: UInt64, _ length: Int, user: Bool) -> UnsafeMutableRawPointer? {
     for r in regions {
-      let start = r.info.userAddress
-      guard address >= start else { continue }
-      let offset = address - start
+      let first = user ? r.info.userAddress : r.info.guestAddress
+      guard address >= first else { continue }
+      let offset = address - first
       guard offset < r.info.size, UInt64(length) <= r.info.size - offset else { continue }
       return r.base + Int(offset)
     }

@@ -57,18 +57,3 @@ enum Streams {
     }
   }
 }
-
-/// True when every byte is zero.
-func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-  var i = 0
-  let n = bytes.count
-  while i + 8 <= n {
-    if bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-    i += 8
-  }
-  while i < n {
-    if bytes[i] != 0 { return false }
-    i += 1
-  }
-  return true
-}
