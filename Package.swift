@@ -58,6 +58,7 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
+    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore"]),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -47,6 +47,9 @@ final class LogWriter {
   private(set) var needsSync = false
   /// Pages of the open segment known durable; a failed sync rewrites from here.
   private var syncedPages: Int
+  /// First page of the open segment that the buffer holds: pages before it were written by an
+  /// earlier session (the buffer starts empty there); 0 once the log moves to a new segment.
+  private(set) var bufferedFrom: Int
   private var sealedSinceSync = false
   private var failure: String?
   /// Pages appended since the writer started: checkpoints are due by log volume.
@@ -64,6 +67,7 @@ final class LogWriter {
     self.tailPage = tailPage
     self.writtenPages = tailPage
     self.syncedPages = tailPage
+    self.bufferedFrom = tailPage
     self.nextSeq = nextSeq
     self.lastChecksum = lastChecksum
     self.clock = clock
@@ -242,6 +246,7 @@ final class LogWriter {
     tailPage = 0
     writtenPages = 0
     syncedPages = 0
+    bufferedFrom = 0
     sealedSinceSync = true
   }
 
@@ -310,11 +315,13 @@ final class LogWriter {
     }
   }
 
-  /// Copies `page` if it is appended but not yet written out; false if it is on storage.
+  /// Copies `page` if the buffer holds it (appended in this segment since the writer started:
+  /// written-out pages too, whose asynchronous writes may still be in flight); false if it must
+  /// be read from storage.
   func copyPending(page: UInt64, into out: UnsafeMutableRawBufferPointer) -> Bool {
     guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
     let local = geometry.pageInSegment(page)
-    guard local >= writtenPages && local < tailPage else { return false }
+    guard local >= bufferedFrom && local < tailPage else { return false }
     out.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
     return true
   }

@@ -179,6 +179,6 @@ extension LogWriter {
   func isPending(page: UInt64) -> Bool {
     guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
     let local = geometry.pageInSegment(page)
-    return local >= writtenPages && local < tailPage
+    return local >= bufferedFrom && local < tailPage
   }
 }

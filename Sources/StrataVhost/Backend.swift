@@ -107,6 +107,8 @@ final class VhostBlkBackend {
     switch r {
     case .getFeatures, .getProtocolFeatures, .getQueueNum, .getMaxMemSlots, .getStatus: Reply(payload: encodeU64(0))
     case .getVringBase: Reply(payload: VringState(index: 0, num: 0).encode())
+    // An empty payload is how a back-end says GET_CONFIG (or GET_INFLIGHT_FD) failed.
+    case .getConfig, .getInflightFd: Reply(payload: [])
     default: nil
     }
   }
@@ -135,7 +137,11 @@ final class VhostBlkBackend {
     case .setOwner:
       break
     case .resetOwner, .resetDevice:
+      // The device state goes; the connection's protocol features stay (REPLY_ACK included:
+      // this very message may be waiting for its ack).
+      let negotiated = protocolFeatures
       reset()
+      protocolFeatures = negotiated
     case .getQueueNum:
       return Reply(payload: encodeU64(UInt64(numQueues)))
     case .getMaxMemSlots:
@@ -144,10 +150,11 @@ final class VhostBlkBackend {
       let table = try MemoryTable.decode(p)
       try expectFds(table.regions.count)
       let running = stopAll()
+      // Refused or not, the rings run again (on the old table when the new one was refused).
+      defer { restart(running) }
       let m = GuestMemory()
       for (region, fd) in zip(table.regions, fds) { try m.add(region, fd: fd) }
       memory = m
-      restart(running)
     case .addMemReg:
       let region = try SingleMemoryRegion.decode(p).region
       try expectFds(1)

@@ -40,11 +40,22 @@ struct BlockHandler: @unchecked Sendable {
     switch VirtioBlkRequestType(rawValue: type) {
     case .read:
       let total = writableData.reduce(0) { $0 + $1.length }
-      status = transfer(sector, total, writableData, isRead: true)
-      if status == .ok { written = total }
+      // Read data goes into device-writable buffers only: device-readable bytes after the
+      // header are a buffer the device may not fill, so the read cannot succeed.
+      if readable.reduce(0, { $0 + $1.length }) != VirtioBlkRequestHeader.size {
+        status = .ioError
+      } else {
+        status = transfer(sector, total, writableData, isRead: true)
+        if status == .ok { written = total }
+      }
     case .write:
       let data = slices(readable, skipping: VirtioBlkRequestHeader.size)
-      status = readOnly ? .ioError : transfer(sector, data.reduce(0) { $0 + $1.length }, data, isRead: false)
+      // Likewise write data comes from device-readable buffers only.
+      if readOnly || writableData.contains(where: { $0.length > 0 }) {
+        status = .ioError
+      } else {
+        status = transfer(sector, data.reduce(0) { $0 + $1.length }, data, isRead: false)
+      }
     case .flush:
       status = run { try $0.flush() }
     case .getID:

@@ -17,6 +17,7 @@ enum ChainError: Error, Equatable {
   case tooManySegments
   case addressOutsideGuestMemory(UInt64, UInt32)
   case badIndirect(String)
+  case availIndexJump(from: UInt16, to: UInt16)
 }
 
 /// A split virtqueue (virtio 1.2, 2.7): descriptor table, available ring, used ring, all in
@@ -60,8 +61,20 @@ final class SplitQueue {
 
   /// The next chain head the guest made available, if any.
   func popAvailable() throws(ChainError) -> UInt16? {
-    let availIdx = strata_load_acquire_u16(avail.advanced(by: 2).assumingMemoryBound(to: UInt16.self))
-    guard availIdx != lastAvail else { return nil }
+    let availIdxPointer = avail.advanced(by: 2).assumingMemoryBound(to: UInt16.self)
+    var availIdx = strata_load_acquire_u16(availIdxPointer)
+    if availIdx == lastAvail {
+      guard eventIdx else { return nil }
+      // Publish avail_event, then look again after a full fence: a chain published between the
+      // first look and that store may have been published without a kick (the driver read the
+      // old avail_event), and would otherwise wait until the next one.
+      strata_store_release_u16(used.advanced(by: 4 + 8 * size).assumingMemoryBound(to: UInt16.self), lastAvail)
+      strata_fence_seq_cst()
+      availIdx = strata_load_acquire_u16(availIdxPointer)
+      guard availIdx != lastAvail else { return nil }
+    }
+    // The driver cannot have more than `size` chains outstanding (virtio 1.2, 2.7.6).
+    guard Int(availIdx &- lastAvail) <= size else { throw .availIndexJump(from: lastAvail, to: availIdx) }
     let slot = Int(lastAvail) & (size - 1)
     let head = UInt16(littleEndian: avail.loadUnaligned(fromByteOffset: 4 + 2 * slot, as: UInt16.self))
     lastAvail &+= 1

@@ -1,0 +1,386 @@
+// Test fixture for `strata serve`: a fresh image in a private directory, the server running as
+// a child process, and VhostUserClient front-ends connecting to it.
+//
+// The tests need the `strata` binary. `swift build --build-tests` builds it together with the
+// tests; they find it in this order (as StrataCLITests do):
+//   1. the STRATA_BIN environment variable,
+//   2. next to the test bundle (the build directory, whatever --scratch-path was used),
+//   3. <package root>/.build/debug/strata.
+
+import Foundation
+import Glibc
+import Testing
+import VhostClient
+import VhostProtocol
+
+// MARK: - The binary
+
+/// Where the `strata` executable is, or nil when it has not been built.
+let strataBinary: String? = {
+  let fm = FileManager.default
+  var candidates: [URL] = []
+  if let path = ProcessInfo.processInfo.environment["STRATA_BIN"], !path.isEmpty {
+    candidates.append(URL(fileURLWithPath: path))
+  }
+  if let exe = Bundle.main.executableURL?.resolvingSymlinksInPath() {
+    candidates.append(exe.deletingLastPathComponent().appendingPathComponent("strata"))
+  }
+  candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("strata"))
+  var dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+  while dir.path != "/" {
+    if fm.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) {
+      candidates.append(dir.appendingPathComponent(".build/debug/strata"))
+      break
+    }
+    dir = dir.deletingLastPathComponent()
+  }
+  return candidates.first { fm.isExecutableFile(atPath: $0.path) }?.path
+}()
+
+let binaryMissing = "the strata executable was not found (build it, or set STRATA_BIN)"
+
+struct ServeTestError: Error, CustomStringConvertible {
+  var description: String
+  init(_ d: String) { description = d }
+}
+
+// MARK: - Processes
+
+/// posix_spawn with an empty signal mask and default dispositions (test threads may block
+/// signals and a child inherits that), stdin on /dev/null, stdout and stderr to files.
+func spawnProcess(_ path: String, _ args: [String], stdoutPath: String = "/dev/null", stderrPath: String) throws -> pid_t
+{
+  var actions = posix_spawn_file_actions_t()
+  posix_spawn_file_actions_init(&actions)
+  defer { posix_spawn_file_actions_destroy(&actions) }
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+  posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+  posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+  var attr = posix_spawnattr_t()
+  posix_spawnattr_init(&attr)
+  defer { posix_spawnattr_destroy(&attr) }
+  var empty = sigset_t()
+  sigemptyset(&empty)
+  posix_spawnattr_setsigmask(&attr, &empty)
+  var defaults = sigset_t()
+  sigemptyset(&defaults)
+  for s in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
+  posix_spawnattr_setsigdefault(&attr, &defaults)
+  posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+  let argv = ([path] + args).map { strdup($0) } + [nil]
+  let envp = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
+  defer {
+    for p in argv { free(p) }
+    for p in envp { free(p) }
+  }
+  var pid: pid_t = 0
+  let r = posix_spawn(&pid, path, &actions, &attr, argv, envp)
+  guard r == 0 else { throw ServeTestError("posix_spawn \(path): errno \(r)") }
+  return pid
+}
+
+/// Waits for `pid` at most `seconds`; returns the raw wait status, or nil on timeout.
+func waitStatus(_ pid: pid_t, seconds: Double) -> Int32? {
+  let deadline = Date().addingTimeInterval(seconds)
+  var status: Int32 = 0
+  while true {
+    let r = waitpid(pid, &status, WNOHANG)
+    if r == pid { return status }
+    if r < 0 && errno != EINTR { return nil }
+    if Date() > deadline { return nil }
+    usleep(2_000)
+  }
+}
+
+func exitedNormally(_ status: Int32) -> Bool { status & 0x7f == 0 }
+func exitCode(_ status: Int32) -> Int32 { (status >> 8) & 0xff }
+func describeStatus(_ status: Int32) -> String {
+  exitedNormally(status) ? "exit \(exitCode(status))" : "killed by signal \(status & 0x7f)"
+}
+
+struct StrataRun {
+  var status: Int32
+  var stdout: [UInt8]
+  var stderr: String
+  var succeeded: Bool { exitedNormally(status) && exitCode(status) == 0 }
+}
+
+/// Runs `strata` to completion (killed after 30 s).
+func runStrata(_ arguments: [String], in directory: String) throws -> StrataRun {
+  guard let binary = strataBinary else { throw ServeTestError(binaryMissing) }
+  let tag = UUID().uuidString
+  let out = "\(directory)/.out-\(tag)"
+  let err = "\(directory)/.err-\(tag)"
+  defer {
+    unlink(out)
+    unlink(err)
+  }
+  let pid = try spawnProcess(binary, arguments, stdoutPath: out, stderrPath: err)
+  guard let status = waitStatus(pid, seconds: 30) else {
+    kill(pid, SIGKILL)
+    _ = waitStatus(pid, seconds: 5)
+    throw ServeTestError("strata \(arguments.joined(separator: " ")) did not finish in 30 s")
+  }
+  return StrataRun(
+    status: status, stdout: [UInt8]((try? Data(contentsOf: URL(fileURLWithPath: out))) ?? Data()),
+    stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "")
+}
+
+// MARK: - The server
+
+/// One `strata serve` child on a fresh image in a private directory.
+final class ServeProcess {
+  let directory: String
+  let image: String
+  let socketPath: String
+  let logPath: String
+  let size: UInt64
+  let arguments: [String]
+  private(set) var pid: pid_t = 0
+  private(set) var status: Int32?
+
+  /// Creates the image (`strata create`), lets `prepare` touch it (with the image path), then
+  /// starts `strata serve IMAGE --socket PATH arguments...`.
+  init(size: UInt64 = 64 << 20, arguments: [String] = [], prepare: ((ServeProcess) throws -> Void)? = nil) throws {
+    guard let binary = strataBinary else { throw ServeTestError(binaryMissing) }
+    var template = Array("/tmp/strata-serve-XXXXXX".utf8CString)
+    guard let d = mkdtemp(&template) else { throw ServeTestError("mkdtemp failed") }
+    directory = String(cString: d)
+    image = directory + "/disk.strata"
+    socketPath = directory + "/vhost.sock"
+    logPath = directory + "/serve.log"
+    self.size = size
+    self.arguments = arguments
+    let created = try runStrata(["create", image, "--size", String(size)], in: directory)
+    guard created.succeeded else {
+      removeDirectory()
+      throw ServeTestError("strata create failed (\(describeStatus(created.status))): \(created.stderr)")
+    }
+    do {
+      try prepare?(self)
+      pid = try spawnProcess(binary, ["serve", image, "--socket", socketPath] + arguments, stderrPath: logPath)
+    } catch {
+      removeDirectory()
+      throw error
+    }
+  }
+
+  deinit {
+    killIfRunning()
+    removeDirectory()
+  }
+
+  var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+  /// Whether the server still runs (waitpid WNOHANG; reaps it when it exited).
+  func isAlive() -> Bool {
+    guard status == nil, pid > 0 else { return false }
+    var s: Int32 = 0
+    if waitpid(pid, &s, WNOHANG) == pid { status = s }
+    return status == nil
+  }
+
+  /// Runs `strata` in this server's directory.
+  func strata(_ arguments: [String]) throws -> StrataRun { try runStrata(arguments, in: directory) }
+
+  /// Connects, retrying while the server starts listening; negotiates and starts the queues
+  /// unless `start` is false.
+  func client(_ options: VhostUserClient.Options = .init(), start: Bool = true) throws -> VhostUserClient {
+    let deadline = Date().addingTimeInterval(15)
+    while true {
+      do throws(VhostClientError) {
+        let c = try VhostUserClient(path: socketPath, options: options)
+        if start {
+          try c.negotiate()
+          try c.start()
+        }
+        return c
+      } catch {
+        guard case .system(let what, let e) = error, e == ENOENT || e == ECONNREFUSED, what.hasPrefix("connect") else {
+          throw ServeTestError("client: \(error); server \(isAlive() ? "alive" : "dead"); log:\n\(log)")
+        }
+        guard isAlive(), Date() < deadline else {
+          throw ServeTestError("strata serve is not listening on \(socketPath); log:\n\(log)")
+        }
+        usleep(10_000)
+      }
+    }
+  }
+
+  /// Options for a client using `queues` queues.
+  static func options(queues: Int = 1, queueSize: Int = 256, eventIdx: Bool = true, indirect: Bool = false)
+    -> VhostUserClient.Options
+  {
+    var o = VhostUserClient.Options()
+    o.queues = queues
+    o.queueSize = queueSize
+    o.eventIdx = eventIdx
+    o.indirect = indirect
+    return o
+  }
+
+  /// SIGTERM; expects a clean exit (status 0) within 10 s and the socket file removed.
+  func stop(sourceLocation: SourceLocation = #_sourceLocation) {
+    guard isAlive() else {
+      Issue.record(
+        "strata serve had already exited (\(status.map(describeStatus) ?? "?")); log:\n\(log)",
+        sourceLocation: sourceLocation)
+      return
+    }
+    kill(pid, SIGTERM)
+    guard let s = waitStatus(pid, seconds: 10) else {
+      Issue.record("strata serve did not exit within 10 s of SIGTERM; log:\n\(log)", sourceLocation: sourceLocation)
+      killIfRunning()
+      return
+    }
+    status = s
+    #expect(
+      exitedNormally(s) && exitCode(s) == 0, "strata serve ended with \(describeStatus(s)) after SIGTERM; log:\n\(log)",
+      sourceLocation: sourceLocation)
+    #expect(access(socketPath, F_OK) != 0, "the socket file was left behind", sourceLocation: sourceLocation)
+  }
+
+  /// SIGKILL by PID (when a test failed midway) and reap.
+  func killIfRunning() {
+    guard isAlive() else { return }
+    kill(pid, SIGKILL)
+    status = waitStatus(pid, seconds: 10)
+  }
+
+  func removeDirectory() { try? FileManager.default.removeItem(atPath: directory) }
+
+  /// The last lines of the server's log, for failure messages.
+  var logTail: String { log.split(separator: "\n", omittingEmptySubsequences: false).suffix(40).joined(separator: "\n") }
+
+  /// Open descriptors of the server process.
+  func openFdCount() -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+  }
+}
+
+/// Runs `body` against a fresh server; stops it with SIGTERM afterwards (expecting exit 0 and the
+/// socket removed) unless `body` already did; kills it by PID when `body` throws.
+func withServer<T>(
+  size: UInt64 = 64 << 20, arguments: [String] = [], prepare: ((ServeProcess) throws -> Void)? = nil,
+  sourceLocation: SourceLocation = #_sourceLocation, _ body: (ServeProcess) throws -> T
+) throws -> T {
+  let s = try ServeProcess(size: size, arguments: arguments, prepare: prepare)
+  defer {
+    s.killIfRunning()
+    s.removeDirectory()
+  }
+  let result: T
+  do {
+    result = try body(s)
+  } catch {
+    throw ServeTestError("\(error)\nstrata serve \(s.isAlive() ? "is running" : "has exited"); log:\n\(s.logTail)")
+  }
+  if s.status == nil { s.stop(sourceLocation: sourceLocation) }
+  return result
+}
+
+// MARK: - Data and requests
+
+/// A deterministic pattern distinct per seed.
+func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
+  var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+  return (0..<count).map { _ in
+    x ^= x << 13
+    x ^= x >> 7
+    x ^= x << 17
+    return UInt8(truncatingIfNeeded: x)
+  }
+}
+
+let statusOK = VirtioBlkStatus.ok.rawValue
+let statusIOErr = VirtioBlkStatus.ioError.rawValue
+let statusUnsupp = VirtioBlkStatus.unsupported.rawValue
+
+/// The 16-byte virtio-blk request header.
+func requestHeader(_ type: VirtioBlkRequestType, sector: UInt64) -> [UInt8] {
+  var w = PayloadWriter()
+  w.u32(type.rawValue)
+  w.u32(0)
+  w.u64(sector)
+  return w.bytes
+}
+
+/// One descriptor of a hand-made chain; `next` is an index into the chain (so loops can be built).
+struct RawDescriptor {
+  var address: UInt64
+  var length: UInt32
+  var flags: UInt16 = 0
+  var next: Int? = nil
+  init(_ address: UInt64, _ length: UInt32, writable: Bool = false, next: Int? = nil, flags: UInt16 = 0) {
+    self.address = address
+    self.length = length
+    self.flags = flags | (writable ? VirtqDescFlag.write : 0) | (next != nil ? VirtqDescFlag.next : 0)
+    self.next = next
+  }
+}
+
+/// The wire form of an indirect descriptor table.
+func indirectTable(_ entries: [RawDescriptor]) -> [UInt8] {
+  var w = PayloadWriter()
+  for e in entries {
+    w.u64(e.address)
+    w.u32(e.length)
+    w.u16(e.flags)
+    w.u16(UInt16(truncatingIfNeeded: e.next ?? 0))
+  }
+  return w.bytes
+}
+
+extension VhostUserClient {
+  /// Places `chain` in reserved descriptors of `queue` and publishes its head. Returns the
+  /// descriptors (give them back with `releaseDescriptors` once the back-end is done).
+  func publishChain(queue: Int, _ chain: [RawDescriptor]) throws -> [UInt16] {
+    let ds = try reserveDescriptors(queue: queue, count: chain.count)
+    for (i, d) in chain.enumerated() {
+      try placeDescriptor(
+        queue: queue, index: ds[i], address: d.address, length: d.length, flags: d.flags,
+        next: d.next.map { ds[$0] } ?? 0)
+    }
+    try publish(queue: queue, head: ds[0])
+    return ds
+  }
+
+  /// Publishes `chain`, waits for its used entry and returns it (descriptors given back).
+  func runChain(queue: Int = 0, _ chain: [RawDescriptor]) throws -> VhostCompletion {
+    let ds = try publishChain(queue: queue, chain)
+    let done = try waitRaw(queue: queue, timeoutMs: 5_000)
+    guard done.count == 1, let c = done.first else {
+      throw ServeTestError("expected one used entry, got \(done)")
+    }
+    guard c.head == UInt32(ds[0]) else { throw ServeTestError("used entry for head \(c.head), published \(ds[0])") }
+    try releaseDescriptors(queue: queue, ds)
+    return c
+  }
+
+  /// The used ring's idx as the back-end last published it.
+  func usedIndex(queue: Int) throws -> UInt16 {
+    let l = try layout(queue: queue)
+    guard let m = memory else { throw ServeTestError("not started") }
+    let b = m.read(at: l.used + 2, count: 2)
+    return UInt16(b[0]) | UInt16(b[1]) << 8
+  }
+}
+
+// MARK: - Short descriptions in failed expectations
+
+/// Buffers of up to a megabyte appear in expectations: describe them by length, head and hash.
+extension Array: @retroactive CustomTestStringConvertible where Element == UInt8 {
+  public var testDescription: String {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in self { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+    let head = prefix(8).map { String($0, radix: 16) }.joined(separator: " ")
+    return "\(count) bytes [\(head)\(count > 8 ? " ..." : "")] fnv \(String(h, radix: 16))"
+  }
+}
+
+extension VhostCompletion: CustomTestStringConvertible {
+  public var testDescription: String {
+    "completion(queue \(queue), head \(head), len \(usedLength), status \(status.map { String($0) } ?? "nil"), "
+      + "\(data.testDescription))"
+  }
+}
