@@ -12,6 +12,8 @@ int strata_punch_hole(int fd, off_t offset, off_t length) {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+int strata_fallocate(int fd, off_t offset, off_t length) { return fallocate(fd, 0, offset, length); }
+
 int strata_direct_alignment(int fd) {
   struct stat st;
   if (fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) {

@@ -59,7 +59,7 @@ public final class StrataImage {
   }
 
   /// Starts appending at the end of the log found by recovery (or at the start of a new image).
-  func startWriter(at end: LogEnd) {
+  func startWriter(at end: LogEnd) throws {
     precondition(writer == nil && !readOnly)
     let w = LogWriter(
       storage: storage, geometry: geometry, segment: end.segment, tailPage: end.page, nextSeq: end.nextSeq,
@@ -70,6 +70,7 @@ public final class StrataImage {
     writer = w
     pages.writer = w
     pagesAtCheckpoint = 0
+    try w.preallocateSegment()
   }
 
   deinit {

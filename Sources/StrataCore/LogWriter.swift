@@ -248,6 +248,13 @@ final class LogWriter {
     syncedPages = 0
     bufferedFrom = 0
     sealedSinceSync = true
+    try preallocateSegment()
+  }
+
+  /// Allocates the open segment in the file ahead of its writes.
+  func preallocateSegment() throws {
+    try storage.preallocate(
+      at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment)), length: UInt64(geometry.segmentSize))
   }
 
   // MARK: Writing out

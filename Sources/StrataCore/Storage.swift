@@ -26,11 +26,15 @@ public protocol ImageStorage: AnyObject {
   func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws
   /// Waits for every submitted write; throws the first error any of them met.
   func completeWrites() throws
+  /// Reserves space for a range about to be written (a new log segment), so that the writes
+  /// neither extend the file nor fail half-way for lack of space.
+  func preallocate(at offset: UInt64, length: UInt64) throws
 }
 
 extension ImageStorage {
   public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
   public func completeWrites() throws {}
+  public func preallocate(at offset: UInt64, length: UInt64) throws {}
 }
 
 /// A regular file accessed through an I/O engine (io_uring, native AIO or pread/pwrite), with
@@ -267,6 +271,16 @@ public final class FileStorage: ImageStorage {
     var st = stat()
     if fstat(fd, &st) != 0 { throw StrataError.system("fstat", path, errno: Glibc.errno) }
     return UInt64(st.st_blocks) * 512
+  }
+
+  /// fallocate: appending O_DIRECT writes that extend a file are serialized by the file system
+  /// (io_uring hands them to worker threads); writes into allocated space are not.
+  public func preallocate(at offset: UInt64, length: UInt64) throws {
+    if Self.retrying({ strata_fallocate(fd, off_t(offset), off_t(length)) }) != 0 {
+      let e = Glibc.errno
+      if e == EOPNOTSUPP || e == ENOSYS { return }  // a file system without fallocate: plain appends
+      throw StrataError.system("fallocate", path, errno: e)
+    }
   }
 
   public func setSize(_ size: UInt64) throws {

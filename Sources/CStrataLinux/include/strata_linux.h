@@ -11,6 +11,9 @@ int strata_o_direct(void);
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): frees the blocks of a byte range; 0 or -1 with errno.
 int strata_punch_hole(int fd, off_t offset, off_t length);
 
+/// fallocate(mode 0): allocates a byte range, extending the file; 0 or -1 with errno.
+int strata_fallocate(int fd, off_t offset, off_t length);
+
 /// Logical block size of the device under `fd` for O_DIRECT alignment, or 512 when unknown.
 int strata_direct_alignment(int fd);
 
