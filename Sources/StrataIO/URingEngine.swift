@@ -29,8 +29,16 @@ public final class URingEngine: IOEngine {
     if sqpoll {
       params.flags |= UInt32(IORING_SETUP_SQPOLL)
       params.sq_thread_idle = 1000
+    } else {
+      // One thread submits and reaps (the engine contract), so completions can be delivered
+      // when it next enters the kernel instead of by interrupting it (Linux 6.1+).
+      params.flags |= UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN)
     }
-    let r = io_uring_queue_init_params(UInt32(depth), ring, &params)
+    var r = io_uring_queue_init_params(UInt32(depth), ring, &params)
+    if r == -EINVAL && !sqpoll {
+      params = io_uring_params()  // an older kernel: plain setup
+      r = io_uring_queue_init_params(UInt32(depth), ring, &params)
+    }
     // From here on deinit runs even when init throws: mark the engine closed so it only frees.
     guard r == 0 else {
       closed = true
