@@ -103,8 +103,8 @@ extension StrataImage {
         pagesPerBlock: geometry.pagesPerBlock),
       usage: usage, catalog: Catalog(), catalogRefs: [], page: 0, seq: 0)
     let image = StrataImage(storage: storage, superblock: superblock, options: options, pages: pages, state: empty, readOnly: false)
+    image.startWriter(at: LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: CRC32C.checksum(imageID)))
     do {
-      try image.startWriter(at: LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: CRC32C.checksum(imageID)))
       // The genesis checkpoint lands in slot 1 (generation 1); slot 0 gets the same with generation 0.
       try image.checkpoint()
       var older = image.superblock
@@ -175,7 +175,7 @@ extension StrataImage {
     do {
       let end = try image.replay(after: stored)
       image.recoveredEnd = end
-      if !options.readOnly { try image.startWriter(at: end) }
+      if !options.readOnly { image.startWriter(at: end) }
     } catch {
       image.isClosed = true
       throw error

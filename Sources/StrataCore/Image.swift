@@ -59,7 +59,7 @@ public final class StrataImage {
   }
 
   /// Starts appending at the end of the log found by recovery (or at the start of a new image).
-  func startWriter(at end: LogEnd) throws {
+  func startWriter(at end: LogEnd) {
     precondition(writer == nil && !readOnly)
     let w = LogWriter(
       storage: storage, geometry: geometry, segment: end.segment, tailPage: end.page, nextSeq: end.nextSeq,
@@ -70,7 +70,6 @@ public final class StrataImage {
     writer = w
     pages.writer = w
     pagesAtCheckpoint = 0
-    try w.preallocateSegment()
   }
 
   deinit {
@@ -114,6 +113,11 @@ public final class StrataImage {
       try? storage.close()
     }
     if writer != nil && changedSinceCheckpoint { try checkpoint() }
+    if let writer {
+      // Space allocated ahead of the log end holds nothing: give it back.
+      let end = max(Geometry.byteOffset(ofPage: writer.position), geometry.dataOffset)
+      if try storage.size() > end { try storage.setSize(end) }
+    }
   }
 
   // MARK: Reads and writes

@@ -248,13 +248,22 @@ final class LogWriter {
     syncedPages = 0
     bufferedFrom = 0
     sealedSinceSync = true
-    try preallocateSegment()
   }
 
-  /// Allocates the open segment in the file ahead of its writes.
-  func preallocateSegment() throws {
-    try storage.preallocate(
-      at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment)), length: UInt64(geometry.segmentSize))
+  /// Bytes allocated ahead of the log's writes at a time (see `preallocate`).
+  static let preallocationStep: UInt64 = 4 << 20
+  /// End of the file range known to be allocated for the log.
+  private var allocatedTo: UInt64 = 0
+
+  /// Allocates file space ahead of a write that would end at `end`, a few MiB at a time and
+  /// never past the open segment, so that appends do not extend the file one write at a time.
+  private func preallocate(through end: UInt64) throws {
+    guard end > allocatedTo else { return }
+    let segmentEnd = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(geometry.pagesPerSegment))
+    let start = max(allocatedTo, Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment)))
+    let target = min(segmentEnd, max(end, start + Self.preallocationStep))
+    try storage.preallocate(at: start, length: target - start)
+    allocatedTo = target
   }
 
   // MARK: Writing out
@@ -273,8 +282,10 @@ final class LogWriter {
     let bytes = UnsafeRawBufferPointer(rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
     // Asynchronous: the buffer below `tailPage` never changes until the segment is sealed,
     // and sealing waits for these writes before the buffer is reused.
+    let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
     do {
-      try storage.submitWrite(bytes, at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages)))
+      try preallocate(through: offset + UInt64(bytes.count))
+      try storage.submitWrite(bytes, at: offset)
     } catch {
       rewindAfterFailedWrite()
       throw error

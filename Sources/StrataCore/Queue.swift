@@ -61,9 +61,12 @@ public final class ImageQueue {
   /// Engine reads one request may use: the engine holds `depth * piecesPerRequest` (≤ 4096).
   private let piecesPerRequest: Int
 
-  public init(image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil, registered: [UnsafeMutableRawBufferPointer] = [])
-    throws
-  {
+  /// `ownerThreadOnly`: the creating thread is the only one that will use the queue (lets
+  /// io_uring skip interrupting it for completions).
+  public init(
+    image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil, registered: [UnsafeMutableRawBufferPointer] = [],
+    ownerThreadOnly: Bool = false
+  ) throws {
     precondition(depth >= 1 && depth <= 1024)
     guard let file = image.storage as? FileStorage else {
       throw StrataError(.invalidArgument, "a queue needs an image in a file")
@@ -75,7 +78,8 @@ public final class ImageQueue {
     // A request becomes at most `maxPieces` engine reads (one per run of blocks contiguous in
     // the file); the rest of a more fragmented request is read synchronously.
     piecesPerRequest = max(1, min(Self.maxPieces, 4096 / depth))
-    let choice = try file.makeEngine(depth: depth * piecesPerRequest, kind: kind, registered: registered)
+    let choice = try file.makeEngine(
+      depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly)
     engine = choice.engine
     engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))"
     requests = .allocate(capacity: Self.maxPieces)

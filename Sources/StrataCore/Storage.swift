@@ -120,12 +120,14 @@ public final class FileStorage: ImageStorage {
 
   /// A second engine on the same file for a high-queue-depth queue (one engine per thread).
   /// `registered` memory is registered with io_uring so requests into it skip page pinning.
-  public func makeEngine(depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer]) throws
-    -> EngineChoice
+  public func makeEngine(depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer], singleThread: Bool)
+    throws -> EngineChoice
   {
     precondition(fd >= 0)
     do {
-      return try IOEngines.make(fd: fd, depth: depth, requested: kind ?? StrataEnvironment.engine, registeredBuffers: registered)
+      return try IOEngines.make(
+        fd: fd, depth: depth, requested: kind ?? StrataEnvironment.engine, registeredBuffers: registered,
+        singleThread: singleThread)
     } catch {
       throw StrataError.system(error.call, path, errno: error.errno)
     }

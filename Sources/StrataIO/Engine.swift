@@ -123,12 +123,14 @@ public enum IOEngines {
   /// native AIO, then synchronous I/O. `requested` forces one (and fails if it is unavailable).
   public static func make(
     fd: Int32, depth: Int, requested: IOEngineKind? = nil, registeredBuffers: [UnsafeMutableRawBufferPointer] = [],
-    sqpoll: Bool = false
+    sqpoll: Bool = false, singleThread: Bool = false
   ) throws(SystemError) -> EngineChoice {
     if let requested {
       let engine: any IOEngine =
         switch requested {
-        case .ioUring: try URingEngine(fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll)
+        case .ioUring:
+          try URingEngine(
+            fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll, singleThread: singleThread)
         case .native: try AIOEngine(fd: fd, depth: depth)
         case .threads: SyncEngine(fd: fd, depth: depth)
         }
@@ -136,7 +138,8 @@ public enum IOEngines {
     }
     var reasons: [String] = []
     do {
-      let e = try URingEngine(fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll)
+      let e = try URingEngine(
+        fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll, singleThread: singleThread)
       return EngineChoice(engine: e, reason: "io_uring is available")
     } catch {
       reasons.append("io_uring unavailable (\(error))")

@@ -18,9 +18,13 @@ public final class URingEngine: IOEngine {
   private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
   private var closed = false
 
-  public init(fd: Int32, depth: Int, registeredBuffers: [UnsafeMutableRawBufferPointer] = [], sqpoll: Bool = false)
-    throws(SystemError)
-  {
+  /// `singleThread`: the creating thread is the only one that will ever submit or reap, which
+  /// lets the kernel deliver completions when that thread enters it instead of interrupting it
+  /// (SINGLE_ISSUER + DEFER_TASKRUN, Linux 6.1+). Any other thread's submission then fails.
+  public init(
+    fd: Int32, depth: Int, registeredBuffers: [UnsafeMutableRawBufferPointer] = [], sqpoll: Bool = false,
+    singleThread: Bool = false
+  ) throws(SystemError) {
     precondition(depth >= 1 && depth <= 4096)
     self.depth = depth
     ring = .allocate(capacity: 1)
@@ -29,13 +33,11 @@ public final class URingEngine: IOEngine {
     if sqpoll {
       params.flags |= UInt32(IORING_SETUP_SQPOLL)
       params.sq_thread_idle = 1000
-    } else {
-      // One thread submits and reaps (the engine contract), so completions can be delivered
-      // when it next enters the kernel instead of by interrupting it (Linux 6.1+).
+    } else if singleThread {
       params.flags |= UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN)
     }
     var r = io_uring_queue_init_params(UInt32(depth), ring, &params)
-    if r == -EINVAL && !sqpoll {
+    if r == -EINVAL && singleThread {
       params = io_uring_params()  // an older kernel: plain setup
       r = io_uring_queue_init_params(UInt32(depth), ring, &params)
     }
