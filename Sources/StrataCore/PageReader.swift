@@ -136,6 +136,10 @@ extension PageReader {
   /// checksum: recovery uses it to cut a record whose header reached the disk but whose payload
   /// did not.
   func payloadIsIntact(_ stored: StoredRecord) throws -> Bool {
+    // A payload that runs past the end of the file was cut by a crash, even where the missing
+    // bytes happen to be zeros that the checksum would accept.
+    let end = Geometry.byteOffset(ofPage: stored.endPage)
+    if end > (try storage.size()), !(writer?.isPending(page: stored.endPage - 1) ?? false) { return false }
     var page = stored.payloadPage
     let blockBytes = geometry.blockSize
     var block = [UInt8](repeating: 0, count: blockBytes)
