@@ -99,6 +99,7 @@ extension StrataImage {
           firstBlock: first + UInt64(i), data: run, checksums: UnsafeBufferPointer(checksums))
         try applyWrite(firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map, seq: seq)
         changedSinceCheckpoint = true
+        try writer.writeOutIfDue()
       }
       i = j
     }

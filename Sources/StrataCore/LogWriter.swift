@@ -91,6 +91,7 @@ final class LogWriter {
   // MARK: Appending
 
   /// Appends a WRITE of `checksums.count` blocks from `data`; returns its seq and first data page.
+  /// The caller applies it, then calls `writeOutIfDue`.
   func appendWrite(firstBlock: UInt64, data: UnsafeRawBufferPointer, checksums: UnsafeBufferPointer<UInt32>) throws
     -> (UInt64, UInt64)
   {
@@ -103,7 +104,6 @@ final class LogWriter {
     UnsafeMutableRawBufferPointer(rebasing: buffer[(tailPage * Layout.pageSize)...]).copyMemory(from: data)
     tailPage += pages
     appendedPages += UInt64(pages)
-    try writeOutIfDue()
     return (seq, page)
   }
 
@@ -268,7 +268,9 @@ final class LogWriter {
 
   // MARK: Writing out
 
-  private func writeOutIfDue() throws {
+  /// Writes out once a megabyte is pending. Called after the caller applied what it appended,
+  /// so that a failing write-out never leaves the log ahead of the in-memory state.
+  func writeOutIfDue() throws {
     if pendingPages >= Self.writeOutThreshold {
       closeRecord()
       try writeOut()

@@ -632,18 +632,11 @@ struct IOErrorTests {
   /// With 1 MiB segments the failing write-out is a seal's; with 4 MiB ones it is the
   /// write-out of a full megabyte in the middle of the call.
   ///
-  /// Known bug (4 MiB segments, first write-out fails): `LogWriter.appendWrite` puts the WRITE
-  /// into the log buffer and then its write-out throws, so `writeBlocks` never applies it to
-  /// the head; the retried write-out makes it durable anyway. The head reads the old data, and
-  /// after flush + crash the block reads the new data that the head never showed.
+  /// (A WRITE is applied to the head before its write-out can fail, so the head and the log
+  /// agree: a failed write may have happened, as on any block device.)
   @Test(arguments: [EIO, ENOSPC] as [Int32], [(1, 0), (1, 1), (1, 3), (4, 0), (4, 1)])
   func writeOutFailure(errno e: Int32, where at: (segmentMiB: Int, skip: Int)) throws {
-    let knownBug = at.segmentMiB == 4 && at.skip == 0
-    try withKnownIssue("a failed write-out leaves the WRITE in the log but not in the head", isIntermittent: false) {
-      try writeOutFailureCase(errno: e, segmentMiB: at.segmentMiB, skip: at.skip)
-    } when: {
-      knownBug
-    }
+    try writeOutFailureCase(errno: e, segmentMiB: at.segmentMiB, skip: at.skip)
   }
 
   private func writeOutFailureCase(errno e: Int32, segmentMiB: Int, skip: Int) throws {
@@ -740,12 +733,10 @@ struct IOErrorTests {
     let reopened = try StrataImage.open(storage: storage, options: options)
     defer { reopened.abandon() }
     let after = try [1 << 20, 4 << 20].map { try reopened.read(at: $0, count: 4096) }
-    withKnownIssue("a failed write-out leaves the WRITE in the log but not in the head") {
-      for i in 0..<2 {
-        #expect(
-          sameBytes(before[i], after[i]),
-          "the head read \(fingerprint(before[i])) after the flush; the reopened image reads \(fingerprint(after[i]))")
-      }
+    for i in 0..<2 {
+      #expect(
+        sameBytes(before[i], after[i]),
+        "the head read \(fingerprint(before[i])) after the flush; the reopened image reads \(fingerprint(after[i]))")
     }
   }
 
