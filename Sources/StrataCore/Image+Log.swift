@@ -175,7 +175,10 @@ extension StrataImage {
     do {
       let end = try image.replay(after: stored)
       image.recoveredEnd = end
-      if !options.readOnly { image.startWriter(at: end) }
+      if !options.readOnly {
+        image.startWriter(at: end)
+        try image.checkpointIfDue()  // a long replayed tail: bound the dirty map right away
+      }
     } catch {
       image.isClosed = true
       throw error
