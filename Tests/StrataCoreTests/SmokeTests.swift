@@ -2,8 +2,14 @@ import Testing
 import Glibc
 @testable import StrataCore
 
+/// A fresh directory under /tmp for one test's files.
+func temporaryDirectory() -> String {
+  var template = Array("/tmp/strata-smoke-XXXXXX".utf8CString)
+  return String(cString: mkdtemp(&template)!)
+}
+
 @Test func smokeCreateWriteReopen() throws {
-  let path = "/tmp/smoke/a.strata"
+  let path = temporaryDirectory() + "/a.strata"
   let img = try StrataImage.create(path: path, virtualSize: 64 << 20, overwrite: true)
   try img.write([UInt8](repeating: 7, count: 10000), at: 5000)
   #expect(try img.read(at: 5000, count: 10000) == [UInt8](repeating: 7, count: 10000))
@@ -24,7 +30,7 @@ import Glibc
 }
 
 @Test func smokeCheckAndInspect() throws {
-  let path = "/tmp/smoke/b.strata"
+  let path = temporaryDirectory() + "/b.strata"
   let img = try StrataImage.create(path: path, virtualSize: 64 << 20, overwrite: true)
   try img.write([UInt8](repeating: 7, count: 100_000), at: 5000)
   try img.createSnapshot(name: "s1")
