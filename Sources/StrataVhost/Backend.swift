@@ -25,6 +25,12 @@ final class VhostBlkBackend {
     var errFd: Int32 = -1
     var enabled = false
     var worker: QueueWorker?
+    /// This queue's region of the inflight area (SET_INFLIGHT_FD), when it has one.
+    var inflight: InflightRing?
+    /// The region is examined (and in-flight chains collected for resubmission) when the ring
+    /// next starts: after SET_VRING_KICK or a new area, not on the internal restarts of
+    /// SET_MEM_TABLE and the like (a stopped worker leaves nothing in flight).
+    var inflightCheckPending = true
   }
 
   static let queueSizeLimit = 1024
@@ -39,13 +45,17 @@ final class VhostBlkBackend {
   let offeredProtocolFeatures: UInt64 =
     VhostProtocolFeature.mq.bit | VhostProtocolFeature.replyAck.bit | VhostProtocolFeature.config.bit
     | VhostProtocolFeature.backendReq.bit | VhostProtocolFeature.resetDevice.bit
-    | VhostProtocolFeature.configureMemSlots.bit
+    | VhostProtocolFeature.configureMemSlots.bit | VhostProtocolFeature.inflightShmfd.bit
 
   private(set) var features: UInt64 = 0
   private(set) var protocolFeatures: UInt64 = 0
   private var memory: GuestMemory?
   private var rings: [Ring]
   private var backendReqFd: Int32 = -1
+  /// The area of the last GET_INFLIGHT_FD (kept until SET_INFLIGHT_FD: its fd goes in the reply).
+  private var offeredInflight: InflightArea?
+  /// The area of SET_INFLIGHT_FD, which the rings record their in-flight chains in.
+  private var inflightArea: InflightArea?
 
   init(image: SharedImage, readOnly: Bool, serial: String, numQueues: Int, logger: Logger) {
     self.image = image
@@ -75,12 +85,15 @@ final class VhostBlkBackend {
     rings = Array(repeating: Ring(), count: numQueues)
     if backendReqFd >= 0 { close(backendReqFd) }
     backendReqFd = -1
+    offeredInflight = nil
+    inflightArea = nil
     memory = nil
     features = 0
     protocolFeatures = 0
   }
 
   private var replyAck: Bool { protocolFeatures & VhostProtocolFeature.replyAck.bit != 0 }
+  private var tracksInflight: Bool { protocolFeatures & VhostProtocolFeature.inflightShmfd.bit != 0 }
 
   /// Handles one message. Returns the reply to send (GET requests, or the REPLY_ACK status),
   /// or nil. Takes ownership of `fds`: every descriptor is kept or closed.
@@ -107,8 +120,10 @@ final class VhostBlkBackend {
     switch r {
     case .getFeatures, .getProtocolFeatures, .getQueueNum, .getMaxMemSlots, .getStatus: Reply(payload: encodeU64(0))
     case .getVringBase: Reply(payload: VringState(index: 0, num: 0).encode())
-    // An empty payload is how a back-end says GET_CONFIG (or GET_INFLIGHT_FD) failed.
-    case .getConfig, .getInflightFd: Reply(payload: [])
+    // An empty payload is how a back-end says GET_CONFIG failed; GET_INFLIGHT_FD says it with
+    // mmap_size 0 (QEMU then goes on without an inflight area, as with libvhost-user).
+    case .getConfig: Reply(payload: [])
+    case .getInflightFd: Reply(payload: InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0).encode())
     default: nil
     }
   }
@@ -208,6 +223,8 @@ final class VhostBlkBackend {
       case .setVringKick:
         if rings[i].kickFd >= 0 { close(rings[i].kickFd) }
         rings[i].kickFd = fd
+        // As libvhost-user (vu_set_vring_kick_exec -> vu_check_queue_inflights).
+        rings[i].inflightCheckPending = true
         // Without protocol features a ring starts with its kick fd (vhost-user.rst, "Starting and stopping rings").
         if features & VirtioFeature.protocolFeatures == 0 { rings[i].enabled = true }
       case .setVringCall:
@@ -238,8 +255,36 @@ final class VhostBlkBackend {
       consumed = true
       if backendReqFd >= 0 { close(backendReqFd) }
       backendReqFd = fds[0]
-    case .setLogBase, .setLogFd, .sendRarp, .netSetMtu, .iotlbMsg, .setVringEndian, .getInflightFd, .setInflightFd,
-      .vringKick, .setStatus, .getStatus:
+    case .getInflightFd:
+      guard tracksInflight else { throw VhostError.invalid("INFLIGHT_SHMFD was not negotiated") }
+      let d = try InflightDescription.decode(p)
+      guard d.numQueues >= 1, Int(d.numQueues) <= numQueues else {
+        throw VhostError.invalid("inflight area for \(d.numQueues) queues; this back-end has \(numQueues)")
+      }
+      guard d.queueSize >= 1, Int(d.queueSize) <= Self.queueSizeLimit else {
+        throw VhostError.invalid("inflight area for queues of \(d.queueSize) entries; at most \(Self.queueSizeLimit)")
+      }
+      let area = try InflightArea.allocate(numQueues: Int(d.numQueues), queueSize: Int(d.queueSize))
+      offeredInflight = area
+      logger.debug("inflight area: \(area.mappingLength) bytes for \(d.numQueues) x \(d.queueSize) entries")
+      return Reply(payload: area.wireDescription.encode(), fds: [area.fd])
+    case .setInflightFd:
+      guard tracksInflight else { throw VhostError.invalid("INFLIGHT_SHMFD was not negotiated") }
+      let d = try InflightDescription.decode(p)
+      try expectFds(1)
+      // Mapped, the area needs no descriptor: fds[0] is closed on return.
+      let area = try InflightArea.map(fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit)
+      logger.debug("inflight area set: \(d.mmapSize) bytes at offset \(d.mmapOffset) for \(d.numQueues) x \(d.queueSize) entries")
+      let running = stopAll()
+      defer { restart(running) }
+      inflightArea = area
+      offeredInflight = nil
+      for i in rings.indices {
+        rings[i].inflight = i < area.numQueues ? InflightRing(area: area, queue: i) : nil
+        rings[i].inflightCheckPending = true
+      }
+    case .setLogBase, .setLogFd, .sendRarp, .netSetMtu, .iotlbMsg, .setVringEndian, .vringKick, .setStatus,
+      .getStatus:
       throw VhostError.invalid("\(request) is not supported by this back-end")
     }
     return nil
@@ -271,9 +316,34 @@ final class VhostBlkBackend {
       let avail = memory.user(a.availUser, length: SplitQueue.availBytes(r.size)),
       let used = memory.user(a.usedUser, length: SplitQueue.usedBytes(r.size))
     else { throw VhostError.invalid("queue \(i): ring addresses lie outside guest memory") }
+    var inflight: InflightRing?
+    if tracksInflight {
+      if let ring = r.inflight {
+        guard r.size <= ring.descNum else {
+          throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(ring.descNum)")
+        }
+        if r.inflightCheckPending {
+          let usedIdx = UInt16(littleEndian: strata_load_acquire_u16((used + 2).assumingMemoryBound(to: UInt16.self)))
+          let recovery = ring.recover(ringSize: r.size, usedIdx: usedIdx)
+          if let base = recovery.base {
+            var notes = ""
+            if recovery.repairedLastBatch { notes += ", last used entry repaired" }
+            if recovery.discarded > 0 { notes += ", \(recovery.discarded) bogus mark(s) cleared" }
+            let what = "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
+            let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
+            logger.log(level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
+            r.base = base
+          }
+          r.inflightCheckPending = false
+        }
+        inflight = ring
+      } else {
+        logger.warning("queue \(i) starts without inflight tracking: no inflight area covers it")
+      }
+    }
     let queue = SplitQueue(
       size: r.size, desc: desc, avail: avail, used: used, base: r.base, eventIdx: features & VirtioFeature.eventIdx != 0,
-      indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2)
+      indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
     let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial)
     let worker = QueueWorker(
       index: i, queue: queue, memory: memory, handler: handler, kickFd: r.kickFd, callFd: r.callFd, logger: logger)

@@ -83,30 +83,52 @@ final class QueueWorker: @unchecked Sendable {
   private func process(_ segments: inout [GuestSegment]) {
     guard !broken else { return }
     var pushed = false
+    var forceNotify = false
+    if let inflight = queue.inflight {
+      // Chains the previous back-end popped and never returned go first, oldest pop first;
+      // they are still marked in flight (with their counters) until their used entries go out.
+      if !inflight.resubmit.isEmpty {
+        logger.info("queue \(index): resubmitting \(inflight.resubmit.count) request(s) in flight before the restart")
+      }
+      while !inflight.resubmit.isEmpty {
+        let head = inflight.resubmit.removeFirst()
+        execute(head, &segments)
+        pushed = true
+      }
+      if inflight.resumed {
+        inflight.resumed = false
+        forceNotify = true
+      }
+    }
     do {
       while let head = try queue.popAvailable() {
-        do {
-          try queue.walk(head: head, memory: memory, into: &segments)
-        } catch {
-          // The chain cannot be trusted: complete it without touching it, as an error.
-          logger.warning("queue \(index): bad descriptor chain at head \(head): \(error); request failed")
-          queue.pushUsed(head: head, written: 0)
-          pushed = true
-          continue
-        }
-        let written = handler.handle(segments)
-        if written == nil { logger.warning("queue \(index): request without a status byte at head \(head)") }
-        queue.pushUsed(head: head, written: written ?? 0)
-        completed += 1
+        execute(head, &segments)
         pushed = true
       }
     } catch {
       broken = true
       logger.error("queue \(index): the guest broke the ring (\(error)); the queue is stopped until it is reset")
     }
-    if pushed && queue.shouldNotify() {
+    let wanted = pushed && queue.shouldNotify()
+    if wanted || forceNotify {
       var one: UInt64 = 1
       _ = write(callFd, &one, 8)
     }
+  }
+
+  /// Runs one chain and returns it to the used ring.
+  private func execute(_ head: UInt16, _ segments: inout [GuestSegment]) {
+    do {
+      try queue.walk(head: head, memory: memory, into: &segments)
+    } catch {
+      // The chain cannot be trusted: complete it without touching it, as an error.
+      logger.warning("queue \(index): bad descriptor chain at head \(head): \(error); request failed")
+      queue.pushUsed(head: head, written: 0)
+      return
+    }
+    let written = handler.handle(segments)
+    if written == nil { logger.warning("queue \(index): request without a status byte at head \(head)") }
+    queue.pushUsed(head: head, written: written ?? 0)
+    completed += 1
   }
 }

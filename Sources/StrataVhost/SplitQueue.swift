@@ -36,12 +36,16 @@ final class SplitQueue {
   private var signalledUsed: UInt16
   /// Bounds a chain: direct descriptors, plus one indirect table of at most this many entries.
   let maxSegments: Int
+  /// INFLIGHT_SHMFD: every popped head is marked there until its used entry is published.
+  let inflight: InflightRing?
 
   init(
     size: Int, desc: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer, base: UInt16,
-    eventIdx: Bool, indirect: Bool, maxSegments: Int
+    eventIdx: Bool, indirect: Bool, maxSegments: Int, inflight: InflightRing? = nil
   ) {
     precondition(size > 0 && size <= 32768 && size & (size - 1) == 0)
+    precondition(inflight.map { size <= $0.descNum } ?? true)
+    self.inflight = inflight
     self.size = size
     self.desc = desc
     self.avail = avail
@@ -83,6 +87,7 @@ final class SplitQueue {
       strata_store_release_u16(used.advanced(by: 4 + 8 * size).assumingMemoryBound(to: UInt16.self), lastAvail)
     }
     guard Int(head) < size else { throw .headOutOfRange(head) }
+    inflight?.popped(head)
     return head
   }
 
@@ -132,13 +137,18 @@ final class SplitQueue {
   }
 
   /// Returns a finished chain to the guest; `written` is the number of bytes written into it.
+  /// With an inflight region, as libvhost-user's vu_queue_push: the head is recorded as
+  /// last_batch_head before used->idx moves and its in-flight mark is cleared after, so a
+  /// back-end that dies in between is repaired by the next one (`InflightRing.recover`).
   func pushUsed(head: UInt16, written: UInt32) {
     let slot = Int(usedIdx) & (size - 1)
     let e = used + 4 + 8 * slot
     e.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
     e.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
+    inflight?.willPublish(head)
     usedIdx &+= 1
     strata_store_release_u16(used.advanced(by: 2).assumingMemoryBound(to: UInt16.self), usedIdx)
+    inflight?.published(head, usedIdx: usedIdx)
   }
 
   /// Whether the guest wants an interrupt for what was pushed since the last notification.

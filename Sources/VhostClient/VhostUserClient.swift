@@ -73,6 +73,11 @@ public final class VhostUserClient {
   public private(set) var inflightDescription: InflightDescription?
   private var inflightFd: Int32 = -1
   private var inflightMapping: UnsafeMutableRawPointer?
+  /// The inflight area as mapped here (tests inspect and forge its contents).
+  public var inflightArea: UnsafeMutableRawBufferPointer? {
+    guard let m = inflightMapping, let d = inflightDescription else { return nil }
+    return UnsafeMutableRawBufferPointer(start: m, count: Int(d.mmapSize))
+  }
 
   private var queues: [Virtqueue] = []
   private var nextRequestID: UInt64 = 1
@@ -266,13 +271,7 @@ public final class VhostUserClient {
 
     let memory = try GuestMemory(size: options.memorySize)
     self.memory = memory
-    let region = MemoryRegion(
-      guestAddress: 0, size: UInt64(memory.size), userAddress: memory.userAddress, mmapOffset: 0)
-    if hasProtocol(.configureMemSlots) {
-      try send(.addMemReg, payload: SingleMemoryRegion(region: region).encode(), fds: [memory.fd])
-    } else {
-      try send(.setMemTable, payload: MemoryTable(regions: [region]).encode(), fds: [memory.fd])
-    }
+    try sendMemory(memory)
 
     let eventIdx = features & VirtioFeature.eventIdx != 0
     for q in 0..<count {
@@ -290,23 +289,78 @@ public final class VhostUserClient {
       }
       let vq = Virtqueue(index: q, layout: layout, memory: memory, kickFd: kick, callFd: call, eventIdx: eventIdx)
       queues.append(vq)
-      let idx = UInt32(q)
-      try send(.setVringNum, payload: VringState(index: idx, num: UInt32(n)).encode())
-      try send(.setVringBase, payload: VringState(index: idx, num: 0).encode())
-      try send(
-        .setVringAddr,
-        payload: VringAddress(
-          index: idx, flags: 0, descUser: memory.userAddress(of: d), usedUser: memory.userAddress(of: u),
-          availUser: memory.userAddress(of: a), logGuest: 0
-        ).encode())
-      try send(.setVringKick, payload: encodeU64(UInt64(q)), fds: [kick])
-      try send(.setVringCall, payload: encodeU64(UInt64(q)), fds: [call])
+      try sendRing(vq, memory: memory, base: 0)
     }
+    try enableRings()
+  }
+
+  private func sendMemory(_ memory: GuestMemory) throws(VhostClientError) {
+    let region = MemoryRegion(
+      guestAddress: 0, size: UInt64(memory.size), userAddress: memory.userAddress, mmapOffset: 0)
+    if hasProtocol(.configureMemSlots) {
+      try send(.addMemReg, payload: SingleMemoryRegion(region: region).encode(), fds: [memory.fd])
+    } else {
+      try send(.setMemTable, payload: MemoryTable(regions: [region]).encode(), fds: [memory.fd])
+    }
+  }
+
+  /// SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL of one queue.
+  private func sendRing(_ vq: Virtqueue, memory: GuestMemory, base: UInt16) throws(VhostClientError) {
+    let idx = UInt32(vq.index)
+    let l = vq.layout
+    try send(.setVringNum, payload: VringState(index: idx, num: UInt32(l.size)).encode())
+    try send(.setVringBase, payload: VringState(index: idx, num: UInt32(base)).encode())
+    try send(
+      .setVringAddr,
+      payload: VringAddress(
+        index: idx, flags: 0, descUser: memory.userAddress(of: l.desc), usedUser: memory.userAddress(of: l.used),
+        availUser: memory.userAddress(of: l.avail), logGuest: 0
+      ).encode())
+    try send(.setVringKick, payload: encodeU64(UInt64(vq.index)), fds: [vq.kickFd])
+    try send(.setVringCall, payload: encodeU64(UInt64(vq.index)), fds: [vq.callFd])
+  }
+
+  private func enableRings() throws(VhostClientError) {
     if features & VirtioFeature.protocolFeatures != 0 {
-      for q in 0..<count {
+      for q in queues.indices {
         try send(.setVringEnable, payload: VringState(index: UInt32(q), num: 1).encode())
       }
     }
+  }
+
+  /// Connects again after the back-end went away, as QEMU does with `reconnect=`: a new socket,
+  /// `negotiate`, then SET_INFLIGHT_FD with the area kept from `start` (GET_INFLIGHT_FD only if
+  /// there is none yet), SET_FEATURES, the same guest memory, and every queue again with its
+  /// eventfds and SET_VRING_BASE = the used index in guest memory (what QEMU restores when
+  /// GET_VRING_BASE is impossible). Requests in flight stay tracked: a back-end with
+  /// INFLIGHT_SHMFD resubmits those the previous one had not completed, and the rest are still
+  /// in the avail ring. Throws `.unsupported` if the new back-end negotiates other features.
+  public func reconnect(path: String) throws(VhostClientError) {
+    guard let memory, !queues.isEmpty else { throw .invalidArgument("reconnect before start") }
+    let previous = (features: features, protocolFeatures: protocolFeatures)
+    socket.shutdownAndClose()
+    socket = try VhostSocket(path: path)
+    replyAckEnabled = false
+    try negotiate()
+    guard features == previous.features, protocolFeatures == previous.protocolFeatures else {
+      throw .unsupported(
+        "the back-end negotiated features 0x\(String(features, radix: 16)) / protocol 0x\(String(protocolFeatures, radix: 16)), "
+          + "was 0x\(String(previous.features, radix: 16)) / 0x\(String(previous.protocolFeatures, radix: 16))")
+    }
+    if hasProtocol(.inflightShmfd) {
+      if inflightFd >= 0, let d = inflightDescription {
+        let set = InflightDescription(
+          mmapSize: d.mmapSize, mmapOffset: d.mmapOffset, numQueues: UInt16(queues.count),
+          queueSize: UInt16(options.queueSize))
+        try send(.setInflightFd, payload: set.encode(), fds: [inflightFd])
+      } else {
+        try setUpInflight(queues: queues.count)
+      }
+    }
+    try send(.setFeatures, payload: encodeU64(features))
+    try sendMemory(memory)
+    for vq in queues { try sendRing(vq, memory: memory, base: vq.deviceUsedIdx) }
+    try enableRings()
   }
 
   private func setUpInflight(queues count: Int) throws(VhostClientError) {

@@ -144,6 +144,9 @@ final class Virtqueue {
 
   // MARK: Completions
 
+  /// used->idx as the device last published it.
+  var deviceUsedIdx: UInt16 { UInt16(littleEndian: strata_load_acquire_u16(usedIdxPointer)) }
+
   /// Whether used->idx moved past what has been reaped.
   func hasUsed() -> Bool { UInt16(littleEndian: strata_load_acquire_u16(usedIdxPointer)) != lastUsedIdx }
 

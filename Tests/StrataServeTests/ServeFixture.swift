@@ -240,6 +240,81 @@ final class ServeProcess {
     #expect(access(socketPath, F_OK) != 0, "the socket file was left behind", sourceLocation: sourceLocation)
   }
 
+  /// Incarnations started by `restart` (the logs of earlier ones are kept as serve.log.N).
+  private(set) var restarts = 0
+
+  /// SIGKILL, as a crash: no flush, the socket file left behind. Reaps the process.
+  func crash() {
+    guard isAlive() else { return }
+    kill(pid, SIGKILL)
+    status = waitStatus(pid, seconds: 10)
+  }
+
+  /// The logs of every incarnation so far, oldest first.
+  var allLogs: String {
+    let earlier = (0..<restarts).map { (try? String(contentsOfFile: "\(logPath).\($0)", encoding: .utf8)) ?? "" }
+    return (earlier + [log]).joined()
+  }
+
+  /// Starts `strata serve` again with the same image, socket and arguments (after `crash` or
+  /// `stop`). Retries while the previous incarnation's image lock lingers (the kernel may
+  /// release an io_uring's files a little after the process is reaped).
+  func restart() throws {
+    guard let binary = strataBinary else { throw ServeTestError(binaryMissing) }
+    guard !isAlive() else { throw ServeTestError("restart of a running strata serve") }
+    let deadline = Date().addingTimeInterval(15)
+    while true {
+      rename(logPath, "\(logPath).\(restarts)")
+      restarts += 1
+      status = nil
+      pid = try spawnProcess(binary, ["serve", image, "--socket", socketPath] + arguments, stderrPath: logPath)
+      // Up once the socket accepts a connection (probed with a bare connect; the server sees
+      // a front-end that disconnects at once).
+      while isAlive() {
+        if socketAccepts() { return }
+        usleep(5_000)
+      }
+      guard log.contains("in use"), Date() < deadline else {
+        throw ServeTestError("strata serve did not restart (\(status.map(describeStatus) ?? "?")); log:\n\(log)")
+      }
+      usleep(20_000)
+    }
+  }
+
+  /// Whether something accepts connections on the socket path.
+  func socketAccepts() -> Bool {
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(socketPath.utf8)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+      for (i, b) in bytes.enumerated() { raw[i] = b }
+    }
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    defer { close(fd) }
+    return withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+    }
+  }
+
+  /// Reconnects `client` (VhostUserClient.reconnect) once the server listens again.
+  func reconnect(_ client: VhostUserClient) throws {
+    let deadline = Date().addingTimeInterval(15)
+    while true {
+      do throws(VhostClientError) {
+        try client.reconnect(path: socketPath)
+        return
+      } catch {
+        guard case .system(let what, let e) = error, e == ENOENT || e == ECONNREFUSED, what.hasPrefix("connect") else {
+          throw ServeTestError("reconnect: \(error); server \(isAlive() ? "alive" : "dead"); log:\n\(logTail)")
+        }
+        guard isAlive(), Date() < deadline else {
+          throw ServeTestError("strata serve is not listening on \(socketPath); log:\n\(logTail)")
+        }
+        usleep(5_000)
+      }
+    }
+  }
+
   /// SIGKILL by PID (when a test failed midway) and reap.
   func killIfRunning() {
     guard isAlive() else { return }
