@@ -154,6 +154,17 @@ public final class StrataImage {
     try data.withUnsafeBytes { try write($0, at: offset) }
   }
 
+  /// Hands everything appended so far to the file (no sync): it then survives this process
+  /// being killed, though not a power loss, which is what `flush` is for. A server calls it
+  /// before acknowledging writes.
+  public func writeOutLog() throws {
+    try checkOpen()
+    guard let writer else { return }
+    writer.closeRecord()
+    try writer.writeOut()
+    try storage.completeWrites()
+  }
+
   /// Returns once every write, discard and snapshot before it is durable.
   public func flush() throws {
     try checkOpen()

@@ -19,6 +19,8 @@ final class QueueWorker: @unchecked Sendable {
   private var thread: pthread_t?
   /// Requests completed, for the control socket and tests.
   private(set) var completed: UInt64 = 0
+  /// Chains run but not yet returned to the guest (see `publishBatch`).
+  private var done: [(head: UInt16, written: UInt32)] = []
   /// Set when the guest broke the ring; the queue stops until it is reset.
   private(set) var broken = false
 
@@ -109,6 +111,7 @@ final class QueueWorker: @unchecked Sendable {
       broken = true
       logger.error("queue \(index): the guest broke the ring (\(error)); the queue is stopped until it is reset")
     }
+    publishBatch()
     let wanted = pushed && queue.shouldNotify()
     if wanted || forceNotify {
       var one: UInt64 = 1
@@ -117,18 +120,35 @@ final class QueueWorker: @unchecked Sendable {
   }
 
   /// Runs one chain and returns it to the used ring.
+  /// Runs one chain; its used entry waits in `done` until the batch's writes reached the file.
   private func execute(_ head: UInt16, _ segments: inout [GuestSegment]) {
     do {
       try queue.walk(head: head, memory: memory, into: &segments)
     } catch {
       // The chain cannot be trusted: complete it without touching it, as an error.
       logger.warning("queue \(index): bad descriptor chain at head \(head): \(error); request failed")
-      queue.pushUsed(head: head, written: 0)
+      done.append((head, 0))
       return
     }
     let written = handler.handle(segments)
     if written == nil { logger.warning("queue \(index): request without a status byte at head \(head)") }
-    queue.pushUsed(head: head, written: written ?? 0)
+    done.append((head, written ?? 0))
     completed += 1
   }
+
+  /// Completes the batch: first the log the batch appended goes to the file (no sync), so an
+  /// acknowledged write survives the server being killed (not a power loss: that is what FLUSH
+  /// is for); then the used entries are published.
+  private func publishBatch() {
+    guard !done.isEmpty else { return }
+    do {
+      try handler.image.with { try $0.writeOutLog() }
+    } catch {
+      // The data stays in the log buffer and the next flush retries it (or reports IOERR).
+      logger.error("queue \(index): writing the log out failed: \(error)")
+    }
+    for (head, written) in done { queue.pushUsed(head: head, written: written) }
+    done.removeAll(keepingCapacity: true)
+  }
+
 }

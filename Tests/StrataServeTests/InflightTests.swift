@@ -71,10 +71,9 @@ func expectInflightRefused(
 /// block may therefore hold its last durable version or any later one, nothing else. Writes to
 /// one block are serialized by the test, so "later" is well defined.
 struct TortureModel {
-  /// False while the server acknowledges writes it still buffers (a kill -9 loses those until a
-  /// flush). Once acknowledged writes reach the kernel before their used entries are published,
-  /// set it: every completed write must then survive a kill.
-  static let completedWritesSurviveKill = false
+  /// The server hands a batch's log to the kernel before publishing its used entries, so every
+  /// completed write must survive a kill (not a power loss; that needs a flush).
+  static let completedWritesSurviveKill = true
 
   enum Kind {
     case write(block: Int, seed: UInt64)
