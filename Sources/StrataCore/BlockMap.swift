@@ -290,7 +290,9 @@ final class BlockMap {
   }
 
   /// Visits every stored node reachable from the head (dirty nodes are visited but have no page).
-  func forEachNode(_ visit: (_ level: Int, _ index: UInt64, _ ref: ChildRef, _ node: MapNode, _ isDirty: Bool) throws -> Void)
+  func forEachNode(
+    _ visit: (_ level: Int, _ index: UInt64, _ ref: ChildRef, _ node: MapNode, _ isDirty: Bool) throws -> Void
+  )
     throws
   {
     try forEachNode(level: depth - 1, index: 0, ref: root, visit)

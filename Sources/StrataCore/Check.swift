@@ -39,7 +39,8 @@ extension StrataImage {
 
     var spareSuperblockDamaged = false
     for slot in try superblockSlots() where !slot.valid {
-      state.report.warnings.append("superblock slot \(slot.slot) is damaged (\(slot.error ?? "?")); the other slot is in use")
+      state.report.warnings.append(
+        "superblock slot \(slot.slot) is damaged (\(slot.error ?? "?")); the other slot is in use")
       spareSuperblockDamaged = true
     }
     state.report.warnings += recoveryNotes.filter { !$0.hasPrefix("superblock slot") }
@@ -52,7 +53,9 @@ extension StrataImage {
     let total = max(map.dataBlocks, 1)
     try walkTree(map, size: virtualSize, label: "head", state: state, lost: &lostHead) { page, count in
       let s = geometry.segment(ofPage: page)
-      if s < live.count { live[s] += UInt32(count) } else {
+      if s < live.count {
+        live[s] += UInt32(count)
+      } else {
         state.report.errors.append("page \(page) is referenced but lies past the last segment \(live.count - 1)")
       }
     } data: { block, entry in
@@ -66,7 +69,8 @@ extension StrataImage {
         state.report.leaks.append("segment \(s): \(delta) pages counted live but not referenced")
         state.report.leakedBytes += UInt64(delta) * UInt64(Layout.pageSize)
       } else if lostHead.isEmpty {
-        state.report.errors.append("segment \(s): usage table counts \(entry.livePages) live pages, the map references \(live[s])")
+        state.report.errors.append(
+          "segment \(s): usage table counts \(entry.livePages) live pages, the map references \(live[s])")
       }
     }
     if dataBlocks != map.dataBlocks && lostHead.isEmpty {
@@ -99,13 +103,15 @@ extension StrataImage {
     for (lo, hi) in lostHead {
       try logAndApply(.discard(firstBlock: lo, count: hi - lo))
       report.repairs.append(
-        "dropped the unreadable map of bytes \(lo * UInt64(blockSize))..<\(hi * UInt64(blockSize)): their data is lost and reads as zeros")
+        "dropped the unreadable map of bytes \(lo * UInt64(blockSize))..<\(hi * UInt64(blockSize)): their data is lost and reads as zeros"
+      )
     }
     let count = try recount()
     if count.livePages != usage.entries.map(\.livePages) || count.dataBlocks != map.dataBlocks {
       usage.setLivePages(count.livePages)
       map.dataBlocks = count.dataBlocks
-      report.repairs.append("rebuilt the usage table from the map (\(report.leakedBytes) leaked bytes reclaimed for the cleaner)")
+      report.repairs.append(
+        "rebuilt the usage table from the map (\(report.leakedBytes) leaked bytes reclaimed for the cleaner)")
     }
     changedSinceCheckpoint = true
     try checkpoint()
@@ -114,7 +120,8 @@ extension StrataImage {
       report.repairs.append("rewrote both superblocks")
     }
     if report.errors.contains(where: { $0.contains("failed its checksum") && $0.hasPrefix("head: block") }) {
-      report.repairs.append("damaged data blocks were left in place: reading them keeps failing rather than returning wrong bytes")
+      report.repairs.append(
+        "damaged data blocks were left in place: reading them keeps failing rather than returning wrong bytes")
     }
   }
 
@@ -178,7 +185,8 @@ extension StrataImage {
       let actual = CRC32C.checksum(bytes)
       if actual != entry.checksum {
         state.report.errors.append(
-          "\(label): block \(block) at page \(entry.page) failed its checksum (stored \(hex32(entry.checksum)), read \(hex32(actual)))")
+          "\(label): block \(block) at page \(entry.page) failed its checksum (stored \(hex32(entry.checksum)), read \(hex32(actual)))"
+        )
       }
     } catch let e as StrataError where e.code == .corrupt {
       state.report.errors.append("\(label): block \(block): \(e.message)")

@@ -29,7 +29,8 @@ extension StrataImage {
         try pages.readPages(entry.page, run * ppb, into: dest)
         for i in 0..<run {
           let expected = i == 0 ? entry : try map.entry(block + UInt64(i))
-          try verify(UnsafeRawBufferPointer(rebasing: dest[(i * bs)..<((i + 1) * bs)]), expected, block: block + UInt64(i))
+          try verify(
+            UnsafeRawBufferPointer(rebasing: dest[(i * bs)..<((i + 1) * bs)]), expected, block: block + UInt64(i))
         }
         done += run * bs
       } else {
@@ -83,7 +84,9 @@ extension StrataImage {
     guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
     precondition(bytes.count == count * geometry.blockSize)
     let bs = geometry.blockSize
-    func block(_ i: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: bytes[(i * bs)..<((i + 1) * bs)]) }
+    func block(_ i: Int) -> UnsafeRawBufferPointer {
+      UnsafeRawBufferPointer(rebasing: bytes[(i * bs)..<((i + 1) * bs)])
+    }
     var i = 0
     while i < count {
       let zero = isAllZero(block(i))
@@ -97,7 +100,9 @@ extension StrataImage {
         let run = UnsafeRawBufferPointer(rebasing: bytes[(i * bs)..<(j * bs)])
         let (seq, page) = try writer.appendWrite(
           firstBlock: first + UInt64(i), data: run, checksums: UnsafeBufferPointer(checksums))
-        try applyWrite(firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map, seq: seq)
+        try applyWrite(
+          firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map,
+          seq: seq)
         changedSinceCheckpoint = true
         try writer.writeOutIfDue()
       }

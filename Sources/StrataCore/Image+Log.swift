@@ -24,7 +24,8 @@ struct LoadedCheckpoint {
     }
     let g = pages.geometry
     guard Int(body.blockSize) == g.blockSize else {
-      throw StrataError(.corrupt, "checkpoint at page \(stored.page) has block size \(body.blockSize), the image \(g.blockSize)")
+      throw StrataError(
+        .corrupt, "checkpoint at page \(stored.page) has block size \(body.blockSize), the image \(g.blockSize)")
     }
     // The open segment may not have reached the file yet: one more than the file covers.
     let fileSize = try pages.storage.size()
@@ -53,15 +54,19 @@ struct LoadedCheckpoint {
         throw StrataError.corrupt("catalog page \(i)", e)
       }
       for e in list where !catalog.add(e) {
-        throw StrataError(.corrupt, "catalog page \(i): snapshot \"\(e.name)\" (seq \(e.seq)) is duplicated or out of order")
+        throw StrataError(
+          .corrupt, "catalog page \(i): snapshot \"\(e.name)\" (seq \(e.seq)) is duplicated or out of order")
       }
     }
     guard UInt64(catalog.count) == body.snapshotCount else {
-      throw StrataError(.corrupt, "checkpoint at page \(stored.page) counts \(body.snapshotCount) snapshots, its catalog holds \(catalog.count)")
+      throw StrataError(
+        .corrupt,
+        "checkpoint at page \(stored.page) counts \(body.snapshotCount) snapshots, its catalog holds \(catalog.count)")
     }
     if !body.root.isNull { try pages.checkAddress(body.root.page, what: "map root") }
     let map = BlockMap(
-      source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks, pagesPerBlock: g.pagesPerBlock)
+      source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
+      pagesPerBlock: g.pagesPerBlock)
     return LoadedCheckpoint(
       virtualSize: body.virtualSize, map: map,
       usage: UsageTable(geometry: g, entries: entries, pageRefs: body.usagePages), catalog: catalog,
@@ -102,7 +107,8 @@ extension StrataImage {
         source: pages, depth: Layout.mapDepth(forBlocks: blocks), root: .unallocated, dataBlocks: 0,
         pagesPerBlock: geometry.pagesPerBlock),
       usage: usage, catalog: Catalog(), catalogRefs: [], page: 0, seq: 0)
-    let image = StrataImage(storage: storage, superblock: superblock, options: options, pages: pages, state: empty, readOnly: false)
+    let image = StrataImage(
+      storage: storage, superblock: superblock, options: options, pages: pages, state: empty, readOnly: false)
     image.startWriter(at: LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: CRC32C.checksum(imageID)))
     do {
       // The genesis checkpoint lands in slot 1 (generation 1); slot 0 gets the same with generation 0.
@@ -129,7 +135,9 @@ extension StrataImage {
       let bytes = head[min(got, Int(offset))..<min(got, Int(offset) + Layout.pageSize)]
       let decoded = Array(bytes).withUnsafeBytes { raw -> Result<Superblock, FormatError> in
         if Superblock.hasMagic(raw) { sawMagic = true }
-        return Result { try Superblock.decode(raw) }.mapError { $0 as? FormatError ?? FormatError(.invalidField, "superblock", "\($0)") }
+        return Result { try Superblock.decode(raw) }.mapError {
+          $0 as? FormatError ?? FormatError(.invalidField, "superblock", "\($0)")
+        }
       }
       switch decoded {
       case .success(let sb): candidates.append(sb)
@@ -137,7 +145,10 @@ extension StrataImage {
       }
     }
     guard sawMagic else {
-      throw StrataError(.notStrataImage, got == 0 ? "the file is empty, not a Strata image" : "not a Strata image (no Strata magic at the start of the file)")
+      throw StrataError(
+        .notStrataImage,
+        got == 0
+          ? "the file is empty, not a Strata image" : "not a Strata image (no Strata magic at the start of the file)")
     }
     guard !candidates.isEmpty else {
       throw StrataError(.corrupt, "both superblocks are damaged: " + notes.joined(separator: "; "))
@@ -147,7 +158,9 @@ extension StrataImage {
     for sb in candidates {
       let unknown = sb.features.unknownIncompatible
       guard unknown == 0 else {
-        throw StrataError(.unsupported, "the image uses incompatible features this build does not know (bits 0x\(String(unknown, radix: 16)))")
+        throw StrataError(
+          .unsupported,
+          "the image uses incompatible features this build does not know (bits 0x\(String(unknown, radix: 16)))")
       }
       do {
         let image = try recover(storage: storage, superblock: sb, options: options)
@@ -161,7 +174,9 @@ extension StrataImage {
     throw StrataError(.corrupt, (notes + problems).joined(separator: "; "))
   }
 
-  private static func recover(storage: ImageStorage, superblock sb: Superblock, options: ImageOptions) throws -> StrataImage {
+  private static func recover(storage: ImageStorage, superblock sb: Superblock, options: ImageOptions) throws
+    -> StrataImage
+  {
     let geometry = Geometry(blockSize: Int(sb.blockSize), segmentSize: Int(sb.segmentSize), dataOffset: sb.dataOffset)
     let pages = PageReader(storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes)
     guard let stored = try pages.record(at: sb.checkpointPage) else {
@@ -171,7 +186,8 @@ extension StrataImage {
       throw StrataError(.corrupt, "the record at page \(sb.checkpointPage) is not the checkpoint the superblock names")
     }
     let state = try LoadedCheckpoint.load(stored, pages: pages)
-    let image = StrataImage(storage: storage, superblock: sb, options: options, pages: pages, state: state, readOnly: options.readOnly)
+    let image = StrataImage(
+      storage: storage, superblock: sb, options: options, pages: pages, state: state, readOnly: options.readOnly)
     do {
       let end = try image.replay(after: stored)
       image.recoveredEnd = end
@@ -198,14 +214,17 @@ extension StrataImage {
       var payload = next.payloadPage
       for (i, op) in next.record.ops.enumerated() {
         try apply(op, seq: next.header.seq + UInt64(i), payloadPage: payload, record: next)
-          payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
+        payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
       }
       current = next
     }
     let endPage: UInt64 =
-      if case .seal(let next) = current.record.ops.last { geometry.firstPage(ofSegment: Int(next)) } else { current.endPage }
+      if case .seal(let next) = current.record.ops.last { geometry.firstPage(ofSegment: Int(next)) } else {
+        current.endPage
+      }
     if recoveryNotes.isEmpty, try pages.hasRecordMagic(at: endPage) {
-      recoveryNotes.append("log ends at seq \(current.header.nextSeq); the record at page \(endPage) is torn, stale or unflushed")
+      recoveryNotes.append(
+        "log ends at seq \(current.header.nextSeq); the record at page \(endPage) is torn, stale or unflushed")
     }
     if case .seal(let next) = current.record.ops.last {
       return LogEnd(segment: Int(next), page: 0, nextSeq: current.header.nextSeq, lastChecksum: current.header.checksum)
@@ -256,7 +275,8 @@ extension StrataImage {
   func apply(_ op: LogOp, seq: UInt64, payloadPage: UInt64, timestamp: UInt64) throws {
     switch op {
     case .snapshot(let name, let base):
-      guard catalog.add(SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name)) else {
+      guard catalog.add(SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name))
+      else {
         throw StrataError(.corrupt, "snapshot \"\(name)\" at seq \(seq) duplicates an existing one")
       }
       catalogDirty = true
@@ -285,7 +305,8 @@ extension StrataImage {
     let blocks = (size + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
     func checkBlocks(_ first: UInt64, _ count: UInt64) throws {
       guard first < blocks, count <= blocks - first else {
-        throw StrataError(.corrupt, "operation at seq \(seq) touches blocks \(first)+\(count) past the \(blocks)-block disk")
+        throw StrataError(
+          .corrupt, "operation at seq \(seq) touches blocks \(first)+\(count) past the \(blocks)-block disk")
       }
     }
     switch op {
@@ -319,10 +340,12 @@ extension StrataImage {
   ) throws {
     let blocks = ((size ?? virtualSize) + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
     guard firstBlock < blocks, UInt64(checksums.count) <= blocks - firstBlock else {
-      throw StrataError(.corrupt, "write at seq \(seq) touches blocks \(firstBlock)+\(checksums.count) past the \(blocks)-block disk")
+      throw StrataError(
+        .corrupt, "write at seq \(seq) touches blocks \(firstBlock)+\(checksums.count) past the \(blocks)-block disk")
     }
     for (i, c) in checksums.enumerated() {
-      try map.setEntry(firstBlock + UInt64(i), .data(page: payloadPage + UInt64(i * geometry.pagesPerBlock), checksum: c))
+      try map.setEntry(
+        firstBlock + UInt64(i), .data(page: payloadPage + UInt64(i * geometry.pagesPerBlock), checksum: c))
     }
   }
 
@@ -397,7 +420,8 @@ extension StrataImage {
       catalogRefs = try SnapshotEntry.encodePages(catalog.entries).enumerated().map { i, bytes in
         let checksum = bytes.withUnsafeBytes { pageChecksum(kind: .catalog, level: 0, key: UInt64(i), $0) }
         let page = try bytes.withUnsafeBytes {
-          try writer.appendMetaPage($0, descriptor: PageDescriptor(kind: .catalog, level: 0, checksum: checksum, key: UInt64(i)))
+          try writer.appendMetaPage(
+            $0, descriptor: PageDescriptor(kind: .catalog, level: 0, checksum: checksum, key: UInt64(i)))
         }
         return PageRef(page: page, checksum: checksum)
       }
@@ -418,7 +442,8 @@ extension StrataImage {
         let bytes = usage.encodePage(index)
         let checksum = bytes.withUnsafeBytes { pageChecksum(kind: .usage, level: 0, key: UInt64(index), $0) }
         let page = try bytes.withUnsafeBytes {
-          try writer.appendMetaPage($0, descriptor: PageDescriptor(kind: .usage, level: 0, checksum: checksum, key: UInt64(index)))
+          try writer.appendMetaPage(
+            $0, descriptor: PageDescriptor(kind: .usage, level: 0, checksum: checksum, key: UInt64(index)))
         }
         usage.stored(page: index, at: PageRef(page: page, checksum: checksum))
       }
@@ -462,7 +487,9 @@ extension StrataImage {
     func count(_ page: UInt64, _ n: Int) throws {
       try pages.checkAddress(page, what: "map reference")
       let s = geometry.segment(ofPage: page)
-      guard s < live.count else { throw StrataError(.corrupt, "page \(page) lies in segment \(s), past the last segment") }
+      guard s < live.count else {
+        throw StrataError(.corrupt, "page \(page) lies in segment \(s), past the last segment")
+      }
       live[s] += UInt32(n)
     }
     let blocks = (virtualSize + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)

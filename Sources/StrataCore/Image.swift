@@ -1,5 +1,6 @@
-@_exported import enum StrataFormat.BlockState
 import StrataFormat
+
+@_exported import enum StrataFormat.BlockState
 
 /// A Strata disk image: a log-structured, copy-on-write virtual disk in one file.
 ///
@@ -54,7 +55,8 @@ public final class StrataImage {
     self.catalogRefs = state.catalogRefs
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
-    self.scratch = ImageScratch(blockSize: pages.geometry.blockSize, maxBlocksPerWrite: LogWriter.maxBlocksPerWrite(pages.geometry))
+    self.scratch = ImageScratch(
+      blockSize: pages.geometry.blockSize, maxBlocksPerWrite: LogWriter.maxBlocksPerWrite(pages.geometry))
     map.accounting = usage
   }
 
@@ -79,7 +81,9 @@ public final class StrataImage {
   // MARK: Lifecycle
 
   /// Creates a new image file of `virtualSize` bytes (a multiple of 512) and opens it.
-  public static func create(path: String, virtualSize: UInt64, options: ImageOptions = ImageOptions(), overwrite: Bool = false)
+  public static func create(
+    path: String, virtualSize: UInt64, options: ImageOptions = ImageOptions(), overwrite: Bool = false
+  )
     throws -> StrataImage
   {
     try validateCreate(virtualSize: virtualSize, options: options)
@@ -196,7 +200,8 @@ public final class StrataImage {
     try checkWritable()
     try Self.validateSize(newSize)
     if newSize < virtualSize && !allowShrink {
-      throw StrataError(.invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data and must be confirmed")
+      throw StrataError(
+        .invalidArgument, "shrinking from \(virtualSize) to \(newSize) bytes discards data and must be confirmed")
     }
     guard newSize != virtualSize else { return }
     let tail = newSize % UInt64(blockSize)
@@ -252,7 +257,8 @@ public final class StrataImage {
   public func snapshotView(name: String) throws -> SnapshotView {
     try checkOpen()
     let entry = try snapshotEntry(name)
-    return SnapshotView(image: self, view: try view(at: entry.seq, base: entry.baseCheckpoint), info: SnapshotInfo(entry))
+    return SnapshotView(
+      image: self, view: try view(at: entry.seq, base: entry.baseCheckpoint), info: SnapshotInfo(entry))
   }
 
   func snapshotEntry(_ name: String) throws -> SnapshotEntry {
@@ -280,7 +286,8 @@ public final class StrataImage {
         segmentCount: usage.segmentCount, dataBlocks: map.dataBlocks,
         livePages: usage.entries.reduce(0) { $0 + UInt64($1.livePages) }, fileSize: try storage.size(),
         diskUsage: try (storage as? FileStorage)?.allocatedSize(),
-        snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq, checkpointSeq: lastCheckpointSeq,
+        snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
+        checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
         features: superblock.features)
     }
@@ -305,7 +312,8 @@ public final class StrataImage {
 
   static func validateSize(_ size: UInt64) throws {
     guard size > 0, size % 512 == 0, size <= Layout.maxVirtualSize else {
-      throw StrataError(.invalidArgument, "virtual size \(size) must be a positive multiple of 512 up to \(Layout.maxVirtualSize)")
+      throw StrataError(
+        .invalidArgument, "virtual size \(size) must be a positive multiple of 512 up to \(Layout.maxVirtualSize)")
     }
   }
 
@@ -315,7 +323,8 @@ public final class StrataImage {
       throw StrataError(.invalidArgument, "block size \(options.blockSize) must be one of \(Layout.allowedBlockSizes)")
     }
     guard Layout.isValidSegmentSize(options.segmentSize), options.segmentSize >= 16 * options.blockSize else {
-      throw StrataError(.invalidArgument, "segment size \(options.segmentSize) must be a power of two from 1 MiB to 1 GiB")
+      throw StrataError(
+        .invalidArgument, "segment size \(options.segmentSize) must be a power of two from 1 MiB to 1 GiB")
     }
   }
 }

@@ -110,7 +110,9 @@ extension StrataImage {
     var records: [InspectReport.Record] = []
     var total = 0
     var current = try pages.record(at: geometry.firstPage(ofSegment: 0))
-    if let first = current, first.header.seq != 1 || first.header.previousChecksum != CRC32C.checksum(superblock.imageID) {
+    if let first = current,
+      first.header.seq != 1 || first.header.previousChecksum != CRC32C.checksum(superblock.imageID)
+    {
       current = nil
     }
     while let stored = current {
@@ -123,7 +125,9 @@ extension StrataImage {
       superblocks: slots, checkpoints: checkpoints, segments: segments, records: records, totalRecords: total,
       logEndSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
       snapshots: catalog.entries.map {
-        InspectReport.Snapshot(name: $0.name, seq: $0.seq, timestampNanoseconds: $0.timestampNanoseconds, baseCheckpointPage: $0.baseCheckpoint)
+        InspectReport.Snapshot(
+          name: $0.name, seq: $0.seq, timestampNanoseconds: $0.timestampNanoseconds,
+          baseCheckpointPage: $0.baseCheckpoint)
       }, recoveryNotes: recoveryNotes + recoveryProblems)
   }
 
@@ -139,7 +143,8 @@ extension StrataImage {
           checkpointChecksum: hex32(sb.checkpointChecksum))
       } catch {
         return InspectReport.SuperblockSlot(
-          slot: slot, offset: offset, valid: false, inUse: false, error: "\(error)", generation: nil, checkpointPage: nil,
+          slot: slot, offset: offset, valid: false, inUse: false, error: "\(error)", generation: nil,
+          checkpointPage: nil,
           checkpointSeq: nil, checkpointChecksum: nil)
       }
     }

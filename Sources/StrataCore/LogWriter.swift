@@ -259,7 +259,8 @@ final class LogWriter {
   /// never past the open segment, so that appends do not extend the file one write at a time.
   private func preallocate(through end: UInt64) throws {
     guard end > allocatedTo else { return }
-    let segmentEnd = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(geometry.pagesPerSegment))
+    let segmentEnd = Geometry.byteOffset(
+      ofPage: geometry.firstPage(ofSegment: segment) + UInt64(geometry.pagesPerSegment))
     let start = max(allocatedTo, Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment)))
     let target = min(segmentEnd, max(end, start + Self.preallocationStep))
     try storage.preallocate(at: start, length: target - start)
@@ -281,7 +282,8 @@ final class LogWriter {
   func writeOut() throws {
     precondition(open == nil, "an open record cannot be written out")
     guard pendingPages > 0 else { return }
-    let bytes = UnsafeRawBufferPointer(rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
+    let bytes = UnsafeRawBufferPointer(
+      rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
     // Asynchronous: the buffer below `tailPage` never changes until the segment is sealed,
     // and sealing waits for these writes before the buffer is reused.
     let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
@@ -342,7 +344,8 @@ final class LogWriter {
     guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
     let local = geometry.pageInSegment(page)
     guard local >= bufferedFrom && local < tailPage else { return false }
-    out.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
+    out.copyMemory(
+      from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
     return true
   }
 }

@@ -1,8 +1,9 @@
+import StrataFormat
+import StrataIO
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import StrataFormat
-import StrataIO
 
 /// How an image is created or opened.
 public struct ImageOptions: Sendable {

@@ -16,13 +16,17 @@ final class PageReader: NodeSource {
 
   /// Reads `count` pages starting at `page` into `out`. Pages past the end of the file are an
   /// error unless `zeroPastEnd` (the log walk treats them as "no record here").
-  func readPages(_ page: UInt64, _ count: Int, into out: UnsafeMutableRawBufferPointer, zeroPastEnd: Bool = false) throws {
+  func readPages(_ page: UInt64, _ count: Int, into out: UnsafeMutableRawBufferPointer, zeroPastEnd: Bool = false)
+    throws
+  {
     precondition(out.count == count * Layout.pageSize)
     var done = 0
     while done < count {
       let p = page + UInt64(done)
       let slice = UnsafeMutableRawBufferPointer(rebasing: out[(done * Layout.pageSize)...])
-      if let writer, writer.copyPending(page: p, into: UnsafeMutableRawBufferPointer(rebasing: slice[..<Layout.pageSize])) {
+      if let writer,
+        writer.copyPending(page: p, into: UnsafeMutableRawBufferPointer(rebasing: slice[..<Layout.pageSize]))
+      {
         done += 1
         continue
       }
@@ -118,7 +122,8 @@ extension PageReader {
       try rest.withUnsafeMutableBytes { try readPages(page + 1, header.headerPages - 1, into: $0, zeroPastEnd: true) }
       area += rest
     }
-    guard let record = try? area.withUnsafeBytes({ try LogRecord.decode(headerArea: $0, blockSize: geometry.blockSize) })
+    guard
+      let record = try? area.withUnsafeBytes({ try LogRecord.decode(headerArea: $0, blockSize: geometry.blockSize) })
     else { return nil }
     // Every record but a segment's last (its SEAL) leaves a page for that SEAL.
     if case .seal = record.ops.last {} else if local + header.totalPages >= geometry.pagesPerSegment { return nil }

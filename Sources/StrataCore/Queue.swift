@@ -64,7 +64,8 @@ public final class ImageQueue {
   /// `ownerThreadOnly`: the creating thread is the only one that will use the queue (lets
   /// io_uring skip interrupting it for completions).
   public init(
-    image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil, registered: [UnsafeMutableRawBufferPointer] = [],
+    image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil,
+    registered: [UnsafeMutableRawBufferPointer] = [],
     ownerThreadOnly: Bool = false
   ) throws {
     precondition(depth >= 1 && depth <= 1024)
@@ -86,7 +87,8 @@ public final class ImageQueue {
     engineCompletions = .allocate(capacity: depth * piecesPerRequest)
     slots = (0..<depth).map { _ in
       Slot(
-        checks: .allocate(capacity: Self.maxRequestBytes / bs + 2), pieceLengths: .allocate(capacity: Self.maxRequestBytes / bs + 2),
+        checks: .allocate(capacity: Self.maxRequestBytes / bs + 2),
+        pieceLengths: .allocate(capacity: Self.maxRequestBytes / bs + 2),
         bounce: .allocate(byteCount: 2 * bs, alignment: Layout.pageSize))
     }
     freeSlots = Array((0..<depth).reversed())
@@ -200,7 +202,8 @@ public final class ImageQueue {
       let dest = base + done
       if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
-      } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct) || (n < bs && bounceUsed == 2)
+      } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct)
+        || (n < bs && bounceUsed == 2)
         || pieces == piecesPerRequest
       {
         try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
@@ -210,7 +213,8 @@ public final class ImageQueue {
         if !whole { bounceUsed += 1 }
         let c = slots[s].checkCount
         slots[s].checks[c] = BlockCheck(
-          data: target, checksum: entry.checksum, block: block, copyTo: whole ? nil : dest, copyFrom: inBlock, copyLength: n)
+          data: target, checksum: entry.checksum, block: block, copyTo: whole ? nil : dest, copyFrom: inBlock,
+          copyLength: n)
         slots[s].checkCount += 1
         let fileOffset = Geometry.byteOffset(ofPage: entry.page)
         // Extend the previous engine read when this block follows it in the file and in memory.
@@ -265,7 +269,8 @@ public final class ImageQueue {
         if c.result < 0 {
           slots[s].failure = slots[s].failure ?? StrataError.system("read", "image", errno: -c.result)
         } else if c.result != slots[s].pieceLengths[piece] {
-          slots[s].failure = slots[s].failure ?? StrataError(.corrupt, "image file is truncated: a data block lies past its end")
+          slots[s].failure =
+            slots[s].failure ?? StrataError(.corrupt, "image file is truncated: a data block lies past its end")
         }
         slots[s].piecesLeft -= 1
         if slots[s].piecesLeft == 0 { try finish(s) }

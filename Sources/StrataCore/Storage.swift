@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-  import Glibc
-#endif
 import CStrataLinux
 import StrataFormat
 import StrataIO
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// Where an image's bytes live. The image does all its I/O through this protocol, so tests can
 /// inject faults and the io_uring engine can plug in underneath.
@@ -120,7 +121,9 @@ public final class FileStorage: ImageStorage {
 
   /// A second engine on the same file for a high-queue-depth queue (one engine per thread).
   /// `registered` memory is registered with io_uring so requests into it skip page pinning.
-  public func makeEngine(depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer], singleThread: Bool)
+  public func makeEngine(
+    depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer], singleThread: Bool
+  )
     throws -> EngineChoice
   {
     precondition(fd >= 0)
@@ -161,7 +164,8 @@ public final class FileStorage: ImageStorage {
       let target = aligned ? base + done : bounce.baseAddress!
       let length = aligned ? chunk : (chunk + 511) & ~511
       if !aligned && op == .write { bounce.baseAddress!.copyMemory(from: base + done, byteCount: chunk) }
-      let r = try perform(IORequest(opcode: op, buffer: target, length: length, offset: offset + UInt64(done), userData: 1))
+      let r = try perform(
+        IORequest(opcode: op, buffer: target, length: length, offset: offset + UInt64(done), userData: 1))
       let got = min(r, chunk)
       if !aligned && op == .read && got > 0 { (base + done).copyMemory(from: target, byteCount: got) }
       done += got

@@ -1,7 +1,8 @@
+import StrataFormat
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import StrataFormat
 
 /// Every failure the library reports. A struct with a code (so new cases do not break callers),
 /// a message that names the problem and, for system calls, the errno.

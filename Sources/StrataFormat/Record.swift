@@ -402,7 +402,8 @@ public struct LogRecord: Equatable, Sendable {
     timestampNanoseconds: UInt64, flags: RecordHeader.Flags
   ) -> RecordHeader {
     let headerLength = w.count
-    precondition(opCount >= 1 && headerLength > RecordHeader.encodedLength && headerLength <= Layout.maxRecordHeaderLength)
+    precondition(
+      opCount >= 1 && headerLength > RecordHeader.encodedLength && headerLength <= Layout.maxRecordHeaderLength)
     w.patch(RecordHeader.magic, at: 0)
     w.patch(RecordHeader.version, at: 4)
     w.patch(flags.rawValue, at: 6)
@@ -438,7 +439,8 @@ public struct LogRecord: Equatable, Sendable {
     crc = CRC32C.checksum(
       UnsafeRawBufferPointer(rebasing: area[(RecordHeader.checksumOffset + 4)..<length]), continuing: crc)
     guard crc == header.checksum else {
-      throw FormatError(.badChecksum, "record \(header.seq)", "header checksum \(hex32(header.checksum)), computed \(hex32(crc))")
+      throw FormatError(
+        .badChecksum, "record \(header.seq)", "header checksum \(hex32(header.checksum)), computed \(hex32(crc))")
     }
     var r = ByteReader(UnsafeRawBufferPointer(rebasing: area[0..<length]), structure: "record \(header.seq)")
     try r.seek(to: RecordHeader.encodedLength)
@@ -461,7 +463,8 @@ public struct LogRecord: Equatable, Sendable {
     }
     guard payload == Int(header.payloadPages) else {
       throw FormatError(
-        .invalidField, "record \(header.seq)", "operations consume \(payload) payload pages, header says \(header.payloadPages)")
+        .invalidField, "record \(header.seq)",
+        "operations consume \(payload) payload pages, header says \(header.payloadPages)")
     }
     return LogRecord(header: header, ops: ops)
   }

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-  import Glibc
-#endif
 import CStrataLinux
 import Logging
 import StrataCore
 import VhostProtocol
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// The vhost-user-blk back-end's protocol state machine: one front-end connection's
 /// negotiation, memory table and rings. Messages are decoded (syntax, in VhostProtocol) and
@@ -123,12 +124,14 @@ final class VhostBlkBackend {
     // An empty payload is how a back-end says GET_CONFIG failed; GET_INFLIGHT_FD says it with
     // mmap_size 0 (QEMU then goes on without an inflight area, as with libvhost-user).
     case .getConfig: Reply(payload: [])
-    case .getInflightFd: Reply(payload: InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0).encode())
+    case .getInflightFd:
+      Reply(payload: InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: 0, queueSize: 0).encode())
     default: nil
     }
   }
 
-  private func dispatch(_ request: VhostRequest, _ p: UnsafeRawBufferPointer, _ fds: [Int32], _ consumed: inout Bool) throws
+  private func dispatch(_ request: VhostRequest, _ p: UnsafeRawBufferPointer, _ fds: [Int32], _ consumed: inout Bool)
+    throws
     -> Reply?
   {
     func expectFds(_ n: Int) throws(VhostError) {
@@ -139,7 +142,9 @@ final class VhostBlkBackend {
       return Reply(payload: encodeU64(offeredFeatures))
     case .setFeatures:
       let f = try decodeU64(p, "features")
-      guard f & ~offeredFeatures == 0 else { throw VhostError.invalid("features 0x\(String(f, radix: 16)) were not offered") }
+      guard f & ~offeredFeatures == 0 else {
+        throw VhostError.invalid("features 0x\(String(f, radix: 16)) were not offered")
+      }
       features = f
     case .getProtocolFeatures:
       return Reply(payload: encodeU64(offeredProtocolFeatures))
@@ -213,7 +218,9 @@ final class VhostBlkBackend {
     case .setVringKick, .setVringCall, .setVringErr:
       let v = try decodeU64(p, "\(request)")
       let i = try ringIndex(UInt32(v & VringFdPayload.indexMask))
-      guard v & ~(VringFdPayload.indexMask | VringFdPayload.noFdFlag) == 0 else { throw VhostError.invalid("reserved bits set") }
+      guard v & ~(VringFdPayload.indexMask | VringFdPayload.noFdFlag) == 0 else {
+        throw VhostError.invalid("reserved bits set")
+      }
       let noFd = v & VringFdPayload.noFdFlag != 0
       try expectFds(noFd ? 0 : 1)
       let fd = noFd ? Int32(-1) : fds[0]
@@ -249,7 +256,9 @@ final class VhostBlkBackend {
     case .setConfig:
       let c = try ConfigSpace.decode(p)
       // Only the writeback byte is writable, and Strata is always a write-back cache.
-      guard c.offset == 32, c.size == 1 else { throw VhostError.invalid("config bytes \(c.offset)+\(c.size) are read-only") }
+      guard c.offset == 32, c.size == 1 else {
+        throw VhostError.invalid("config bytes \(c.offset)+\(c.size) are read-only")
+      }
     case .setBackendReqFd:
       try expectFds(1)
       consumed = true
@@ -274,7 +283,8 @@ final class VhostBlkBackend {
       try expectFds(1)
       // Mapped, the area needs no descriptor: fds[0] is closed on return.
       let area = try InflightArea.map(fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit)
-      logger.debug("inflight area set: \(d.mmapSize) bytes at offset \(d.mmapOffset) for \(d.numQueues) x \(d.queueSize) entries")
+      logger.debug(
+        "inflight area set: \(d.mmapSize) bytes at offset \(d.mmapOffset) for \(d.numQueues) x \(d.queueSize) entries")
       let running = stopAll()
       defer { restart(running) }
       inflightArea = area
@@ -329,9 +339,11 @@ final class VhostBlkBackend {
             var notes = ""
             if recovery.repairedLastBatch { notes += ", last used entry repaired" }
             if recovery.discarded > 0 { notes += ", \(recovery.discarded) bogus mark(s) cleared" }
-            let what = "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
+            let what =
+              "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
             let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
-            logger.log(level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
+            logger.log(
+              level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
             r.base = base
           }
           r.inflightCheckPending = false
@@ -342,7 +354,8 @@ final class VhostBlkBackend {
       }
     }
     let queue = SplitQueue(
-      size: r.size, desc: desc, avail: avail, used: used, base: r.base, eventIdx: features & VirtioFeature.eventIdx != 0,
+      size: r.size, desc: desc, avail: avail, used: used, base: r.base,
+      eventIdx: features & VirtioFeature.eventIdx != 0,
       indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
     let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial)
     let worker = QueueWorker(

@@ -62,7 +62,9 @@ struct BlockHandler: @unchecked Sendable {
       var n = 0
       for s in writableData where n < 20 {
         let k = min(s.length, 20 - n)
-        for i in 0..<k { s.pointer.storeBytes(of: n + i < serial.count ? serial[n + i] : 0, toByteOffset: i, as: UInt8.self) }
+        for i in 0..<k {
+          s.pointer.storeBytes(of: n + i < serial.count ? serial[n + i] : 0, toByteOffset: i, as: UInt8.self)
+        }
         n += k
       }
       written = n
@@ -112,7 +114,8 @@ struct BlockHandler: @unchecked Sendable {
   private func discard(_ readable: ArraySlice<GuestSegment>, zeroes: Bool) -> VirtioBlkStatus {
     let data = slices(readable, skipping: VirtioBlkRequestHeader.size)
     let total = data.reduce(0) { $0 + $1.length }
-    guard total > 0, total % VirtioBlkDiscardSegment.size == 0, total / VirtioBlkDiscardSegment.size <= Self.maxDiscardSegments
+    guard total > 0, total % VirtioBlkDiscardSegment.size == 0,
+      total / VirtioBlkDiscardSegment.size <= Self.maxDiscardSegments
     else { return .ioError }
     var bytes = [UInt8](repeating: 0, count: total)
     guard gather(readable, from: VirtioBlkRequestHeader.size, into: &bytes) else { return .ioError }
@@ -139,7 +142,11 @@ struct BlockHandler: @unchecked Sendable {
       }
       for (offset, length, _) in ranges {
         // UNMAP or not, zeroes are stored as a ZERO operation: nothing is written either way.
-        if zeroes { try image.writeZeroes(at: offset, length: length) } else { try image.discard(at: offset, length: length) }
+        if zeroes {
+          try image.writeZeroes(at: offset, length: length)
+        } else {
+          try image.discard(at: offset, length: length)
+        }
       }
     }
   }
@@ -154,7 +161,9 @@ struct BlockHandler: @unchecked Sendable {
         continue
       }
       let k = min(s.length - skip, out.count - filled)
-      out.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: filled).copyMemory(from: s.pointer + skip, byteCount: k) }
+      out.withUnsafeMutableBytes {
+        $0.baseAddress!.advanced(by: filled).copyMemory(from: s.pointer + skip, byteCount: k)
+      }
       filled += k
       skip = 0
       if filled == out.count { return true }

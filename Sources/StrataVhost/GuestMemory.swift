@@ -1,7 +1,8 @@
+import VhostProtocol
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import VhostProtocol
 
 /// The guest's memory, mapped from the file descriptors of SET_MEM_TABLE / ADD_MEM_REG.
 ///
@@ -32,7 +33,9 @@ final class GuestMemory: @unchecked Sendable {
       throw .invalid("memory region too large")
     }
     for r in regions
-    where region.guestAddress < r.info.guestAddress + r.info.size && r.info.guestAddress < region.guestAddress + region.size {
+    where region.guestAddress < r.info.guestAddress + r.info.size
+      && r.info.guestAddress < region.guestAddress + region.size
+    {
       throw .invalid("memory region at guest address \(region.guestAddress) overlaps another")
     }
     let length = Int(region.size + region.mmapOffset)
@@ -43,7 +46,8 @@ final class GuestMemory: @unchecked Sendable {
       throw .invalid("fstat of a memory region's fd failed: \(String(cString: strerror(errno)))")
     }
     guard (st.st_mode & S_IFMT) != S_IFREG || Int(st.st_size) >= length else {
-      throw .invalid("memory region of \(region.size) bytes at offset \(region.mmapOffset) exceeds its \(st.st_size)-byte file")
+      throw .invalid(
+        "memory region of \(region.size) bytes at offset \(region.mmapOffset) exceeds its \(st.st_size)-byte file")
     }
     guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
       throw .invalid("mmap of a \(length)-byte memory region failed: \(String(cString: strerror(errno)))")
@@ -52,7 +56,8 @@ final class GuestMemory: @unchecked Sendable {
   }
 
   func remove(_ region: MemoryRegion) throws(VhostError) {
-    guard let i = regions.firstIndex(where: { $0.info.guestAddress == region.guestAddress && $0.info.size == region.size })
+    guard
+      let i = regions.firstIndex(where: { $0.info.guestAddress == region.guestAddress && $0.info.size == region.size })
     else { throw .invalid("no memory region at guest address \(region.guestAddress) to remove") }
     munmap(regions[i].mapping, regions[i].mappingLength)
     regions.remove(at: i)

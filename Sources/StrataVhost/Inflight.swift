@@ -1,8 +1,9 @@
+import CStrataLinux
+import VhostProtocol
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import CStrataLinux
-import VhostProtocol
 
 /// The shared memory of VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (vhost-user.rst, "Inflight I/O
 /// tracking"): the back-end records which chains it has popped and not yet returned, the
@@ -66,7 +67,9 @@ final class InflightArea: @unchecked Sendable {
   static func allocate(numQueues: Int, queueSize: Int) throws(VhostError) -> InflightArea {
     let size = mmapSize(numQueues: numQueues, queueSize: queueSize)
     let fd = strata_memfd("strata-vhost-inflight")
-    guard fd >= 0 else { throw .invalid("memfd_create for the inflight area failed: \(String(cString: strerror(errno)))") }
+    guard fd >= 0 else {
+      throw .invalid("memfd_create for the inflight area failed: \(String(cString: strerror(errno)))")
+    }
     // A new memfd reads as zeroes: every region starts with version 0 (not initialized).
     guard ftruncate(fd, off_t(size)) == 0 else {
       let e = errno
@@ -109,7 +112,8 @@ final class InflightArea: @unchecked Sendable {
     }
     guard (st.st_mode & S_IFMT) == S_IFREG else { throw .invalid("the inflight fd is not a memfd or file") }
     guard UInt64(st.st_size) >= d.mmapOffset + d.mmapSize else {
-      throw .invalid("inflight area of \(d.mmapSize) bytes at offset \(d.mmapOffset) exceeds its \(st.st_size)-byte file")
+      throw .invalid(
+        "inflight area of \(d.mmapSize) bytes at offset \(d.mmapOffset) exceeds its \(st.st_size)-byte file")
     }
     let length = Int(d.mmapSize)
     guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(d.mmapOffset)), p != MAP_FAILED else {
@@ -166,7 +170,9 @@ final class InflightRing: @unchecked Sendable {
     (region + 12).assumingMemoryBound(to: UInt16.self)
   }
   private var usedIdxPointer: UnsafeMutablePointer<UInt16> { (region + 14).assumingMemoryBound(to: UInt16.self) }
-  private func desc(_ i: Int) -> UnsafeMutableRawPointer { region + InflightArea.headerSize + InflightArea.descStateSize * i }
+  private func desc(_ i: Int) -> UnsafeMutableRawPointer {
+    region + InflightArea.headerSize + InflightArea.descStateSize * i
+  }
   /// `inflight` and padding[0] as one u16, so that the flag can be stored with release ordering
   /// (the padding stays 0).
   private func flagPointer(_ i: Int) -> UnsafeMutablePointer<UInt16> { desc(i).assumingMemoryBound(to: UInt16.self) }
@@ -174,7 +180,9 @@ final class InflightRing: @unchecked Sendable {
   var version: UInt16 { UInt16(littleEndian: strata_load_acquire_u16(versionPointer)) }
   var recordedUsedIdx: UInt16 { UInt16(littleEndian: strata_load_acquire_u16(usedIdxPointer)) }
   func isInflight(_ head: Int) -> Bool { desc(head).load(as: UInt8.self) != 0 }
-  func counter(of head: Int) -> UInt64 { UInt64(littleEndian: desc(head).loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+  func counter(of head: Int) -> UInt64 {
+    UInt64(littleEndian: desc(head).loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+  }
 
   // MARK: Start (vu_check_queue_inflights)
 

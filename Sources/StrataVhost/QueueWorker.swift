@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-  import Glibc
-#endif
 import CStrataLinux
 import Logging
 import VhostProtocol
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// One thread per virtqueue: waits for kicks, runs every available chain, signals the call
 /// eventfd once per batch (when the guest asked for it). Stopped through its own eventfd.
@@ -24,7 +25,10 @@ final class QueueWorker: @unchecked Sendable {
   /// Set when the guest broke the ring; the queue stops until it is reset.
   private(set) var broken = false
 
-  init(index: Int, queue: SplitQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32, logger: Logger) {
+  init(
+    index: Int, queue: SplitQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32,
+    logger: Logger
+  ) {
     self.index = index
     self.queue = queue
     self.memory = memory
@@ -61,7 +65,9 @@ final class QueueWorker: @unchecked Sendable {
   }
 
   private func run() {
-    var fds = [pollfd(fd: kickFd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]
+    var fds = [
+      pollfd(fd: kickFd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0),
+    ]
     var segments: [GuestSegment] = []
     segments.reserveCapacity(queue.maxSegments)
     // Requests may be waiting from before a restart or before the kick fd was set.

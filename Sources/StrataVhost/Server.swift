@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-  import Glibc
-#endif
 import CStrataLinux
 import Logging
 import StrataCore
 import VhostProtocol
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// `strata serve`: a vhost-user-blk back-end on a Unix socket. Serves one front-end at a time
 /// and waits for the next when it disconnects (QEMU's `reconnect=`); SIGINT/SIGTERM stop the
@@ -48,7 +49,8 @@ public final class VhostBlkServer {
       listenFd = -1
       unlink(options.socketPath)
     }
-    logger.info("serving on \(options.socketPath) with \(options.numQueues) queue(s)\(options.readOnly ? ", read-only" : "")")
+    logger.info(
+      "serving on \(options.socketPath) with \(options.numQueues) queue(s)\(options.readOnly ? ", read-only" : "")")
     while true {
       guard let connection = try waitForConnection() else { break }
       logger.info("front-end connected")
@@ -104,7 +106,9 @@ public final class VhostBlkServer {
 
   /// The next front-end, or nil when a termination signal arrived first.
   private func waitForConnection() throws -> Int32? {
-    var fds = [pollfd(fd: listenFd, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFd, events: Int16(POLLIN), revents: 0)]
+    var fds = [
+      pollfd(fd: listenFd, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFd, events: Int16(POLLIN), revents: 0),
+    ]
     while true {
       if poll(&fds, 2, -1) < 0 {
         if errno == EINTR { continue }
@@ -131,7 +135,10 @@ public final class VhostBlkServer {
       backend.reset()
       do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
     }
-    var fds = [pollfd(fd: connection, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFd, events: Int16(POLLIN), revents: 0)]
+    var fds = [
+      pollfd(fd: connection, events: Int16(POLLIN), revents: 0),
+      pollfd(fd: signalFd, events: Int16(POLLIN), revents: 0),
+    ]
     var headerBytes = [UInt8](repeating: 0, count: VhostHeader.size)
     var payload = [UInt8](repeating: 0, count: VhostHeader.maxPayload)
     var received = [Int32](repeating: -1, count: 16)
@@ -146,7 +153,9 @@ public final class VhostBlkServer {
       }
       var nfds: Int32 = 0
       let n = headerBytes.withUnsafeMutableBytes { h in
-        received.withUnsafeMutableBufferPointer { strata_recv_with_fds(connection, h.baseAddress, VhostHeader.size, $0.baseAddress, 16, &nfds) }
+        received.withUnsafeMutableBufferPointer {
+          strata_recv_with_fds(connection, h.baseAddress, VhostHeader.size, $0.baseAddress, 16, &nfds)
+        }
       }
       let fdsIn = Array(received[..<Int(max(nfds, 0))])
       guard n == VhostHeader.size else {
@@ -168,11 +177,17 @@ public final class VhostBlkServer {
         logger.warning("connection closed in the middle of a message")
         return false
       }
-      let reply = payload.withUnsafeBytes { backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn) }
+      let reply = payload.withUnsafeBytes {
+        backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn)
+      }
       if let reply {
-        let h = VhostHeader(request: header.request, flags: VhostHeader.version | VhostHeader.replyFlag, size: UInt32(reply.payload.count))
+        let h = VhostHeader(
+          request: header.request, flags: VhostHeader.version | VhostHeader.replyFlag, size: UInt32(reply.payload.count)
+        )
         let message = h.encode() + reply.payload
-        let sent = message.withUnsafeBytes { strata_send_with_fds(connection, $0.baseAddress, $0.count, reply.fds, Int32(reply.fds.count)) }
+        let sent = message.withUnsafeBytes {
+          strata_send_with_fds(connection, $0.baseAddress, $0.count, reply.fds, Int32(reply.fds.count))
+        }
         guard sent == message.count else {
           logger.warning("reply to \(header.request) failed; dropping the connection")
           return false

@@ -1,7 +1,8 @@
+import StrataCore
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import StrataCore
 
 /// The image shared by the queue workers. `StrataImage` is single-threaded (its log and map
 /// are one sequence), so each request's metadata work and log append happen under this lock;

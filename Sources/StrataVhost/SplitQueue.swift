@@ -40,7 +40,8 @@ final class SplitQueue {
   let inflight: InflightRing?
 
   init(
-    size: Int, desc: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer, base: UInt16,
+    size: Int, desc: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer,
+    base: UInt16,
     eventIdx: Bool, indirect: Bool, maxSegments: Int, inflight: InflightRing? = nil
   ) {
     precondition(size > 0 && size <= 32768 && size & (size - 1) == 0)

@@ -246,7 +246,8 @@ public struct MemoryRegion: Equatable, Sendable {
   }
 
   static func decode(_ r: inout PayloadReader) throws(VhostError) -> MemoryRegion {
-    let region = MemoryRegion(guestAddress: try r.u64(), size: try r.u64(), userAddress: try r.u64(), mmapOffset: try r.u64())
+    let region = MemoryRegion(
+      guestAddress: try r.u64(), size: try r.u64(), userAddress: try r.u64(), mmapOffset: try r.u64())
     try region.validate()
     return region
   }
@@ -326,7 +327,9 @@ public struct ConfigSpace: Equatable, Sendable {
     guard size <= UInt32(maxSize), offset <= UInt32(maxSize) - size else {
       throw .invalid("config window \(offset)+\(size) exceeds \(maxSize) bytes")
     }
-    guard p.count == 12 + Int(size) else { throw .badPayloadSize("config space", expected: 12 + Int(size), got: p.count) }
+    guard p.count == 12 + Int(size) else {
+      throw .badPayloadSize("config space", expected: 12 + Int(size), got: p.count)
+    }
     return ConfigSpace(offset: offset, size: size, flags: flags, payload: Array(p[12..<(12 + Int(size))]))
   }
   public func encode() -> [UInt8] {
@@ -354,7 +357,8 @@ public struct InflightDescription: Equatable, Sendable {
   public static func decode(_ p: UnsafeRawBufferPointer) throws(VhostError) -> InflightDescription {
     guard p.count == 24 else { throw .badPayloadSize("inflight description", expected: 24, got: p.count) }
     var r = PayloadReader(p, what: "inflight description")
-    return InflightDescription(mmapSize: try r.u64(), mmapOffset: try r.u64(), numQueues: try r.u16(), queueSize: try r.u16())
+    return InflightDescription(
+      mmapSize: try r.u64(), mmapOffset: try r.u64(), numQueues: try r.u16(), queueSize: try r.u16())
   }
   public func encode() -> [UInt8] {
     var w = PayloadWriter()

@@ -116,7 +116,9 @@ public struct VirtioBlkConfig: Equatable, Sendable {
   public static func decode(_ p: [UInt8]) throws(VhostError) -> VirtioBlkConfig {
     guard p.count >= size else { throw .truncated("virtio-blk config", p.count) }
     return p.withUnsafeBytes { b in
-      func at<T: FixedWidthInteger>(_ o: Int, _: T.Type) -> T { T(littleEndian: b.loadUnaligned(fromByteOffset: o, as: T.self)) }
+      func at<T: FixedWidthInteger>(_ o: Int, _: T.Type) -> T {
+        T(littleEndian: b.loadUnaligned(fromByteOffset: o, as: T.self))
+      }
       return VirtioBlkConfig(
         capacitySectors: at(0, UInt64.self), sizeMax: at(8, UInt32.self), segMax: at(12, UInt32.self),
         blkSize: at(20, UInt32.self), physicalBlockExp: at(24, UInt8.self), minIOSize: at(26, UInt16.self),

@@ -1,5 +1,6 @@
-import Testing
 import Glibc
+import Testing
+
 @testable import StrataCore
 
 /// A fresh directory under /tmp for one test's files.

@@ -1,6 +1,5 @@
-import Testing
-
 import StrataFormat
+import Testing
 
 // MARK: - Helpers
 
@@ -228,7 +227,9 @@ func encodeRecord(
       for length in 0...(data.count - start) where length < 80 || length % 37 == 0 {
         let slice = Array(data[start..<(start + length)])
         let expected = referenceCRC32C(slice)
-        let actual = data.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<(start + length)])) }
+        let actual = data.withUnsafeBytes {
+          CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[start..<(start + length)]))
+        }
         #expect(actual == expected, "start \(start) length \(length)")
         #expect(CRC32C.checksum(slice, continuing: 0x5555_AAAA) == referenceCRC32C(slice, continuing: 0x5555_AAAA))
       }
@@ -351,7 +352,9 @@ func encodeRecord(
       // And a whole-byte corruption, inside a full slot so header_length changes still fit.
       var slot = good + [UInt8](repeating: 0, count: 4096 - 128)
       slot[i] ^= 0xFF
-      expectFormatError(i < 12 ? (i < 8 ? .badMagic : .unsupportedVersion) : (i < 16 ? .invalidField : .badChecksum), "byte \(i)") {
+      expectFormatError(
+        i < 12 ? (i < 8 ? .badMagic : .unsupportedVersion) : (i < 16 ? .invalidField : .badChecksum), "byte \(i)"
+      ) {
         _ = try decodeSuperblock(slot)
       }
     }
@@ -397,7 +400,9 @@ func encodeRecord(
     expectFormatError(.invalidField, "block size \(blockSize)") { _ = try decodeSuperblock(b) }
   }
 
-  static let badSegmentSizes: [UInt32] = [0, 4096, 1 << 19, (1 << 20) - 4096, 3 << 20, (1 << 20) + 65536, 1 << 31, .max]
+  static let badSegmentSizes: [UInt32] = [
+    0, 4096, 1 << 19, (1 << 20) - 4096, 3 << 20, (1 << 20) + 65536, 1 << 31, .max,
+  ]
 
   @Test(arguments: badSegmentSizes)
   func invalidSegmentSize(segmentSize: UInt32) {
@@ -488,7 +493,8 @@ func encodeRecord(
   }
 
   @Test func headerFieldOffsetsMatchTheSpecification() {
-    let (b, h) = encodeRecord([.write(firstBlock: 9, checksums: [1, 2]), .seal(nextSegment: 3)], seq: 77, flags: .flushPoint)
+    let (b, h) = encodeRecord(
+      [.write(firstBlock: 9, checksums: [1, 2]), .seal(nextSegment: 3)], seq: 77, flags: .flushPoint)
     #expect(read32(b, 0) == 0x4C52_5453)
     #expect(Array(b[0..<4]) == Array("STRL".utf8))
     #expect(b[4] == 1 && b[5] == 0)
@@ -517,13 +523,21 @@ func encodeRecord(
   }
 
   @Test func operationLayouts() {
-    #expect(opBytes(.zero(firstBlock: 5, count: 6)) == le(UInt16(2)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(5)) + le(UInt64(6)))
-    #expect(opBytes(.discard(firstBlock: 5, count: 6)) == le(UInt16(3)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(5)) + le(UInt64(6)))
+    #expect(
+      opBytes(.zero(firstBlock: 5, count: 6)) == le(UInt16(2)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(5))
+        + le(UInt64(6)))
+    #expect(
+      opBytes(.discard(firstBlock: 5, count: 6)) == le(UInt16(3)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(5))
+        + le(UInt64(6)))
     #expect(
       opBytes(.snapshot(name: "abc", baseCheckpoint: 256))
-        == le(UInt16(4)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(256)) + le(UInt16(3)) + Array("abc".utf8) + [0, 0, 0])
+        == le(UInt16(4)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(256)) + le(UInt16(3)) + Array("abc".utf8) + [
+          0, 0, 0,
+        ])
     #expect(opBytes(.snapshotDelete(seq: 8)) == le(UInt16(5)) + le(UInt16(0)) + le(UInt32(16)) + le(UInt64(8)))
-    #expect(opBytes(.restore(seq: 8, baseCheckpoint: 256)) == le(UInt16(6)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(8)) + le(UInt64(256)))
+    #expect(
+      opBytes(.restore(seq: 8, baseCheckpoint: 256)) == le(UInt16(6)) + le(UInt16(0)) + le(UInt32(24)) + le(UInt64(8))
+        + le(UInt64(256)))
     #expect(opBytes(.resize(virtualSize: 8)) == le(UInt16(7)) + le(UInt16(0)) + le(UInt32(16)) + le(UInt64(8)))
     #expect(
       opBytes(.pages([PageDescriptor(kind: .usage, level: 3, checksum: 0xAABB_CCDD, key: 9)]))
@@ -583,7 +597,9 @@ func encodeRecord(
     for bad in ["", "a/b", "/", "line\nbreak", "nul\u{0}", "del\u{7F}", "tab\t", String(repeating: "z", count: 256)] {
       expectFormatError(.invalidField, "name \(bad.debugDescription)") { try SnapshotEntry.validateName(bad) }
       let op = rawOp(4, le(UInt64(256)) + le(UInt16(bad.utf8.count)) + Array(bad.utf8))
-      expectFormatError(.invalidField, "name \(bad.debugDescription)") { _ = try decodeRecord(rawRecord(body: op, opCount: 1)) }
+      expectFormatError(.invalidField, "name \(bad.debugDescription)") {
+        _ = try decodeRecord(rawRecord(body: op, opCount: 1))
+      }
     }
     // Not UTF-8.
     for raw: [UInt8] in [[0xFF], [0xC3], [0x61, 0x80], [0xED, 0xA0, 0x80], [0xC0, 0xAF]] {
@@ -659,7 +675,8 @@ func encodeRecord(
     // Header length: below 72, not a multiple of 8, above 1 MiB.
     for length: UInt32 in [0, 64, 71, 84, 92, 1 << 20 + 8, .max] {
       expectFormatError(.invalidField, "header length \(length)") {
-        _ = try decodeRecord(rawRecord(body: zero, opCount: 1, headerLength: length) + [UInt8](repeating: 0, count: 4096))
+        _ = try decodeRecord(
+          rawRecord(body: zero, opCount: 1, headerLength: length) + [UInt8](repeating: 0, count: 4096))
       }
     }
     // Header length larger than the area given.
@@ -667,13 +684,17 @@ func encodeRecord(
       _ = try decodeRecord(Array(rawRecord(body: zero, opCount: 1, headerLength: 4096 + 8)[0..<4096]))
     }
     // Header length beyond the operations: trailing bytes.
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero + [UInt8](repeating: 0, count: 8), opCount: 1)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: zero + [UInt8](repeating: 0, count: 8), opCount: 1))
+    }
     // Operation count 0, and more operations than could fit.
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero, opCount: 0)) }
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero, opCount: 4)) }
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero, opCount: .max)) }
     // More operations than present: the next "operation" is zeros (length 0).
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero + [UInt8](repeating: 0, count: 24), opCount: 2)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: zero + [UInt8](repeating: 0, count: 24), opCount: 2))
+    }
     // Sequence numbers: 0 and the top half are invalid.
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero, opCount: 1, seq: 0)) }
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: zero, opCount: 1, seq: UInt64.max / 2)) }
@@ -701,7 +722,12 @@ func encodeRecord(
       expectFormatError(.invalidField, "length \(length)") { _ = try decodeRecord(rawRecord(body: op, opCount: 1)) }
     }
     // A length too short for the operation's fields.
-    expectFormatError(.truncated) { _ = try decodeRecord(rawRecord(body: rawOp(2, Array(body[0..<8]), length: 16) + [UInt8](repeating: 0, count: 8), opCount: 1, headerLength: 64 + 16)) }
+    expectFormatError(.truncated) {
+      _ = try decodeRecord(
+        rawRecord(
+          body: rawOp(2, Array(body[0..<8]), length: 16) + [UInt8](repeating: 0, count: 8), opCount: 1,
+          headerLength: 64 + 16))
+    }
     expectFormatError(.truncated) { _ = try decodeRecord(rawRecord(body: rawOp(10, [], length: 8), opCount: 1)) }
     // A write whose count needs more checksums than the operation holds.
     let write = rawOp(1, le(UInt64(0)) + le(UInt32(3)) + le(UInt32(0)) + le(UInt32(1)) + le(UInt32(2)))
@@ -718,13 +744,19 @@ func encodeRecord(
     let write = opBytes(.write(firstBlock: 0, checksums: [1, 2]))
     #expect(try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: 2)).ops.count == 1)
     for pages: UInt32 in [0, 1, 3, 4, .max] {
-      expectFormatError(.invalidField, "payload \(pages)") { _ = try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: pages)) }
+      expectFormatError(.invalidField, "payload \(pages)") {
+        _ = try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: pages))
+      }
     }
     // The same record read with 8 KiB blocks consumes 4 pages.
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: 2), blockSize: 8192) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: 2), blockSize: 8192)
+    }
     #expect(try decodeRecord(rawRecord(body: write, opCount: 1, payloadPages: 4), blockSize: 8192).ops.count == 1)
     let pages = opBytes(.pages([PageDescriptor(kind: .mapNode, level: 0, checksum: 0, key: 0)]))
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: pages + write, opCount: 2, payloadPages: 2)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: pages + write, opCount: 2, payloadPages: 2))
+    }
     #expect(try decodeRecord(rawRecord(body: pages + write, opCount: 2, payloadPages: 3)).ops.count == 2)
   }
 
@@ -745,15 +777,31 @@ func encodeRecord(
     func write(_ first: UInt64, count: UInt32, codec: UInt32, checksums: Int) -> [UInt8] {
       rawOp(1, le(first) + le(count) + le(codec) + (0..<checksums).flatMap { le(UInt32($0)) })
     }
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write(0, count: 0, codec: 0, checksums: 0), opCount: 1)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: write(0, count: 0, codec: 0, checksums: 0), opCount: 1))
+    }
     for codec: UInt32 in [1, 2, .max] {
-      expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write(0, count: 1, codec: codec, checksums: 1), opCount: 1, payloadPages: 1)) }
+      expectFormatError(.invalidField) {
+        _ = try decodeRecord(
+          rawRecord(body: write(0, count: 1, codec: codec, checksums: 1), opCount: 1, payloadPages: 1))
+      }
     }
     let maxBlocks = Layout.maxVirtualSize / 4096
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write(maxBlocks, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1)) }
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write(maxBlocks - 1, count: 2, codec: 0, checksums: 2), opCount: 1, payloadPages: 2)) }
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: write(.max, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1)) }
-    #expect(try decodeRecord(rawRecord(body: write(maxBlocks - 1, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1)).ops.count == 1)
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(
+        rawRecord(body: write(maxBlocks, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1))
+    }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(
+        rawRecord(body: write(maxBlocks - 1, count: 2, codec: 0, checksums: 2), opCount: 1, payloadPages: 2))
+    }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: write(.max, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1))
+    }
+    #expect(
+      try decodeRecord(
+        rawRecord(body: write(maxBlocks - 1, count: 1, codec: 0, checksums: 1), opCount: 1, payloadPages: 1)
+      ).ops.count == 1)
 
     for type: UInt16 in [2, 3] {
       let ranges: [(UInt64, UInt64)] = [(0, 0), (maxBlocks, 1), (0, maxBlocks + 1), (.max, .max), (1, .max), (.max, 1)]
@@ -767,7 +815,9 @@ func encodeRecord(
   }
 
   @Test func resizeAndPagesFieldChecks() throws {
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: rawOp(7, le(Layout.maxVirtualSize + 1)), opCount: 1)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: rawOp(7, le(Layout.maxVirtualSize + 1)), opCount: 1))
+    }
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: rawOp(7, le(UInt64.max)), opCount: 1)) }
     #expect(try decodeRecord(rawRecord(body: rawOp(7, le(UInt64(0))), opCount: 1)).ops == [.resize(virtualSize: 0)])
 
@@ -775,12 +825,19 @@ func encodeRecord(
       rawOp(8, le(count) + le(UInt32(0)) + kinds.flatMap { [$0, 0, 0, 0] + le(UInt32(1)) + le(UInt64(2)) })
     }
     expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: pages(count: 0, kinds: []), opCount: 1)) }
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: pages(count: 2, kinds: [1]), opCount: 1, payloadPages: 2)) }
-    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: pages(count: .max, kinds: [1]), opCount: 1, payloadPages: 1)) }
-    for kind: UInt8 in [0, 4, 0xFF] {
-      expectFormatError(.invalidField, "kind \(kind)") { _ = try decodeRecord(rawRecord(body: pages(count: 1, kinds: [kind]), opCount: 1, payloadPages: 1)) }
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: pages(count: 2, kinds: [1]), opCount: 1, payloadPages: 2))
     }
-    #expect(try decodeRecord(rawRecord(body: pages(count: 2, kinds: [1, 3]), opCount: 1, payloadPages: 2)).ops.count == 1)
+    expectFormatError(.invalidField) {
+      _ = try decodeRecord(rawRecord(body: pages(count: .max, kinds: [1]), opCount: 1, payloadPages: 1))
+    }
+    for kind: UInt8 in [0, 4, 0xFF] {
+      expectFormatError(.invalidField, "kind \(kind)") {
+        _ = try decodeRecord(rawRecord(body: pages(count: 1, kinds: [kind]), opCount: 1, payloadPages: 1))
+      }
+    }
+    #expect(
+      try decodeRecord(rawRecord(body: pages(count: 2, kinds: [1, 3]), opCount: 1, payloadPages: 2)).ops.count == 1)
   }
 
   /// A valid single-checkpoint record's operation bytes, to patch one field at a time.
@@ -795,15 +852,22 @@ func encodeRecord(
   @Test func checkpointFieldChecks() throws {
     let good = checkpointOp()
     #expect(try decodeRecord(rawRecord(body: good, opCount: 1)).ops.count == 1)
-    func rejects<T: FixedWidthInteger>(_ offset: Int, _ value: T, _ kind: FormatError.Kind = .invalidField, sourceLocation: SourceLocation = #_sourceLocation) {
+    func rejects<T: FixedWidthInteger>(
+      _ offset: Int, _ value: T, _ kind: FormatError.Kind = .invalidField,
+      sourceLocation: SourceLocation = #_sourceLocation
+    ) {
       var op = good
       patch(&op, offset, value)
-      expectFormatError(kind, "offset \(offset) = \(value)", sourceLocation: sourceLocation) { _ = try decodeRecord(rawRecord(body: op, opCount: 1)) }
+      expectFormatError(kind, "offset \(offset) = \(value)", sourceLocation: sourceLocation) {
+        _ = try decodeRecord(rawRecord(body: op, opCount: 1))
+      }
     }
     func accepts<T: FixedWidthInteger>(_ offset: Int, _ value: T, sourceLocation: SourceLocation = #_sourceLocation) {
       var op = good
       patch(&op, offset, value)
-      #expect((try? decodeRecord(rawRecord(body: op, opCount: 1))) != nil, "offset \(offset) = \(value)", sourceLocation: sourceLocation)
+      #expect(
+        (try? decodeRecord(rawRecord(body: op, opCount: 1))) != nil, "offset \(offset) = \(value)",
+        sourceLocation: sourceLocation)
     }
     // Virtual size.
     rejects(8, Layout.maxVirtualSize + 1)
@@ -893,7 +957,9 @@ func encodeRecord(
       }
     }
     for bit: UInt64 in 32...63 {
-      expectFormatError(.invalidField, "word1 bit \(bit)") { _ = try MapEntry.decode(word0: 1 << 48 | 9, word1: 1 << bit) }
+      expectFormatError(.invalidField, "word1 bit \(bit)") {
+        _ = try MapEntry.decode(word0: 1 << 48 | 9, word1: 1 << bit)
+      }
     }
     // Data without a page; unallocated/zero with a page or a checksum.
     expectFormatError(.invalidField) { _ = try MapEntry.decode(word0: 1 << 48, word1: 5) }
@@ -904,7 +970,9 @@ func encodeRecord(
   }
 
   @Test func childRefCoding() throws {
-    let refs: [ChildRef] = [.unallocated, .zero, ChildRef(page: 1, checksum: 0), ChildRef(page: Layout.maxPageAddress, checksum: .max)]
+    let refs: [ChildRef] = [
+      .unallocated, .zero, ChildRef(page: 1, checksum: 0), ChildRef(page: Layout.maxPageAddress, checksum: .max),
+    ]
     for ref in refs {
       #expect(try ChildRef.decode(word0: ref.words.0, word1: ref.words.1) == ref)
       var w = ByteWriter()
@@ -961,7 +1029,8 @@ func encodeRecord(
     var rng = SplitMix64(seed: 4)
     let all = (0..<700).map { _ in
       let written = UInt32(truncatingIfNeeded: rng.next() % 2049)
-      return SegmentUsage(livePages: UInt32(rng.next() % UInt64(written + 1)), writtenPages: written, lastSeq: rng.next())
+      return SegmentUsage(
+        livePages: UInt32(rng.next() % UInt64(written + 1)), writtenPages: written, lastSeq: rng.next())
     }
     var decoded: [SegmentUsage] = []
     for start in stride(from: 0, to: all.count, by: SegmentUsage.perPage) {
@@ -981,9 +1050,12 @@ func encodeRecord(
   @Test func usagePageRejections() throws {
     // Live pages may exceed the fill: an open segment records a fill of 0.
     let open = SegmentUsage(livePages: 5, writtenPages: 0, lastSeq: 0)
-    #expect(try SegmentUsage.encodePage([open][...]).withUnsafeBytes { try SegmentUsage.decodePage($0, count: 1) } == [open])
+    #expect(
+      try SegmentUsage.encodePage([open][...]).withUnsafeBytes { try SegmentUsage.decodePage($0, count: 1) } == [open])
     let valid = SegmentUsage.encodePage([SegmentUsage(livePages: 5, writtenPages: 5, lastSeq: 1)][...])
-    expectFormatError(.truncated) { _ = try Array(valid[0..<20]).withUnsafeBytes { try SegmentUsage.decodePage($0, count: 2) } }
+    expectFormatError(.truncated) {
+      _ = try Array(valid[0..<20]).withUnsafeBytes { try SegmentUsage.decodePage($0, count: 2) }
+    }
   }
 
   func catalogEntries(_ n: Int, seed: UInt64) -> [SnapshotEntry] {
@@ -1000,7 +1072,8 @@ func encodeRecord(
         name.append(c)
       }
       if name.isEmpty { name = "n" }
-      return SnapshotEntry(seq: seq, timestampNanoseconds: rng.next(), baseCheckpoint: 256 + rng.next() % 100_000, name: name)
+      return SnapshotEntry(
+        seq: seq, timestampNanoseconds: rng.next(), baseCheckpoint: 256 + rng.next() % 100_000, name: name)
     }
   }
 
@@ -1022,10 +1095,15 @@ func encodeRecord(
       if n == 300 { #expect(pages.count > 10) }
     }
     // Fixed-size names pack exactly: 255-byte names take 288 bytes, 14 per page.
-    let big = (0..<29).map { SnapshotEntry(seq: UInt64($0 + 1), timestampNanoseconds: 0, baseCheckpoint: 256, name: String(repeating: "q", count: 255)) }
+    let big = (0..<29).map {
+      SnapshotEntry(
+        seq: UInt64($0 + 1), timestampNanoseconds: 0, baseCheckpoint: 256, name: String(repeating: "q", count: 255))
+    }
     #expect(SnapshotEntry.encodePages(big).count == 3)
     // One-byte names take 32 bytes, 127 per page.
-    let small = (0..<128).map { SnapshotEntry(seq: UInt64($0 + 1), timestampNanoseconds: 0, baseCheckpoint: 256, name: "s") }
+    let small = (0..<128).map {
+      SnapshotEntry(seq: UInt64($0 + 1), timestampNanoseconds: 0, baseCheckpoint: 256, name: "s")
+    }
     let smallPages = SnapshotEntry.encodePages(small)
     #expect(smallPages.count == 2)
     #expect(read32(smallPages[0], 0) == 127)
@@ -1034,7 +1112,9 @@ func encodeRecord(
   @Test func catalogEntryLayout() {
     let e = SnapshotEntry(seq: 0x11, timestampNanoseconds: 0x22, baseCheckpoint: 0x33, name: "abc")
     let page = SnapshotEntry.encodePages([e])[0]
-    #expect(Array(page[0..<40]) == le(UInt32(1)) + le(UInt32(0)) + le(UInt64(0x11)) + le(UInt64(0x22)) + le(UInt64(0x33)) + le(UInt16(3)) + Array("abc".utf8) + [0, 0, 0])
+    #expect(
+      Array(page[0..<40]) == le(UInt32(1)) + le(UInt32(0)) + le(UInt64(0x11)) + le(UInt64(0x22)) + le(UInt64(0x33))
+        + le(UInt16(3)) + Array("abc".utf8) + [0, 0, 0])
     #expect(page[40...].allSatisfy { $0 == 0 })
   }
 
@@ -1042,7 +1122,9 @@ func encodeRecord(
     let entries = catalogEntries(5, seed: 9)
     let good = SnapshotEntry.encodePages(entries)[0]
     func rejects(_ kind: FormatError.Kind, _ page: [UInt8], sourceLocation: SourceLocation = #_sourceLocation) {
-      expectFormatError(kind, sourceLocation: sourceLocation) { _ = try page.withUnsafeBytes { try SnapshotEntry.decodePage($0) } }
+      expectFormatError(kind, sourceLocation: sourceLocation) {
+        _ = try page.withUnsafeBytes { try SnapshotEntry.decodePage($0) }
+      }
     }
     var b = good
     patch(&b, 0, UInt32(0))
@@ -1196,7 +1278,9 @@ func encodeRecord(
         _ = try b.withUnsafeBytes { try SegmentUsage.decodePage($0, count: Int(rng.next() % 257)) }
       }
       if b.count >= 16 {
-        _ = expectOnlyFormatErrors("map entry #\(i)") { _ = try MapEntry.decode(word0: read64(b, 0), word1: read64(b, 8)) }
+        _ = expectOnlyFormatErrors("map entry #\(i)") {
+          _ = try MapEntry.decode(word0: read64(b, 0), word1: read64(b, 8))
+        }
       }
     }
   }
@@ -1243,7 +1327,9 @@ func encodeRecord(
     var templates: [[UInt8]] = everyOp.map { encodeRecord([$0], seq: 9).bytes }
     templates.append(encodeRecord(everyOp.filter { $0.type != .seal }).bytes)
     templates.append(encodeRecord([.checkpoint(sampleCheckpoint(segments: 2, catalogPages: 0))]).bytes)
-    templates.append(encodeRecord([.write(firstBlock: 0, checksums: [1, 2, 3, 4, 5]), .snapshot(name: "x", baseCheckpoint: 256)]).bytes)
+    templates.append(
+      encodeRecord([.write(firstBlock: 0, checksums: [1, 2, 3, 4, 5]), .snapshot(name: "x", baseCheckpoint: 256)]).bytes
+    )
     var accepted = 0
     var rejected = 0
     for i in 0..<Self.iterations {
@@ -1257,16 +1343,23 @@ func encodeRecord(
         case 0: b[at] ^= UInt8(truncatingIfNeeded: rng.next() | 1)
         case 1:
           let aligned = at & ~7
-          if aligned + 8 <= b.count { patch(&b, aligned, [0, .max, rng.next(), UInt64(Int64.max), 1 << 48, 1 << 44][Int(rng.next() % 6)]) }
+          if aligned + 8 <= b.count {
+            patch(&b, aligned, [0, .max, rng.next(), UInt64(Int64.max), 1 << 48, 1 << 44][Int(rng.next() % 6)])
+          }
         case 2:
           let aligned = at & ~3
-          if aligned + 4 <= b.count { patch(&b, aligned, [0, UInt32.max, UInt32(truncatingIfNeeded: rng.next()), 1, 8, 4096][Int(rng.next() % 6)]) }
+          if aligned + 4 <= b.count {
+            patch(
+              &b, aligned, [0, UInt32.max, UInt32(truncatingIfNeeded: rng.next()), 1, 8, 4096][Int(rng.next() % 6)])
+          }
         default: b[at] = UInt8(truncatingIfNeeded: rng.next())
         }
       }
       if rng.next() % 16 == 0 { b = Array(b[0..<Int(rng.next() % UInt64(b.count + 1))]) }
       if b.count >= 48 { fixRecordChecksum(&b) }
-      let ok = expectOnlyFormatErrors("record #\(i)") { _ = try decodeRecord(b, blockSize: [4096, 8192, 65536][i % 3]) }
+      let ok = expectOnlyFormatErrors("record #\(i)") {
+        _ = try decodeRecord(b, blockSize: [4096, 8192, 65536][i % 3])
+      }
       if ok { accepted += 1 } else { rejected += 1 }
     }
     #expect(accepted > 0)
@@ -1277,7 +1370,9 @@ func encodeRecord(
 // MARK: - The worked example of format-spec/README.md, section 14
 
 @Suite struct SpecExampleTests {
-  static let imageID: [UInt8] = [0x5f, 0x0e, 0x2b, 0x3c, 0x8a, 0x11, 0x4d, 0x6e, 0x9b, 0x27, 0xc4, 0xd1, 0xe0, 0x73, 0xa5, 0xb8]
+  static let imageID: [UInt8] = [
+    0x5f, 0x0e, 0x2b, 0x3c, 0x8a, 0x11, 0x4d, 0x6e, 0x9b, 0x27, 0xc4, 0xd1, 0xe0, 0x73, 0xa5, 0xb8,
+  ]
   static let clock: UInt64 = 1_767_225_600_000_000_000
 
   @Test func genesisMatchesTheSpecification() throws {
@@ -1315,11 +1410,12 @@ func encodeRecord(
     let slot1 = sb.encode()
     #expect(read32(slot0, 124) == 0xb7c8_86ae)
     #expect(read32(slot1, 124) == 0xb0dd_48fd)
-    #expect(Array(slot0[0x40..<0x70]) == [
-      0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,
-      0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-      0x83, 0xbe, 0xc3, 0xcb, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xfa, 0xed, 0x51, 0x72, 0x86, 0x18,
-    ])
+    #expect(
+      Array(slot0[0x40..<0x70]) == [
+        0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x83, 0xbe, 0xc3, 0xcb, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xfa, 0xed, 0x51, 0x72, 0x86, 0x18,
+      ])
     // Both records decode and chain.
     let a = try decodeRecord(first.bytes)
     let b = try decodeRecord(second.bytes)

@@ -24,8 +24,12 @@ struct InflightView {
     base = area.baseAddress! + queue * inflightRegionSize(queueSize: Int(d.queueSize))
   }
 
-  private func u16(_ offset: Int) -> UInt16 { UInt16(littleEndian: base.loadUnaligned(fromByteOffset: offset, as: UInt16.self)) }
-  private func setU16(_ offset: Int, _ v: UInt16) { base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: UInt16.self) }
+  private func u16(_ offset: Int) -> UInt16 {
+    UInt16(littleEndian: base.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+  }
+  private func setU16(_ offset: Int, _ v: UInt16) {
+    base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: UInt16.self)
+  }
 
   var features: UInt64 { UInt64(littleEndian: base.loadUnaligned(as: UInt64.self)) }
   var version: UInt16 {
@@ -58,7 +62,9 @@ func expectInflightRefused(
 ) throws {
   var reply = try #require(try c.send(.getInflightFd, payload: ask.encode()), sourceLocation: sourceLocation)
   defer { reply.closeFds() }
-  #expect(reply.fds.isEmpty, "\(what): GET_INFLIGHT_FD refused but sent \(reply.fds.count) fd(s)", sourceLocation: sourceLocation)
+  #expect(
+    reply.fds.isEmpty, "\(what): GET_INFLIGHT_FD refused but sent \(reply.fds.count) fd(s)",
+    sourceLocation: sourceLocation)
   let d = try reply.payload.withUnsafeBytes { (b) throws(VhostError) in try InflightDescription.decode(b) }
   #expect(d.mmapSize == 0, "\(what): GET_INFLIGHT_FD answered mmap_size \(d.mmapSize)", sourceLocation: sourceLocation)
 }
@@ -126,7 +132,9 @@ struct TortureModel {
 
   /// The contents a block may have: its last durable version or a later one.
   func acceptable(_ block: Int, blockSize: Int) -> [[UInt8]] {
-    history[block][durable[block]...].map { $0 == 0 ? [UInt8](repeating: 0, count: blockSize) : pattern(blockSize, seed: $0) }
+    history[block][durable[block]...].map {
+      $0 == 0 ? [UInt8](repeating: 0, count: blockSize) : pattern(blockSize, seed: $0)
+    }
   }
 }
 
@@ -151,7 +159,8 @@ struct StrataServeInflightTests {
       for q in 0..<2 {
         var heads: [UInt32] = []
         for i in 0..<5 {
-          let r = try c.perform(queue: q, .write(sector: UInt64(64 * q + 8 * i), data: pattern(4096, seed: UInt64(10 * q + i + 1))))
+          let r = try c.perform(
+            queue: q, .write(sector: UInt64(64 * q + 8 * i), data: pattern(4096, seed: UInt64(10 * q + i + 1))))
           #expect(r.isOK)
           heads.append(r.head)
         }
@@ -172,15 +181,23 @@ struct StrataServeInflightTests {
       defer { raw.shutdown() }
       try raw.negotiate()
       try #require(raw.hasProtocol(.inflightShmfd))
-      for (nq, qs, what) in [(0, 64, "0 queues"), (3, 64, "3 of 2 queues"), (1, 0, "queue size 0"), (1, 2048, "queue size 2048")] {
+      for (nq, qs, what) in [
+        (0, 64, "0 queues"), (3, 64, "3 of 2 queues"), (1, 0, "queue size 0"), (1, 2048, "queue size 2048"),
+      ] {
         try expectInflightRefused(
           raw, InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: UInt16(nq), queueSize: UInt16(qs)), what)
       }
-      var got = try #require(try raw.send(.getInflightFd, payload: InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: 1, queueSize: 64).encode()))
+      var got = try #require(
+        try raw.send(
+          .getInflightFd, payload: InflightDescription(mmapSize: 0, mmapOffset: 0, numQueues: 1, queueSize: 64).encode()
+        ))
       defer { got.closeFds() }
       try #require(got.fds.count == 1, "GET_INFLIGHT_FD sent \(got.fds.count) fds")
       let g = try got.payload.withUnsafeBytes { (b) throws(VhostError) in try InflightDescription.decode(b) }
-      #expect(g == InflightDescription(mmapSize: UInt64(inflightRegionSize(queueSize: 64)), mmapOffset: 0, numQueues: 1, queueSize: 64))
+      #expect(
+        g
+          == InflightDescription(
+            mmapSize: UInt64(inflightRegionSize(queueSize: 64)), mmapOffset: 0, numQueues: 1, queueSize: 64))
       let fd = got.fds[0]
       var st = stat()
       #expect(fstat(fd, &st) == 0 && UInt64(st.st_size) >= g.mmapSize, "the inflight memfd has \(st.st_size) bytes")
@@ -197,7 +214,9 @@ struct StrataServeInflightTests {
       func bad(_ d: InflightDescription, fds: [Int32]? = nil, _ what: String) {
         expectNack("SET_INFLIGHT_FD \(what)") { try raw.send(.setInflightFd, payload: d.encode(), fds: fds ?? [fd]) }
       }
-      bad(InflightDescription(mmapSize: g.mmapSize - 64, mmapOffset: 0, numQueues: 1, queueSize: 64), "mmap_size too small")
+      bad(
+        InflightDescription(mmapSize: g.mmapSize - 64, mmapOffset: 0, numQueues: 1, queueSize: 64),
+        "mmap_size too small")
       bad(InflightDescription(mmapSize: g.mmapSize, mmapOffset: 64, numQueues: 1, queueSize: 64), "unaligned offset")
       bad(InflightDescription(mmapSize: g.mmapSize, mmapOffset: 4096, numQueues: 1, queueSize: 64), "past the file")
       bad(InflightDescription(mmapSize: 1 << 20, mmapOffset: 0, numQueues: 1, queueSize: 64), "larger than the file")
@@ -210,7 +229,9 @@ struct StrataServeInflightTests {
       let null = devNull()
       bad(InflightDescription(mmapSize: 4096, mmapOffset: 0, numQueues: 1, queueSize: 64), fds: [null], "on /dev/null")
       close(null)
-      expectNack("SET_INFLIGHT_FD with a short payload") { try raw.send(.setInflightFd, payload: [1, 2, 3], fds: [fd]) }
+      expectNack("SET_INFLIGHT_FD with a short payload") {
+        try raw.send(.setInflightFd, payload: [1, 2, 3], fds: [fd])
+      }
       raw.shutdown()
 
       // Without the protocol feature both are refused.
@@ -259,8 +280,10 @@ struct StrataServeInflightTests {
         m.write(f.data, at: buffer)
         let d = f.descriptors
         try c.placeDescriptor(queue: 0, index: d[0], address: header, length: 16, flags: VirtqDescFlag.next, next: d[1])
-        try c.placeDescriptor(queue: 0, index: d[1], address: buffer, length: 4096, flags: VirtqDescFlag.next, next: d[2])
-        try c.placeDescriptor(queue: 0, index: d[2], address: header + 16, length: 1, flags: VirtqDescFlag.write, next: 0)
+        try c.placeDescriptor(
+          queue: 0, index: d[1], address: buffer, length: 4096, flags: VirtqDescFlag.next, next: d[2])
+        try c.placeDescriptor(
+          queue: 0, index: d[2], address: header + 16, length: 1, flags: VirtqDescFlag.write, next: 0)
         forged.append(f)
       }
       // Real requests: a write, then a flush (so that the kill cannot lose the write), whose
@@ -300,7 +323,8 @@ struct StrataServeInflightTests {
       usleep(100_000)
       completions += try c.poll(queue: 0)
       let order = [forged[1], forged[0], forged[2]].map { UInt32($0.descriptors[0]) }
-      #expect(completions.map(\.head) == order, "used entries \(completions.map(\.head)), expected \(order) (counter order)")
+      #expect(
+        completions.map(\.head) == order, "used entries \(completions.map(\.head)), expected \(order) (counter order)")
       for f in forged {
         #expect(m.read(at: f.header + 16, count: 1) == [statusOK], "forged chain at head \(f.descriptors[0]) not OK")
         try c.releaseDescriptors(queue: 0, f.descriptors)
@@ -353,7 +377,8 @@ struct StrataServeInflightTests {
           while model.busy.contains(block) { block = (block + 1) % blocks }
           let seed = rng.next() | 1
           id = try c.submit(
-            queue: q, .write(sector: firstSector + UInt64(block * blockSize / 512), data: pattern(blockSize, seed: seed)),
+            queue: q,
+            .write(sector: firstSector + UInt64(block * blockSize / 512), data: pattern(blockSize, seed: seed)),
             kick: false)
           model.busy.insert(block)
           model.pending[id] = .write(block: block, seed: seed)
@@ -427,11 +452,15 @@ struct StrataServeInflightTests {
         return Int(line[r.upperBound...].prefix { $0.isNumber })
       }.reduce(0, +)
       #expect(resubmitted > 0, "no kill caught a request in flight in \(kills) kills")
-      print("kill -9 torture (seed \(seed)): \(kills) kills, \(model.writes) writes and \(model.flushes) flushes completed, \(resubmitted) request(s) resubmitted")
+      print(
+        "kill -9 torture (seed \(seed)): \(kills) kills, \(model.writes) writes and \(model.flushes) flushes completed, \(resubmitted) request(s) resubmitted"
+      )
       c.shutdown()
       s.stop()
 
-      let r = try s.strata(["read", s.image, "--offset", String(firstSector * 512), "--length", String(blocks * blockSize)])
+      let r = try s.strata([
+        "read", s.image, "--offset", String(firstSector * 512), "--length", String(blocks * blockSize),
+      ])
       try #require(r.succeeded, "strata read: \(r.stderr)")
       var latest = 0
       for b in 0..<blocks {
@@ -440,13 +469,15 @@ struct StrataServeInflightTests {
         if got == allowed.last { latest += 1 }
         #expect(
           allowed.contains(got),
-          "block \(b): not its last durable write nor a later one (\(model.history[b].count - 1) writes, durable #\(model.durable[b]))")
+          "block \(b): not its last durable write nor a later one (\(model.history[b].count - 1) writes, durable #\(model.durable[b]))"
+        )
       }
       let undurable = (0..<blocks).filter { model.durable[$0] < model.history[$0].count - 1 }.count
       // Blocks whose last write completed but was never flushed before a kill may have lost it:
       // the server buffers acknowledged writes until a flush (see the report of this test).
       print(
-        "kill -9 torture: \(latest) of \(blocks) blocks hold their last write; \(undurable) last writes were not durable at a kill, \(blocks - latest) of those were lost")
+        "kill -9 torture: \(latest) of \(blocks) blocks hold their last write; \(undurable) last writes were not durable at a kill, \(blocks - latest) of those were lost"
+      )
       let check = try s.strata(["check", s.image])
       #expect(check.succeeded, "strata check: \(check.stderr)\(String(decoding: check.stdout, as: UTF8.self))")
     }

@@ -48,7 +48,8 @@ struct ServeTestError: Error, CustomStringConvertible {
 
 /// posix_spawn with an empty signal mask and default dispositions (test threads may block
 /// signals and a child inherits that), stdin on /dev/null, stdout and stderr to files.
-func spawnProcess(_ path: String, _ args: [String], stdoutPath: String = "/dev/null", stderrPath: String) throws -> pid_t
+func spawnProcess(_ path: String, _ args: [String], stdoutPath: String = "/dev/null", stderrPath: String) throws
+  -> pid_t
 {
   var actions = posix_spawn_file_actions_t()
   posix_spawn_file_actions_init(&actions)
@@ -292,7 +293,9 @@ final class ServeProcess {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     defer { close(fd) }
     return withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
+      }
     }
   }
 
@@ -325,7 +328,9 @@ final class ServeProcess {
   func removeDirectory() { try? FileManager.default.removeItem(atPath: directory) }
 
   /// The last lines of the server's log, for failure messages.
-  var logTail: String { log.split(separator: "\n", omittingEmptySubsequences: false).suffix(40).joined(separator: "\n") }
+  var logTail: String {
+    log.split(separator: "\n", omittingEmptySubsequences: false).suffix(40).joined(separator: "\n")
+  }
 
   /// Open descriptors of the server process.
   func openFdCount() -> Int {

@@ -141,7 +141,8 @@ struct StrataServeTests {
         #expect(space.offset == UInt32(offset) && space.size == UInt32(size))
         #expect(space.payload == Array(full[offset..<(offset + size)]), "GET_CONFIG \(offset)+\(size)")
       }
-      let blk = try #require(try c.send(.getConfig, payload: ConfigSpace(offset: 20, size: 4, flags: 0, payload: [0, 0, 0, 0]).encode()))
+      let blk = try #require(
+        try c.send(.getConfig, payload: ConfigSpace(offset: 20, size: 4, flags: 0, payload: [0, 0, 0, 0]).encode()))
       #expect(Array(blk.payload[12...]) == [0x00, 0x10, 0x00, 0x00], "blk_size window")
 
       for q in 0..<3 {
@@ -281,7 +282,9 @@ struct StrataServeTests {
       #expect(odd2.status == statusUnsupp)
 
       // Past the end, straddling the end, absurd sectors, lengths not a multiple of 512.
-      for (sector, length) in [(capacity, 512), (capacity - 1, 1024), (UInt64.max / 512, 512), (UInt64.max, 512), (0, 100)] {
+      for (sector, length) in [
+        (capacity, 512), (capacity - 1, 1024), (UInt64.max / 512, 512), (UInt64.max, 512), (0, 100),
+      ] {
         let r = try c.perform(.read(sector: sector, length: length))
         #expect(r.status == statusIOErr, "read \(length) B at sector \(sector): status \(String(describing: r.status))")
       }
@@ -310,7 +313,10 @@ struct StrataServeTests {
         #expect(try c.perform(.write(sector: 256, data: data)).isOK)
         let z = try c.perform(
           .writeZeroes(
-            [VirtioBlkDiscardSegment(sector: 264, numSectors: 16, flags: 0), .init(sector: 259, numSectors: 3, flags: 0)],
+            [
+              VirtioBlkDiscardSegment(sector: 264, numSectors: 16, flags: 0),
+              .init(sector: 259, numSectors: 3, flags: 0),
+            ],
             unmap: unmap))
         #expect(z.isOK, "write zeroes unmap=\(unmap)")
         var e = data
@@ -352,7 +358,8 @@ struct StrataServeTests {
       let w0 = try c.perform(.write(sector: 100, data: pattern(512, seed: 2)))
       #expect(w0.status == statusIOErr)
       // Sent anyway although not offered.
-      #expect(try c.perform(.writeZeroes([.init(sector: 8, numSectors: 8, flags: 0)], unmap: false)).status == statusIOErr)
+      #expect(
+        try c.perform(.writeZeroes([.init(sector: 8, numSectors: 8, flags: 0)], unmap: false)).status == statusIOErr)
       #expect(try c.perform(.discard([.init(sector: 8, numSectors: 8, flags: 0)])).status == statusIOErr)
       #expect(try c.perform(.flush).status == statusOK, "FLUSH of a read-only disk")
       #expect(try c.perform(.getID).isOK)
@@ -530,13 +537,17 @@ struct StrataServeTests {
           x.prepare(.read, sector: 0)
           try refused(
             c, x,
-            [RawDescriptor(x.header, 16, next: 1), RawDescriptor(bad, 4096, writable: true, next: 2),
-             RawDescriptor(x.status, 1, writable: true)], "data at 0x\(String(bad, radix: 16))")
+            [
+              RawDescriptor(x.header, 16, next: 1), RawDescriptor(bad, 4096, writable: true, next: 2),
+              RawDescriptor(x.status, 1, writable: true),
+            ], "data at 0x\(String(bad, radix: 16))")
           x.prepare(.write, sector: 0)
           try refused(
             c, x,
-            [RawDescriptor(x.header, 16, next: 1), RawDescriptor(bad, 4096, next: 2),
-             RawDescriptor(x.status, 1, writable: true)], "write data at 0x\(String(bad, radix: 16))")
+            [
+              RawDescriptor(x.header, 16, next: 1), RawDescriptor(bad, 4096, next: 2),
+              RawDescriptor(x.status, 1, writable: true),
+            ], "write data at 0x\(String(bad, radix: 16))")
           if bad > size - 16 {
             try refused(
               c, x, [RawDescriptor(bad, 16, next: 1), RawDescriptor(x.status, 1, writable: true)],
@@ -558,12 +569,16 @@ struct StrataServeTests {
         try refused(c, x, [RawDescriptor(x.header, 16, next: 0)], "self loop")
         try refused(
           c, x,
-          [RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 512, writable: true, next: 2),
-           RawDescriptor(x.status, 1, writable: true, next: 0)], "loop back to the head")
+          [
+            RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 512, writable: true, next: 2),
+            RawDescriptor(x.status, 1, writable: true, next: 0),
+          ], "loop back to the head")
         try refused(
           c, x,
-          [RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 512, writable: true, next: 2),
-           RawDescriptor(x.data + 512, 512, writable: true, next: 1)], "loop in the middle")
+          [
+            RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 512, writable: true, next: 2),
+            RawDescriptor(x.data + 512, 512, writable: true, next: 1),
+          ], "loop in the middle")
         try stillServing(c, "after loops")
       }
 
@@ -595,13 +610,17 @@ struct StrataServeTests {
         x.prepare(.read, sector: 0, data: other)
         try refused(
           c, x,
-          [RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 4096, writable: true, next: 2),
-           RawDescriptor(x.status, 0, writable: true)], "zero-length status")
+          [
+            RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 4096, writable: true, next: 2),
+            RawDescriptor(x.status, 0, writable: true),
+          ], "zero-length status")
         x.prepare(.write, sector: 0, data: other)
         try refused(
           c, x,
-          [RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.status, 1, writable: true, next: 2),
-           RawDescriptor(x.data, 4096)], "writable descriptor before readable data")
+          [
+            RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.status, 1, writable: true, next: 2),
+            RawDescriptor(x.data, 4096),
+          ], "writable descriptor before readable data")
         // None of those wrote to the disk.
         try stillServing(c, "after chains without status")
       }
@@ -676,8 +695,10 @@ struct StrataServeTests {
         let ok = try c.runChain([RawDescriptor(table, 48, flags: VirtqDescFlag.indirect)])
         #expect(ok.usedLength == 4097 && x.statusByte == statusOK)
         #expect(m.read(at: x.data, count: 4096) == good)
-        for (length, what) in [(UInt32(0), "empty"), (17, "17 bytes"), (47, "47 bytes"), (300 * 16, "300 entries"),
-                               (UInt32.max & ~15, "4 GiB")] {
+        for (length, what) in [
+          (UInt32(0), "empty"), (17, "17 bytes"), (47, "47 bytes"), (300 * 16, "300 entries"),
+          (UInt32.max & ~15, "4 GiB"),
+        ] {
           x.prepare(.read, sector: 0)
           try refused(c, x, [RawDescriptor(table, length, flags: VirtqDescFlag.indirect)], "indirect table of \(what)")
         }
@@ -685,7 +706,11 @@ struct StrataServeTests {
         try refused(
           c, x, [RawDescriptor(UInt64(m.size) - 16, 48, flags: VirtqDescFlag.indirect)], "table past guest memory")
         try refused(
-          c, x, [RawDescriptor(table, 48, next: 1, flags: VirtqDescFlag.indirect), RawDescriptor(x.status, 1, writable: true)],
+          c, x,
+          [
+            RawDescriptor(table, 48, next: 1, flags: VirtqDescFlag.indirect),
+            RawDescriptor(x.status, 1, writable: true),
+          ],
           "INDIRECT with NEXT")
         // A table inside a table.
         let inner = table + 4096
@@ -805,18 +830,26 @@ struct StrataServeTests {
       try malformed("wrong payload sizes") { c in
         let m = try #require(c.memory)
         expectNack("SET_FEATURES of 4 bytes") { try c.send(.setFeatures, payload: [0, 0, 0, 1]) }
-        expectNack("SET_FEATURES of 16 bytes") { try c.send(.setFeatures, payload: encodeU64(c.features) + [0, 0, 0, 0, 0, 0, 0, 0]) }
+        expectNack("SET_FEATURES of 16 bytes") {
+          try c.send(.setFeatures, payload: encodeU64(c.features) + [0, 0, 0, 0, 0, 0, 0, 0])
+        }
         expectNack("SET_PROTOCOL_FEATURES empty") { try c.send(.setProtocolFeatures) }
         expectNack("SET_VRING_NUM of 12 bytes") { try c.send(.setVringNum, payload: [UInt8](repeating: 0, count: 12)) }
         expectNack("SET_VRING_BASE of 4 bytes") { try c.send(.setVringBase, payload: [0, 0, 0, 0]) }
         expectNack("SET_VRING_ADDR of 8 bytes") { try c.send(.setVringAddr, payload: [UInt8](repeating: 0, count: 8)) }
-        expectNack("SET_VRING_ENABLE of 16 bytes") { try c.send(.setVringEnable, payload: [UInt8](repeating: 0, count: 16)) }
-        expectNack("SET_MEM_TABLE header only") { try c.send(.setMemTable, payload: [1, 0, 0, 0, 0, 0, 0, 0], fds: [m.fd]) }
+        expectNack("SET_VRING_ENABLE of 16 bytes") {
+          try c.send(.setVringEnable, payload: [UInt8](repeating: 0, count: 16))
+        }
+        expectNack("SET_MEM_TABLE header only") {
+          try c.send(.setMemTable, payload: [1, 0, 0, 0, 0, 0, 0, 0], fds: [m.fd])
+        }
         expectNack("SET_MEM_TABLE of 0 regions") { try c.send(.setMemTable, payload: [0, 0, 0, 0, 0, 0, 0, 0]) }
         expectNack("SET_MEM_TABLE claiming 9 regions") {
           try c.send(.setMemTable, payload: [9, 0, 0, 0, 0, 0, 0, 0] + [UInt8](repeating: 0, count: 32), fds: [m.fd])
         }
-        expectNack("ADD_MEM_REG of 20 bytes") { try c.send(.addMemReg, payload: [UInt8](repeating: 0, count: 20), fds: [m.fd]) }
+        expectNack("ADD_MEM_REG of 20 bytes") {
+          try c.send(.addMemReg, payload: [UInt8](repeating: 0, count: 20), fds: [m.fd])
+        }
         let fd = devNull()
         expectNack("SET_VRING_KICK of 4 bytes") { try c.send(.setVringKick, payload: [0, 0, 0, 0], fds: [fd]) }
         close(fd)
@@ -825,7 +858,13 @@ struct StrataServeTests {
           try c.send(.setConfig, payload: ConfigSpace(offset: 0, size: 8, flags: 0, payload: encodeU64(1)).encode())
         }
         // Requests that have replies still answer (the front-end would wait forever otherwise).
-        for (payload, what) in [([UInt8](repeating: 0, count: 4), "4 bytes"), (ConfigSpace(offset: 200, size: 100, flags: 0, payload: [UInt8](repeating: 0, count: 100)).encode(), "window past 256"), ([UInt8](repeating: 0, count: 12 + 8), "size 0 with 8 bytes")] {
+        for (payload, what) in [
+          ([UInt8](repeating: 0, count: 4), "4 bytes"),
+          (
+            ConfigSpace(offset: 200, size: 100, flags: 0, payload: [UInt8](repeating: 0, count: 100)).encode(),
+            "window past 256"
+          ), ([UInt8](repeating: 0, count: 12 + 8), "size 0 with 8 bytes"),
+        ] {
           var r = try #require(try c.send(.getConfig, payload: payload), "GET_CONFIG of \(what)")
           r.closeFds()
           #expect(r.payload.count <= 12, "GET_CONFIG of \(what) answered with \(r.payload.count) bytes")
@@ -844,29 +883,45 @@ struct StrataServeTests {
           MemoryRegion(guestAddress: half, size: half, userAddress: m.userAddress + half, mmapOffset: half),
         ])
         expectNack("2 regions, 1 fd") { try c.send(.setMemTable, payload: two.encode(), fds: [m.fd]) }
-        let one = MemoryTable(regions: [MemoryRegion(guestAddress: 0, size: UInt64(m.size), userAddress: m.userAddress, mmapOffset: 0)])
+        let one = MemoryTable(regions: [
+          MemoryRegion(guestAddress: 0, size: UInt64(m.size), userAddress: m.userAddress, mmapOffset: 0)
+        ])
         expectNack("1 region, 0 fds") { try c.send(.setMemTable, payload: one.encode()) }
         expectNack("1 region, 2 fds") { try c.send(.setMemTable, payload: one.encode(), fds: [m.fd, m.fd]) }
         expectNack("ADD_MEM_REG without fd") {
           try c.send(.addMemReg, payload: SingleMemoryRegion(region: one.regions[0]).encode())
         }
         expectNack("overlapping regions") {
-          let overlap = MemoryTable(regions: [one.regions[0], MemoryRegion(guestAddress: half, size: half, userAddress: 1 << 40, mmapOffset: 0)])
+          let overlap = MemoryTable(regions: [
+            one.regions[0], MemoryRegion(guestAddress: half, size: half, userAddress: 1 << 40, mmapOffset: 0),
+          ])
           try c.send(.setMemTable, payload: overlap.encode(), fds: [m.fd, m.fd])
         }
         expectNack("empty region") {
-          try c.send(.setMemTable, payload: MemoryTable(regions: [MemoryRegion(guestAddress: 0, size: 0, userAddress: m.userAddress, mmapOffset: 0)]).encode(), fds: [m.fd])
+          try c.send(
+            .setMemTable,
+            payload: MemoryTable(regions: [
+              MemoryRegion(guestAddress: 0, size: 0, userAddress: m.userAddress, mmapOffset: 0)
+            ]).encode(), fds: [m.fd])
         }
         expectNack("region wrapping around") {
-          try c.send(.setMemTable, payload: MemoryTable(regions: [MemoryRegion(guestAddress: UInt64.max - 4095, size: 8192, userAddress: m.userAddress, mmapOffset: 0)]).encode(), fds: [m.fd])
+          try c.send(
+            .setMemTable,
+            payload: MemoryTable(regions: [
+              MemoryRegion(guestAddress: UInt64.max - 4095, size: 8192, userAddress: m.userAddress, mmapOffset: 0)
+            ]).encode(), fds: [m.fd])
         }
         try stillWorks(c, "bad memory tables")
       }
 
       try malformed("a memory region larger than its file") { c in
         let m = try #require(c.memory)
-        let huge = MemoryTable(regions: [MemoryRegion(guestAddress: 0, size: 1 << 30, userAddress: m.userAddress, mmapOffset: 0)])
-        expectNack("a 1 GiB region backed by a \(m.size >> 20) MiB memfd") { try c.send(.setMemTable, payload: huge.encode(), fds: [m.fd]) }
+        let huge = MemoryTable(regions: [
+          MemoryRegion(guestAddress: 0, size: 1 << 30, userAddress: m.userAddress, mmapOffset: 0)
+        ])
+        expectNack("a 1 GiB region backed by a \(m.size >> 20) MiB memfd") {
+          try c.send(.setMemTable, payload: huge.encode(), fds: [m.fd])
+        }
         // Whatever the back-end made of it, a buffer beyond the file must not kill it.
         let x = try Scratch(c)
         x.prepare(.read, sector: 0)
@@ -891,7 +946,9 @@ struct StrataServeTests {
         expectNack("SET_FEATURES not offered") {
           try c.send(.setFeatures, payload: encodeU64(c.features | VirtioFeature.ringPacked | 1 << 63))
         }
-        expectNack("SET_PROTOCOL_FEATURES not offered") { try c.send(.setProtocolFeatures, payload: encodeU64(1 << 40)) }
+        expectNack("SET_PROTOCOL_FEATURES not offered") {
+          try c.send(.setProtocolFeatures, payload: encodeU64(1 << 40))
+        }
         // Then the proper sequence works.
         try c.send(.setProtocolFeatures, payload: encodeU64(c.protocolFeatures))
         try c.start()
@@ -915,7 +972,8 @@ struct StrataServeTests {
         try c.sendRaw([1, 0, 0, 0, 1])
       }
       try malformed("truncated payload") { c in
-        try c.sendRaw(VhostHeader(request: VhostRequest.setFeatures.rawValue, flags: 1, size: 100).encode() + [1, 2, 3])
+        try c.sendRaw(
+          VhostHeader(request: VhostRequest.setFeatures.rawValue, flags: 1, size: 100).encode() + [1, 2, 3])
       }
 
       try malformed("wrong fd counts") { c in
@@ -930,14 +988,18 @@ struct StrataServeTests {
         expectNack("SET_VRING_KICK no-fd flag with an fd") {
           try c.send(.setVringKick, payload: encodeU64(VringFdPayload.noFdFlag), fds: [a])
         }
-        expectNack("SET_VRING_ERR with reserved bits") { try c.send(.setVringErr, payload: encodeU64(1 << 20), fds: [a]) }
+        expectNack("SET_VRING_ERR with reserved bits") {
+          try c.send(.setVringErr, payload: encodeU64(1 << 20), fds: [a])
+        }
         expectNack("SET_BACKEND_REQ_FD without fd") { try c.send(.setBackendReqFd) }
         expectNack("SET_BACKEND_REQ_FD with 2 fds") { try c.send(.setBackendReqFd, fds: [a, b]) }
         let m = try #require(c.memory)
         expectNack("SET_MEM_TABLE 1 region, 3 fds") {
           try c.send(
             .setMemTable,
-            payload: MemoryTable(regions: [MemoryRegion(guestAddress: 0, size: UInt64(m.size), userAddress: m.userAddress, mmapOffset: 0)]).encode(),
+            payload: MemoryTable(regions: [
+              MemoryRegion(guestAddress: 0, size: UInt64(m.size), userAddress: m.userAddress, mmapOffset: 0)
+            ]).encode(),
             fds: [m.fd, a, b])
         }
         var r = try #require(try c.send(.getFeatures, fds: [a, b, a]))
@@ -952,13 +1014,20 @@ struct StrataServeTests {
         #expect(base == 0)
         try c.send(
           .setVringAddr,
-          payload: VringAddress(index: 1, flags: 0, descUser: 0xDEAD_0000_0000, usedUser: 0xDEAD_0001_0000, availUser: 0xDEAD_0002_0000, logGuest: 0).encode())
+          payload: VringAddress(
+            index: 1, flags: 0, descUser: 0xDEAD_0000_0000, usedUser: 0xDEAD_0001_0000, availUser: 0xDEAD_0002_0000,
+            logGuest: 0
+          ).encode())
         let fd = devNull()
         try c.send(.setVringKick, payload: encodeU64(1), fds: [fd])
         close(fd)
-        expectNack("SET_VRING_ENABLE of a ring outside guest memory") { try c.send(.setVringEnable, payload: state(1, 1)) }
+        expectNack("SET_VRING_ENABLE of a ring outside guest memory") {
+          try c.send(.setVringEnable, payload: state(1, 1))
+        }
         expectNack("SET_VRING_ADDR of a running ring") {
-          try c.send(.setVringAddr, payload: VringAddress(index: 0, flags: 0, descUser: 0, usedUser: 0, availUser: 0, logGuest: 0).encode())
+          try c.send(
+            .setVringAddr,
+            payload: VringAddress(index: 0, flags: 0, descUser: 0, usedUser: 0, availUser: 0, logGuest: 0).encode())
         }
         expectNack("SET_VRING_ENABLE on queue 5") { try c.send(.setVringEnable, payload: state(5, 1)) }
         let e = devNull()
@@ -976,7 +1045,9 @@ struct StrataServeTests {
       }
 
       try malformed("disconnect with requests in flight") { c in
-        for i in 0..<24 { try c.submit(queue: i % 2, .write(sector: UInt64(1000 + i * 8), data: pattern(4096, seed: UInt64(i)))) }
+        for i in 0..<24 {
+          try c.submit(queue: i % 2, .write(sector: UInt64(1000 + i * 8), data: pattern(4096, seed: UInt64(i))))
+        }
       }
 
       let after = settledFdCount(expecting: baseline)

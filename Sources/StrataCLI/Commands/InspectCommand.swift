@@ -27,7 +27,9 @@ struct InspectCommand: ParsableCommand {
 
   func run() throws {
     try runReportingErrors {
-      let report = try ImageAccess.with(image, readOnly: true, allowDamaged: true) { try $0.inspect(recordLimit: records) }
+      let report = try ImageAccess.with(image, readOnly: true, allowDamaged: true) {
+        try $0.inspect(recordLimit: records)
+      }
       switch format.output {
       case .human: print(Self.text(report))
       case .json: try Printer.printJSON(report)
@@ -53,7 +55,8 @@ struct InspectCommand: ParsableCommand {
         header: ["seq", "page", "virtual size", "depth", "root page", "data blocks", "segments", "snapshots"],
         rows: r.checkpoints.map { c in
           [
-            "\(c.seq)", "\(c.page)", ByteCount.format(c.virtualSize), "\(c.mapDepth)", "\(c.rootPage)", "\(c.dataBlocks)",
+            "\(c.seq)", "\(c.page)", ByteCount.format(c.virtualSize), "\(c.mapDepth)", "\(c.rootPage)",
+            "\(c.dataBlocks)",
             "\(c.segments)", "\(c.snapshots)",
           ]
         }))
@@ -73,7 +76,8 @@ struct InspectCommand: ParsableCommand {
         header: ["seq", "page", "pages", "flush", "time", "operations"],
         rows: r.records.map { rec in
           [
-            "\(rec.seq)", "\(rec.page)", "\(rec.pages)", rec.flushPoint ? "yes" : "", rfc3339(nanoseconds: rec.timestampNanoseconds),
+            "\(rec.seq)", "\(rec.page)", "\(rec.pages)", rec.flushPoint ? "yes" : "",
+            rfc3339(nanoseconds: rec.timestampNanoseconds),
             rec.operations.map(describe).joined(separator: "; "),
           ]
         }))
@@ -82,7 +86,9 @@ struct InspectCommand: ParsableCommand {
       out.append(
         Printer.table(
           header: ["seq", "name", "time", "base checkpoint page"],
-          rows: r.snapshots.map { ["\($0.seq)", $0.name, rfc3339(nanoseconds: $0.timestampNanoseconds), "\($0.baseCheckpointPage)"] }))
+          rows: r.snapshots.map {
+            ["\($0.seq)", $0.name, rfc3339(nanoseconds: $0.timestampNanoseconds), "\($0.baseCheckpointPage)"]
+          }))
     }
     if !r.recoveryNotes.isEmpty {
       out.append("\nRecovery notes:")

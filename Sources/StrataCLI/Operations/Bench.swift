@@ -1,8 +1,9 @@
+import StrataCore
+import StrataIO
+
 #if canImport(Glibc)
   import Glibc
 #endif
-import StrataCore
-import StrataIO
 
 /// What `strata bench` measures, modelled on `qemu-img bench`: `count` requests of `size`
 /// bytes with `depth` in flight, random or sequential, reads or writes.
@@ -63,8 +64,11 @@ enum Bench {
     defer { pool.deallocate() }
     var rng = SplitMix64(seed: 0x5354_5241_5441)
     // Random, non-zero contents: all-zero blocks would be elided and flatter the numbers.
-    for i in stride(from: 0, to: pool.count - 7, by: 8) { pool.storeBytes(of: rng.next() | 1, toByteOffset: i, as: UInt64.self) }
-    let queue = try ImageQueue(image: image, depth: s.depth, engine: s.engine, registered: [pool], ownerThreadOnly: true)
+    for i in stride(from: 0, to: pool.count - 7, by: 8) {
+      pool.storeBytes(of: rng.next() | 1, toByteOffset: i, as: UInt64.self)
+    }
+    let queue = try ImageQueue(
+      image: image, depth: s.depth, engine: s.engine, registered: [pool], ownerThreadOnly: true)
     defer { queue.close() }
     let span = image.size > s.offset ? (image.size - s.offset) / UInt64(s.size) : 0
     guard span > 0 else { throw StrataError(.invalidArgument, "the image is smaller than one request") }
