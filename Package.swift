@@ -48,6 +48,7 @@ let package = Package(
         "StrataCore",
         "StrataIO",
         "StrataVhost",
+        "VhostClient",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
       ]

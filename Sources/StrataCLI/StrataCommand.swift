@@ -30,6 +30,7 @@ public struct StrataCommand: ParsableCommand {
       CheckCommand.self,
       BenchCommand.self,
       ServeCommand.self,
+      VhostBenchCommand.self,
     ]
   )
 

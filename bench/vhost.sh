@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# vhost-user-blk side by side, in one run on one file system: `strata serve` vs
+# qemu-storage-daemon serving qcow2 and raw, all driven by the same in-repo front-end
+# (`strata vhost-bench`). Prints a markdown table with ratios; writes bench/results/vhost-latest.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+if [ -z "${STRATA_BIN:-}" ]; then
+  swift build -c release --product strata >&2
+  STRATA_BIN=.build/release/strata
+fi
+strata=$(realpath "$STRATA_BIN")
+qsd=$(command -v qemu-storage-daemon || echo /usr/bin/qemu-storage-daemon)
+work=$(mktemp -d "${BENCH_DIR:-$PWD/bench/.work}.vhost.XXXX")
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+size=${SIZE:-2G}
+count=${COUNT:-40000}
+
+wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
+
+start_strata() {
+  "$strata" create "$work/disk.strata" --size "$size" --force >/dev/null
+  "$strata" serve "$work/disk.strata" --socket "$work/strata.sock" --num-queues 2 2>"$work/serve.log" &
+  pids+=($!)
+  wait_socket "$work/strata.sock"
+}
+start_qsd() { # name format file
+  "$qsd" --blockdev "driver=file,node-name=f,filename=$3,cache.direct=on,aio=io_uring" \
+    --blockdev "driver=$2,node-name=d,file=f" \
+    --export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$work/$1.sock,writable=on,num-queues=2" \
+    2>"$work/$1.log" &
+  pids+=($!)
+  wait_socket "$work/$1.sock"
+}
+
+start_strata
+qemu-img create -f qcow2 "$work/disk.qcow2" "$size" >/dev/null
+start_qsd qcow2 qcow2 "$work/disk.qcow2"
+qemu-img create -f raw "$work/disk.raw" "$size" >/dev/null
+start_qsd raw raw "$work/disk.raw"
+
+# Fill every disk first so that reads touch data.
+for s in strata qcow2 raw; do
+  "$strata" vhost-bench --socket "$work/$s.sock" -w --pattern seq -s 1M -c $(( $(numfmt --from=iec "$size") >> 20 )) -d 8 >/dev/null
+done
+
+rows=()
+for op in read write; do
+  for qd in 1 32; do
+    for q in 1 2; do
+      line="4K rand$op QD$qd ${q}q"
+      for s in strata qcow2 raw; do
+        n=$count; [ "$qd" = 1 ] && n=$((count / 4))
+        flag=""; [ "$op" = write ] && flag="-w"
+        iops=$("$strata" vhost-bench --socket "$work/$s.sock" $flag --pattern rand -c "$n" -d "$qd" --queues "$q" \
+          --output json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["iops"]))')
+        line="$line|$iops"
+        echo "  $line" >&2
+      done
+      rows+=("$line")
+    done
+  done
+done
+
+out=bench/results/vhost-latest.md
+mkdir -p bench/results
+{
+  echo "# vhost-user-blk: strata serve vs qemu-storage-daemon"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; kernel $(uname -r); $(qemu-storage-daemon --version | head -1)"
+  echo "- $size disks filled first; client: strata vhost-bench (the in-repo front-end), 4 KiB random requests"
+  echo
+  echo "| workload | strata serve | qsd + qcow2 | qsd + raw | strata/qcow2 | strata/raw |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for r in "${rows[@]}"; do
+    IFS='|' read -r name a b c <<<"$r"
+    printf '| %s | %s | %s | %s | %.2fx | %.2fx |\n' "$name" "$a" "$b" "$c" \
+      "$(python3 -c "print($a/$b)")" "$(python3 -c "print($a/$c)")"
+  done
+} >"$out"
+cat "$out"
