@@ -125,9 +125,18 @@ final class BlockMap {
 
   /// Sets blocks `lo..<hi` to `state` (zero or unallocated), dropping whole subtrees where the
   /// range covers them, so discarding a terabyte costs a few nodes, not a billion entries.
-  func setRange(_ lo: UInt64, _ hi: UInt64, to state: BlockState) throws {
+  /// `diskBlocks`, when given, is the disk's size in blocks: a range reaching it covers every
+  /// valid block of a subtree, so a subtree (even an unreadable root) is replaced whole.
+  func setRange(_ lo: UInt64, _ hi: UInt64, to state: BlockState, diskBlocks: UInt64? = nil) throws {
     precondition(state != .data && lo <= hi)
-    if lo < hi { try setRange(level: depth - 1, index: 0, lo, hi, state) }
+    guard lo < hi else { return }
+    if lo == 0, let diskBlocks, hi >= diskBlocks {
+      // The whole disk: drop the tree without reading the root (which may be what is damaged).
+      try dropSubtree(level: depth - 1, index: 0, ref: root)
+      root = state == .zero ? .zero : .unallocated
+      return
+    }
+    try setRange(level: depth - 1, index: 0, lo, hi, state)
   }
 
   private func setRange(level: Int, index: UInt64, _ lo: UInt64, _ hi: UInt64, _ state: BlockState) throws {

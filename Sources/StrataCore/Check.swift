@@ -118,6 +118,9 @@ extension StrataImage {
     if spareSuperblockDamaged || !recoveryProblems.isEmpty {
       try checkpoint()  // the next generation lands in the other slot: both are fresh
       report.repairs.append("rewrote both superblocks")
+      // What recovery had to skip is now behind a checkpoint that describes the repaired state.
+      recoveryProblems = []
+      recoveryNotes = []
     }
     if report.errors.contains(where: { $0.contains("failed its checksum") && $0.hasPrefix("head: block") }) {
       report.repairs.append(

@@ -316,10 +316,10 @@ extension StrataImage {
       }
     case .zero(let first, let count):
       try checkBlocks(first, count)
-      try map.setRange(first, first + count, to: .zero)
+      try map.setRange(first, first + count, to: .zero, diskBlocks: blocks)
     case .discard(let first, let count):
       try checkBlocks(first, count)
-      try map.setRange(first, first + count, to: .unallocated)
+      try map.setRange(first, first + count, to: .unallocated, diskBlocks: blocks)
     case .resize(let newSize):
       let newBlocks = (newSize + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
       if newBlocks > blocks {
