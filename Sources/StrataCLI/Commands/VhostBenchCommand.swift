@@ -41,7 +41,9 @@ struct VhostBenchCommand: ParsableCommand {
   @OptionGroup var format: OutputOptions
 
   func validate() throws {
-    guard count > 0, depth > 0, queues > 0 else { throw ValidationError("--count, --depth and --queues must be positive") }
+    guard count > 0, depth > 0, queues > 0 else {
+      throw ValidationError("--count, --depth and --queues must be positive")
+    }
   }
 
   func run() throws {
