@@ -19,16 +19,20 @@ extension StrataImage {
         continue
       }
       if inBlock == 0 && n == bs {
+        // A run of blocks contiguous in the file; their checksums are kept for the verification.
+        let checksums = scratch.runChecksums
+        checksums[0] = entry.checksum
         var run = 1
-        while done + (run + 1) * bs <= out.count && run < 256 {
+        while done + (run + 1) * bs <= out.count && run < checksums.count {
           let next = try map.entry(block + UInt64(run))
           guard next.state == .data, next.page == entry.page + UInt64(run * ppb) else { break }
+          checksums[run] = next.checksum
           run += 1
         }
         let dest = UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + run * bs)])
         try pages.readPages(entry.page, run * ppb, into: dest)
         for i in 0..<run {
-          let expected = i == 0 ? entry : try map.entry(block + UInt64(i))
+          let expected = MapEntry.data(page: entry.page + UInt64(i * ppb), checksum: checksums[i])
           try verify(
             UnsafeRawBufferPointer(rebasing: dest[(i * bs)..<((i + 1) * bs)]), expected, block: block + UInt64(i))
         }
@@ -172,16 +176,20 @@ final class ImageScratch {
   let readBlock: UnsafeMutableRawBufferPointer
   let writeBlock: UnsafeMutableRawBufferPointer
   let checksums: UnsafeMutableBufferPointer<UInt32>
+  /// Checksums of one contiguous read run (at most 256 blocks).
+  let runChecksums: UnsafeMutableBufferPointer<UInt32>
 
   init(blockSize: Int, maxBlocksPerWrite: Int) {
     readBlock = .allocate(byteCount: blockSize, alignment: Layout.pageSize)
     writeBlock = .allocate(byteCount: blockSize, alignment: Layout.pageSize)
     checksums = .allocate(capacity: maxBlocksPerWrite)
+    runChecksums = .allocate(capacity: 256)
   }
 
   deinit {
     readBlock.deallocate()
     writeBlock.deallocate()
     checksums.deallocate()
+    runChecksums.deallocate()
   }
 }

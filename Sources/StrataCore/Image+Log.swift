@@ -506,10 +506,3 @@ extension StrataImage {
     return (live, data)
   }
 }
-
-extension UsageTable {
-  /// Takes over the contents of a usage table loaded from a checkpoint (replay adopts it).
-  func adopt(_ other: UsageTable) {
-    replaceAll(entries: other.entries, pageRefs: other.pageRefs)
-  }
-}

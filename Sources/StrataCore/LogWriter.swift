@@ -341,11 +341,17 @@ final class LogWriter {
   /// written-out pages too, whose asynchronous writes may still be in flight); false if it must
   /// be read from storage.
   func copyPending(page: UInt64, into out: UnsafeMutableRawBufferPointer) -> Bool {
-    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+    guard isPending(page: page) else { return false }
     let local = geometry.pageInSegment(page)
-    guard local >= bufferedFrom && local < tailPage else { return false }
     out.copyMemory(
       from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
     return true
+  }
+
+  /// True when the buffer holds `page` (see `copyPending`).
+  func isPending(page: UInt64) -> Bool {
+    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+    let local = geometry.pageInSegment(page)
+    return local >= bufferedFrom && local < tailPage
   }
 }

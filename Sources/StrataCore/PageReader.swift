@@ -46,9 +46,9 @@ final class PageReader: NodeSource {
     }
   }
 
-  func readPage(_ page: UInt64) throws -> [UInt8] {
+  func readPage(_ page: UInt64, zeroPastEnd: Bool = false) throws -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: Layout.pageSize)
-    try bytes.withUnsafeMutableBytes { try readPages(page, 1, into: $0) }
+    try bytes.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: zeroPastEnd) }
     return bytes
   }
 
@@ -112,8 +112,7 @@ extension PageReader {
   func record(at page: UInt64) throws -> StoredRecord? {
     guard page >= geometry.firstDataPage else { return nil }
     let local = geometry.pageInSegment(page)
-    var first = [UInt8](repeating: 0, count: Layout.pageSize)
-    try first.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
+    let first = try readPage(page, zeroPastEnd: true)
     guard let header = try? first.withUnsafeBytes({ try RecordHeader.decode($0) }) else { return nil }
     guard local + header.totalPages <= geometry.pagesPerSegment else { return nil }
     var area = first
@@ -132,8 +131,7 @@ extension PageReader {
 
   /// True when the page starts with a record magic (whether or not the record is valid).
   func hasRecordMagic(at page: UInt64) throws -> Bool {
-    var first = [UInt8](repeating: 0, count: Layout.pageSize)
-    try first.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
+    let first = try readPage(page, zeroPastEnd: true)
     return first.withUnsafeBytes { $0.littleEndian(at: 0, as: UInt32.self) } == RecordHeader.magic
   }
 
@@ -158,8 +156,7 @@ extension PageReader {
       } else if case .pages(let descriptors) = op {
         // A checkpoint will refer to these pages: a torn one must end the log here.
         for d in descriptors {
-          var bytes = [UInt8](repeating: 0, count: Layout.pageSize)
-          try bytes.withUnsafeMutableBytes { try readPages(page, 1, into: $0, zeroPastEnd: true) }
+          let bytes = try readPage(page, zeroPastEnd: true)
           let actual = bytes.withUnsafeBytes { pageChecksum(kind: d.kind, level: d.level, key: d.key, $0) }
           if actual != d.checksum { return false }
           page += 1
@@ -181,13 +178,5 @@ extension PageReader {
       candidate.header.previousChecksum == current.header.checksum
     else { return nil }
     return candidate
-  }
-}
-
-extension LogWriter {
-  func isPending(page: UInt64) -> Bool {
-    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
-    let local = geometry.pageInSegment(page)
-    return local >= bufferedFrom && local < tailPage
   }
 }

@@ -218,9 +218,11 @@ public final class ImageQueue {
         slots[s].checkCount += 1
         let fileOffset = Geometry.byteOffset(ofPage: entry.page)
         // Extend the previous engine read when this block follows it in the file and in memory.
-        if whole, pieces > 0, let prev = Optional(requests[pieces - 1]), prev.buffer! + prev.length == target,
-          prev.offset + UInt64(prev.length) == fileOffset
-        {
+        let extends =
+          whole && pieces > 0
+          && requests[pieces - 1].buffer.map { $0 + requests[pieces - 1].length == target } == true
+          && requests[pieces - 1].offset + UInt64(requests[pieces - 1].length) == fileOffset
+        if extends {
           requests[pieces - 1].length += bs
           slots[s].pieceLengths[pieces - 1] += Int32(bs)
         } else {

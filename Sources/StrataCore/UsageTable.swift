@@ -50,9 +50,10 @@ final class UsageTable: LiveAccounting {
     touch(segment)
   }
 
-  func replaceAll(entries: [SegmentUsage], pageRefs: [PageRef]) {
-    self.entries = entries
-    self.pageRefs = pageRefs
+  /// Takes over the contents of a usage table loaded from a checkpoint (replay adopts it).
+  func adopt(_ other: UsageTable) {
+    entries = other.entries
+    pageRefs = other.pageRefs
     dirtyPages = []
   }
 
