@@ -27,11 +27,11 @@ public final class VhostBlkServer {
 
   /// Blocks the termination signals in this thread (call before any other thread starts) and
   /// binds the socket.
-  public init(image: StrataImage, options: Options, logger: Logger) throws {
+  public init(image: SharedImage, options: Options, logger: Logger) throws {
     precondition(options.numQueues >= 1 && options.numQueues <= 64)
     self.options = options
     self.logger = logger
-    self.image = SharedImage(image)
+    self.image = image
     signalFd = strata_termination_signalfd()
     guard signalFd >= 0 else { throw StrataError.system("signalfd", options.socketPath, errno: errno) }
     listenFd = try Self.listen(options.socketPath)

@@ -70,7 +70,7 @@ struct ServeCommand: ParsableCommand {
         serverOptions.numQueues = numQueues
         serverOptions.readOnly = readOnly
         serverOptions.serial = serial
-        try VhostBlkServer(image: img, options: serverOptions, logger: logger).run()
+        try VhostBlkServer(image: SharedImage(img), options: serverOptions, logger: logger).run()
       }
     }
   }
