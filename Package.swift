@@ -5,10 +5,13 @@ import PackageDescription
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
+//   strata-sim (executable) -> StrataSimulator (model, workload, crash and fault runs) -> StrataSimulation
 let package = Package(
   name: "Strata",
   products: [
     .executable(name: "strata", targets: ["strata"]),
+    // The deterministic simulator: a seed replays a run of crashes and I/O errors exactly.
+    .executable(name: "strata-sim", targets: ["strata-sim"]),
     .library(name: "StrataCore", targets: ["StrataCore"]),
     // For the fuzzers (fuzz/Package.swift) and other tools that decode the formats.
     .library(name: "StrataFormat", targets: ["StrataFormat"]),
@@ -41,6 +44,13 @@ let package = Package(
     .target(name: "StrataCore", dependencies: ["StrataFormat", "StrataIO", "CStrataLinux"]),
     // Deterministic fault-injecting storage for crash tests and the simulator.
     .target(name: "StrataSimulation", dependencies: ["StrataCore"]),
+    // The model of a disk, the seeded workload and the crash and fault runs that the tests and
+    // `strata-sim` share.
+    .target(name: "StrataSimulator", dependencies: ["StrataSimulation", "StrataCore", "StrataFormat"]),
+    .executableTarget(
+      name: "strata-sim",
+      dependencies: ["StrataSimulator", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+    ),
     // The `strata` command set; the executable only calls into it.
     .target(
       name: "StrataCLI",
@@ -55,7 +65,7 @@ let package = Package(
     ),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
-    .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation"]),
+    .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation", "StrataSimulator"]),
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),

@@ -104,9 +104,11 @@ extension StrataImage {
         let run = UnsafeRawBufferPointer(rebasing: bytes[(i * bs)..<(j * bs)])
         let (seq, page) = try writer.appendWrite(
           firstBlock: first + UInt64(i), data: run, checksums: UnsafeBufferPointer(checksums))
-        try applyWrite(
-          firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map,
-          seq: seq)
+        try applyLogged(seq) {
+          try applyWrite(
+            firstBlock: first + UInt64(i), checksums: UnsafeBufferPointer(checksums), payloadPage: page, map: map,
+            seq: seq)
+        }
         changedSinceCheckpoint = true
         try writer.writeOutIfDue()
       }

@@ -89,7 +89,7 @@ extension StrataImage {
   {
     try validateCreate(virtualSize: virtualSize, options: options)
     var rng = SystemRandomNumberGenerator()
-    let imageID = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+    let imageID = options.imageID ?? (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
     let dataOffset = Layout.defaultDataOffset
     let geometry = Geometry(blockSize: options.blockSize, segmentSize: options.segmentSize, dataOffset: dataOffset)
     try storage.setSize(dataOffset)
@@ -242,9 +242,23 @@ extension StrataImage {
   func logAndApply(_ op: LogOp) throws -> UInt64 {
     guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
     let seq = try writer.appendOp(op)
-    try apply(op, seq: seq, payloadPage: 0, timestamp: writer.openRecordTimestamp ?? options.clock())
+    try applyLogged(seq) {
+      try apply(op, seq: seq, payloadPage: 0, timestamp: writer.openRecordTimestamp ?? options.clock())
+    }
     changedSinceCheckpoint = true
     return seq
+  }
+
+  /// Applies to the head an operation the log already holds. Applying can fail half-way (a map
+  /// node or a snapshot's log cannot be read): then head and log disagree, so the writer
+  /// refuses further work until the image is reopened and recovery replays the log.
+  func applyLogged(_ seq: UInt64, _ body: () throws -> Void) throws {
+    do {
+      try body()
+    } catch {
+      writer?.refuse("applying the operation at seq \(seq) failed (\(error))")
+      throw error
+    }
   }
 
   private func apply(_ op: LogOp, seq: UInt64, payloadPage: UInt64, record: StoredRecord) throws {
@@ -325,7 +339,10 @@ extension StrataImage {
       if newBlocks > blocks {
         try map.grow(toBlocks: newBlocks)
       } else {
-        try map.setRange(newBlocks, blocks, to: .unallocated)
+        // Clear up to the end of the map, not of the old disk: a node that straddles the old end
+        // and lies wholly past the new one goes, rather than staying as an empty node past the
+        // end until a checkpoint (recovery replays a shrink without checkpointing after it).
+        try map.setRange(newBlocks, max(blocks, UInt64(1) << UInt64(8 * map.depth)), to: .unallocated)
       }
       size = newSize
     default:

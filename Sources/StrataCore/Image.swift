@@ -319,6 +319,9 @@ public final class StrataImage {
 
   static func validateCreate(virtualSize: UInt64, options: ImageOptions) throws {
     try validateSize(virtualSize)
+    if let id = options.imageID, id.count != 16 {
+      throw StrataError(.invalidArgument, "an image ID has 16 bytes, not \(id.count)")
+    }
     guard Layout.allowedBlockSizes.contains(options.blockSize) else {
       throw StrataError(.invalidArgument, "block size \(options.blockSize) must be one of \(Layout.allowedBlockSizes)")
     }

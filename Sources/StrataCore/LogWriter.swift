@@ -330,6 +330,12 @@ final class LogWriter {
     }
   }
 
+  /// Refuses further work until the image is reopened: the image's state no longer matches the
+  /// log (the first reason is kept).
+  func refuse(_ reason: String) {
+    if failure == nil { failure = reason }
+  }
+
   /// Throws once the writer cannot guarantee durability any more (see `flush`).
   func checkUsable() throws {
     if let failure {

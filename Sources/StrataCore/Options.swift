@@ -22,6 +22,9 @@ public struct ImageOptions: Sendable {
   public var ioEngine: IOEngineKind?
   /// Nanoseconds since the Unix epoch; tests substitute a deterministic clock.
   public var clock: @Sendable () -> UInt64 = wallClockNanoseconds
+  /// The 16-byte identity of a new image (nil: random). The simulator fixes it so that a seed
+  /// reproduces the image byte for byte. Creation only.
+  public var imageID: [UInt8]?
 
   public init() {}
 }

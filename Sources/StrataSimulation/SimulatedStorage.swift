@@ -127,7 +127,7 @@ public final class SimulatedClock: Sendable {
 
 /// A deterministic in-memory `ImageStorage` that can lose, tear and fail writes.
 public final class SimulatedStorage: ImageStorage {
-  public enum Operation: Sendable, Hashable, CustomStringConvertible {
+  public enum Operation: Sendable, Hashable, CaseIterable, CustomStringConvertible {
     case read, write, sync, setSize, preallocate
 
     public var description: String {
@@ -222,6 +222,8 @@ public final class SimulatedStorage: ImageStorage {
     public var bytesWritten: UInt64 = 0
     /// Operations that failed with an injected fault (or because the power was off).
     public var failures = 0
+    /// Of which failed by an injected fault (not by a power loss).
+    public var faultsHit = 0
     public var crashes = 0
     /// Calls made while the storage was closed or after a second `close` (misuse by the caller).
     public var misuse = 0
@@ -377,6 +379,7 @@ public final class SimulatedStorage: ImageStorage {
       }
       if faults[i].probability < 1 && !random.chance(faults[i].probability) { continue }
       let hit = faults[i]
+      counters.faultsHit += 1
       if faults[i].remaining != .max { faults[i].remaining -= 1 }
       faults.removeAll { $0.remaining == 0 }
       return hit
