@@ -1,14 +1,17 @@
 import StrataFormat
 import StrataSimulation
+import StrataSimulator
 import Testing
 
-@testable import StrataCore
+@_spi(Simulation) @testable import StrataCore
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-// Crash tests on SimulatedStorage. A seeded workload runs with flushes; at random points the
+// Crash tests on SimulatedStorage. The seeded workload and its checks live in StrataSimulator
+// (`Simulation`, shared with `strata-sim`); the rest of this file holds targeted cases.
+// A seeded workload runs with flushes; at random points the
 // power fails (between operations, or in the middle of one: during a write-out, a checkpoint, a
 // superblock update) and the storage keeps what the crash mode allows of the unsynced writes.
 // The image must then open, and:
@@ -19,451 +22,69 @@ import Testing
 //   - the accounting matches a recount, and `check` finds no errors;
 //   - it keeps working: the next round writes, flushes and crashes again.
 
-// MARK: - The crash model
-
-/// What the image may hold after a crash: the state at the last completed flush plus, per
-/// block, every content the block had since.
-struct CrashModel {
-  /// What the image shows now.
-  var head: DiskModel
-  /// The head when the last flush returned.
-  var flushed: DiskModel
-  /// Per block changed since the last flush: every content it had since, the flushed one first.
-  var candidates: [UInt64: [[UInt8]?]] = [:]
-  /// Sizes the disk had since the last flush.
-  var sizes: Set<UInt64>
-  /// Snapshots of the head now, with their frozen contents.
-  var snapshots: [String: DiskModel] = [:]
-  var order: [String] = []
-  /// Snapshots that existed at the last flush and were not deleted since: they must survive.
-  var mustExist: Set<String> = []
-  /// Snapshots created or deleted since the last flush: they may or may not survive.
-  var mayExist: [String: DiskModel] = [:]
-
-  init(size: UInt64) {
-    head = DiskModel(size: size)
-    flushed = head
-    sizes = [size]
-  }
-
-  func allowed(_ b: UInt64) -> [[UInt8]?] { candidates[b] ?? [flushed.block(b)] }
-
-  /// Applies a change to the head and remembers the new contents of the blocks it changed
-  /// (within `blocks`, or anywhere when nil).
-  mutating func change(blocks: Range<UInt64>? = nil, _ body: (inout DiskModel) -> Void) {
-    let old = head
-    body(&head)
-    sizes.insert(head.size)
-    let keys: Set<UInt64>
-    if let blocks {
-      keys = Set(old.keys(in: blocks)).union(head.keys(in: blocks))
-    } else {
-      keys = Set(old.storedBlocks).union(head.storedBlocks)
-    }
-    for b in keys where !sameContent(old.block(b), head.block(b)) { addCandidate(b, head.block(b)) }
-  }
-
-  mutating func addCandidate(_ b: UInt64, _ content: [UInt8]?) {
-    var list = candidates[b] ?? [flushed.block(b)]
-    if !list.contains(where: { sameContent($0, content) }) { list.append(content) }
-    candidates[b] = list
-  }
-
-  /// A flush returned: everything so far survives any crash.
-  mutating func markDurable() {
-    flushed = head
-    candidates = [:]
-    sizes = [head.size]
-    mustExist = Set(snapshots.keys)
-    mayExist = [:]
-  }
-
-  mutating func createSnapshot(_ name: String) {
-    snapshots[name] = head
-    order.append(name)
-    mayExist[name] = head
-  }
-
-  mutating func deleteSnapshot(_ name: String) {
-    guard let frozen = snapshots.removeValue(forKey: name) else { return }
-    order.removeAll { $0 == name }
-    mustExist.remove(name)
-    mayExist[name] = frozen
-  }
-
-  /// Every block that holds, held or may hold data.
-  var trackedBlocks: Set<UInt64> {
-    Set(flushed.storedBlocks).union(candidates.keys).union(head.storedBlocks)
-  }
-}
-
-func sameContent(_ a: [UInt8]?, _ b: [UInt8]?) -> Bool {
-  switch (a, b) {
-  case (nil, nil): true
-  case (nil, let x?), (let x?, nil): allZero(x)
-  case (let x?, let y?): sameBytes(x, y)
-  }
-}
-
-/// Whether `got` (the first `got.count` bytes of a block) is `content` (nil: zeros).
-func blockMatches(_ got: [UInt8], _ content: [UInt8]?) -> Bool {
-  guard let content else { return allZero(got) }
-  return sameBytes(got[...], content[..<got.count])
-}
-
-func fingerprint(_ bytes: [UInt8]?) -> String {
-  guard let bytes, !allZero(bytes) else { return "zeros" }
-  let head = bytes.prefix(8).map { String($0, radix: 16) }.joined(separator: " ")
-  return "[\(head) …] crc \(String(CRC32C.checksum(bytes), radix: 16))"
-}
-
-/// The error `body` throws, or nil.
-func failure(of body: () throws -> Void) -> Error? {
-  do {
-    try body()
-    return nil
-  } catch {
-    return error
-  }
-}
-
-// MARK: - Recovery check
-
-/// Opens the image after a crash and checks it against the model; returns the image and the
-/// model of what it now holds (durable, since the crash left nothing unsynced).
-func openAndVerify(
-  _ storage: SimulatedStorage, _ options: ImageOptions, _ model: CrashModel, _ log: RunLog, fullScan: Bool,
-  what: String
-) throws -> (StrataImage, CrashModel) {
-  let image = try log.run("open after \(what)") { try StrataImage.open(storage: storage, options: options) }
-  do {
-    let recovered = try verifyRecovered(image, model, log, fullScan: fullScan, what: what)
-    return (image, recovered)
-  } catch {
-    image.abandon()
-    throw error
-  }
-}
-
-func verifyRecovered(_ image: StrataImage, _ model: CrashModel, _ log: RunLog, fullScan: Bool, what: String) throws
-  -> CrashModel
-{
-  let bs = DiskModel.bs
-  try log.check(image.recoveryProblems.isEmpty, "\(what): recovery reports problems: \(image.recoveryProblems)")
-  let size = image.size
-  try log.check(model.sizes.contains(size), "\(what): size \(size) is none of \(model.sizes.sorted())")
-  let blockCount = (size + bs - 1) / bs
-  let tracked = model.trackedBlocks
-  var toCheck = fullScan ? Set(0..<blockCount) : tracked.filter { $0 < blockCount }
-  // Data the model does not know about must read as zeros (it cannot be data, but look).
-  let extents = try log.run("\(what): extents") { try image.extents() }
-  var extra = 0
-  for e in extents where e.state == .data {
-    for b in (e.offset / bs)..<((e.offset + e.length + bs - 1) / bs) where !tracked.contains(b) {
-      toCheck.insert(b)
-      extra += 1
-      if extra > 4096 { break }
-    }
-  }
-  var recovered = CrashModel(size: size)
-  for b in toCheck.sorted() {
-    let n = Int(min(bs, size - b * bs))
-    let got = try log.run("\(what): read block \(b)") { try image.read(at: b * bs, count: n) }
-    let allowed = model.allowed(b)
-    if !allowed.contains(where: { blockMatches(got, $0) }) {
-      throw log.fail(
-        "\(what): block \(b) reads \(fingerprint(got)); allowed: flushed \(fingerprint(allowed[0]))"
-          + (allowed.count > 1 ? ", then " + allowed.dropFirst().map(fingerprint).joined(separator: ", ") : ""))
-    }
-    if !allZero(got) { recovered.head.set(b, got + [UInt8](repeating: 0, count: DiskModel.blockSize - n)) }
-  }
-
-  // Snapshots: the durable ones survive; every survivor is frozen at its creation.
-  let names = image.snapshots.map(\.name)
-  for name in model.mustExist {
-    try log.check(names.contains(name), "\(what): snapshot \(name) was flushed but is gone (have \(names))")
-  }
-  for name in names {
-    guard let frozen = model.snapshots[name] ?? model.mayExist[name] else {
-      throw log.fail("\(what): snapshot \(name) should not exist (have \(names))")
-    }
-    let view = try log.run("\(what): snapshotView \(name)") { try image.snapshotView(name: name) }
-    try log.check(view.size == frozen.size, "\(what): view \(name) has size \(view.size), expected \(frozen.size)")
-    let viewBlocks = (frozen.size + bs - 1) / bs
-    let blocks = fullScan ? Set(0..<viewBlocks) : tracked.union(frozen.storedBlocks).filter { $0 < viewBlocks }
-    for b in blocks.sorted() {
-      let n = Int(min(bs, frozen.size - b * bs))
-      let got = try log.run("\(what): view \(name) read block \(b)") { try view.read(at: b * bs, count: n) }
-      try log.check(
-        blockMatches(got, frozen.block(b)),
-        "\(what): view \(name) block \(b) reads \(fingerprint(got)), expected \(fingerprint(frozen.block(b)))")
-    }
-    recovered.snapshots[name] = frozen
-    recovered.order.append(name)
-  }
-  recovered.markDurable()
-
-  try checkAccounting(image, log)
-  let report = try log.run("\(what): check") { try image.check() }
-  try log.check(report.errors.isEmpty, "\(what): check found errors: \(report.errors)")
-  return recovered
-}
-
-// MARK: - The crash workload
-
-struct CrashConfig {
-  var virtualSize: UInt64
-  var operations: Int
-  var segmentSize = Layout.minSegmentSize
-  /// Read every block after each crash (small disks) or only the tracked ones.
-  var fullScan: Bool
-  var crashChance = 0.02
-  var powerFailChance = 0.02
-  var modes: [SimulatedStorage.CrashMode] = SimulatedStorage.CrashMode.all
-  /// Offsets spread over the whole disk instead of a few hot zones.
-  var spread = false
-  var maxSnapshots = 4
-}
-
-/// One seeded run: random operations with flushes, crashes at random points, checks after each.
-@discardableResult
-func runCrash(seed: UInt64, _ config: CrashConfig) throws -> (crashes: Int, midOperation: Int) {
-  let log = RunLog("crash", seed: seed)
-  var rng = SeededRandom(seed: seed)
-  var work = Workload(rng: rng.split())
-  let clock = SimulatedClock()
-  var options = stressOptions(clock: clock)
-  options.segmentSize = config.segmentSize
-  // With larger segments, checkpoint less often too, so that the log writes out (asynchronously)
-  // between checkpoints.
-  if config.segmentSize > Layout.minSegmentSize { options.checkpointIntervalPages = 1024 }
-  let storage = SimulatedStorage(seed: rng.next())
-  var image = try log.run("create") {
-    try StrataImage.create(storage: storage, virtualSize: config.virtualSize, options: options)
-  }
-  defer { image.abandon() }
-  var model = CrashModel(size: config.virtualSize)
-  var crashes = 0
-  var midOperation = 0
-  var nextSnapshot = 0
-  let bs = DiskModel.bs
-
-  func blocks(_ offset: UInt64, _ count: UInt64) -> Range<UInt64> { (offset / bs)..<((offset + count + bs - 1) / bs) }
-
-  func range(length: Int) -> (UInt64, Int) {
-    if config.spread && rng.chance(0.7) {
-      let count = min(length, Int(min(model.head.size, 1 << 20)))
-      return (rng.uint64(in: 0...(model.head.size - UInt64(count))), count)
-    }
-    return work.range(size: model.head.size, length: length)
-  }
-
-  /// Power loss: crash the storage, reopen, verify, continue from what survived.
-  func crash(_ reason: String) throws {
-    let mode = config.modes[crashes % config.modes.count]
-    crashes += 1
-    let unsynced = storage.unsyncedWrites
-    let survived = storage.crash(mode: mode)
-    log.note("crash (\(reason)) mode \(mode): \(survived) of \(unsynced) unsynced writes survived")
-    image.abandon()
-    let (reopened, recovered) = try openAndVerify(
-      storage, options, model, log, fullScan: config.fullScan, what: "crash \(crashes) (\(mode))")
-    image = reopened
-    model = recovered
-    if reason.hasPrefix("power failed") { midOperation += 1 }
-  }
-
-  /// Runs a mutating call; a power loss in it leads to a crash instead of a failure.
-  func attempt(_ what: String, _ body: () throws -> Void) throws -> Bool {
-    do {
-      try body()
-      return true
-    } catch let e as RunAborted {
-      throw e
-    } catch  where storage.isPoweredOff {
-      try crash("power failed during \(what)")
-      return false
-    } catch {
-      throw log.fail("\(what) threw \(error)")
-    }
-  }
-
-  for i in 0..<config.operations {
-    log.index = i
-    // Writes, discards and zeroing end with a checkpoint when one is due.
-    var checkpointDue = false
-    switch rng.int(in: 0..<1000) {
-    case 0..<400:  // write
-      let (offset, count) = range(length: work.length())
-      let data = work.data(count: count, at: offset)
-      log.note("write \(offset)+\(count)")
-      model.change(blocks: blocks(offset, UInt64(count))) { $0.write(data, at: offset) }
-      checkpointDue = try attempt("write \(offset)+\(count)") { try image.write(data, at: offset) }
-    case 400..<500:  // read (compared with the head)
-      let (offset, count) = range(length: work.length())
-      log.note("read \(offset)+\(count)")
-      do {
-        let got = try image.read(at: offset, count: count)
-        let want = model.head.read(offset, count)
-        try log.check(sameBytes(got, want), "read \(offset)+\(count): \(firstDifference(got, want))")
-      } catch let e as RunAborted {
-        throw e
-      } catch  where storage.isPoweredOff {
-        try crash("power failed during a read")
-      } catch {
-        throw log.fail("read \(offset)+\(count) threw \(error)")
-      }
-    case 500..<550:  // discard
-      let (offset, count) = range(length: work.length(max: 1 << 20))
-      log.note("discard \(offset)+\(count)")
-      model.change(blocks: blocks(offset, UInt64(count))) { $0.discard(at: offset, length: UInt64(count)) }
-      checkpointDue = try attempt("discard") { try image.discard(at: offset, length: UInt64(count)) }
-    case 550..<600:  // writeZeroes
-      let (offset, count) = range(length: work.length(max: 1 << 20))
-      log.note("writeZeroes \(offset)+\(count)")
-      model.change(blocks: blocks(offset, UInt64(count))) { $0.zero(at: offset, length: UInt64(count)) }
-      checkpointDue = try attempt("writeZeroes") { try image.writeZeroes(at: offset, length: UInt64(count)) }
-    case 600..<750:  // flush
-      log.note("flush")
-      if try attempt("flush", { try image.flush() }) { model.markDurable() }
-    case 750..<790:  // snapshot
-      if model.snapshots.count >= config.maxSnapshots, let victim = rng.element(of: model.order) {
-        log.note("delete snapshot \(victim) (full)")
-        model.deleteSnapshot(victim)
-        guard try attempt("deleteSnapshot", { try image.deleteSnapshot(name: victim) }) else { continue }
-      }
-      nextSnapshot += 1
-      let name = "s\(nextSnapshot)"
-      log.note("create snapshot \(name)")
-      model.createSnapshot(name)
-      _ = try attempt("createSnapshot") { try image.createSnapshot(name: name) }
-    case 790..<810:  // delete a snapshot
-      guard let victim = rng.element(of: model.order) else { continue }
-      log.note("delete snapshot \(victim)")
-      model.deleteSnapshot(victim)
-      _ = try attempt("deleteSnapshot") { try image.deleteSnapshot(name: victim) }
-    case 810..<830:  // read a snapshot view
-      guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { continue }
-      let (offset, count) = work.range(size: frozen.size, length: work.length())
-      log.note("view \(name) read \(offset)+\(count)")
-      do {
-        let view = try image.snapshotView(name: name)
-        let got = try view.read(at: offset, count: count)
-        let want = frozen.read(offset, count)
-        try log.check(sameBytes(got, want), "view \(name) read \(offset)+\(count): \(firstDifference(got, want))")
-      } catch let e as RunAborted {
-        throw e
-      } catch  where storage.isPoweredOff {
-        try crash("power failed during a view read")
-      } catch {
-        throw log.fail("view \(name) read \(offset)+\(count) threw \(error)")
-      }
-    case 830..<840:  // restore (then flush: the head after it is durable)
-      guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { continue }
-      log.note("restore \(name)")
-      model.change { $0 = frozen }
-      if try attempt(
-        "restore",
-        {
-          try image.restore(snapshot: name)
-          try image.flush()
-        })
-      {
-        model.markDurable()
-      }
-    case 840..<850:  // grow or shrink (then flush)
-      let step = UInt64(rng.int(in: 1...2048)) * 512
-      let newSize = rng.chance(0.7) || step >= model.head.size ? model.head.size + step : model.head.size - step
-      log.note("resize to \(newSize)")
-      model.change { $0.resize(to: newSize) }
-      if try attempt(
-        "resize",
-        {
-          try image.resize(to: newSize, allowShrink: true)
-          try image.flush()
-        })
-      {
-        model.markDurable()
-      }
-    case 850..<870:  // close and reopen cleanly (a close makes everything durable)
-      log.note("close and reopen")
-      if try attempt("close", { try image.close() }) {
-        if storage.isPoweredOff {
-          // Nothing was left to write, but the power is off: it comes back after a crash.
-          try crash("power off at close")
-          continue
-        }
-        model.markDurable()
-        storage.reopen()
-        image = try log.run("reopen") { try StrataImage.open(storage: storage, options: options) }
-        try checkAccounting(image, log)
-      } else {
-        continue
-      }
-    default:
-      break
-    }
-    try log.check(storage.violations.isEmpty, "storage contract broken: \(storage.violations)")
-    // Bounded metadata memory, whatever the disk size.
-    try log.check(
-      image.pages.cache.count <= options.mapCacheNodes,
-      "node cache holds \(image.pages.cache.count) nodes, capacity \(options.mapCacheNodes)")
-    // Recovery replays up to two checkpoint intervals (when the newest checkpoint was lost)
-    // without checkpointing; the next change checkpoints.
-    let dirtyLimit = checkpointDue ? options.maxDirtyNodes : 4 * options.maxDirtyNodes
-    try log.check(
-      image.map.dirtyCount <= dirtyLimit,
-      "\(image.map.dirtyCount) dirty map nodes, limit \(dirtyLimit) (checkpoint due at \(options.maxDirtyNodes))")
-    // Crash points: now, or after a few more writes and syncs (inside a later operation).
-    if !storage.isPoweredOff && rng.chance(config.crashChance) {
-      try crash("between operations")
-    } else if rng.chance(config.powerFailChance) {
-      let after = rng.chance(0.7) ? rng.int(in: 0...3) : rng.int(in: 4...40)
-      log.note("power fails after \(after) more writes/syncs")
-      storage.powerFail(after: after)
-    }
-  }
-  log.index = config.operations
-  storage.cancelPowerFail()
-  if storage.isPoweredOff { try crash("power was off at the end") }
-  log.note("final flush and crash")
-  try log.run("final flush") { try image.flush() }
-  model.markDurable()
-  try crash("final")
-  try log.run("close") { try image.close() }
-  return (crashes, midOperation)
-}
-
 @Suite("Crash consistency on simulated storage")
 struct CrashTests {
+  /// The simulator's run without I/O errors.
+  static func crashConfig(size: UInt64, operations: Int) -> SimulationConfig {
+    var config = SimulationConfig()
+    config.virtualSize = size
+    config.operations = operations
+    config.faultChance = 0
+    return config
+  }
+
   /// Small disks with an unaligned end; every crash mode in turn; every block checked. Even
   /// seeds use 4 MiB segments (write-outs in flight in the middle of a segment).
   @Test(arguments: testSeeds([11, 12, 13, 14, 15, 16]))
   func randomCrashes(seed: UInt64) throws {
-    var config = CrashConfig(virtualSize: (6 << 20) + 3584, operations: 500, fullScan: true)
-    if seed % 2 == 0 { config.segmentSize = 4 << 20 }
-    let result = try runCrash(seed: seed, config)
-    #expect(result.crashes >= 5, "only \(result.crashes) crashes in seed \(seed)")
-    #expect(result.midOperation >= 1, "no power failure inside an operation in seed \(seed)")
+    let stats = try Simulation(seed: seed, config: Self.crashConfig(size: (6 << 20) + 3584, operations: 500)).run()
+    #expect(stats.crashPoints >= 5, "only \(stats.crashPoints) crashes in seed \(seed)")
+    #expect(stats.midOperationCrashes >= 1, "no power failure inside an operation in seed \(seed)")
   }
 
   /// Each crash mode alone, so that a failure names the mode.
   @Test(arguments: SimulatedStorage.CrashMode.all)
   func crashMode(mode: SimulatedStorage.CrashMode) throws {
-    var config = CrashConfig(virtualSize: 4 << 20, operations: 300, fullScan: true)
-    config.modes = [mode]
+    var config = Self.crashConfig(size: 4 << 20, operations: 300)
+    config.segmentSize = Layout.minSegmentSize
+    config.crashModes = [mode]
     config.crashChance = 0.03
     config.powerFailChance = 0.03
-    try runCrash(seed: 100 + UInt64(SimulatedStorage.CrashMode.all.firstIndex(of: mode)!), config)
+    let index = SimulatedStorage.CrashMode.all.firstIndex(of: mode) ?? 0
+    let stats = try Simulation(seed: 100 + UInt64(index), config: config).run()
+    #expect(stats.crashPoints >= 5, "only \(stats.crashPoints) crashes")
   }
 
   /// 16 TiB virtual, writes far apart: the map is four levels deep, the node cache stays at its
   /// capacity, and only the tracked blocks (plus every data extent) are checked after a crash.
   @Test(arguments: testSeeds([21, 22]))
   func largeVirtualDisk(seed: UInt64) throws {
-    var config = CrashConfig(virtualSize: 16 << 40, operations: 500, fullScan: false)
+    var config = Self.crashConfig(size: 16 << 40, operations: 500)
+    config.segmentSize = Layout.minSegmentSize
+    config.fullScan = false
     config.spread = true
-    try runCrash(seed: seed, config)
+    try Simulation(seed: seed, config: config).run()
+  }
+
+  /// Crashes and EIO/ENOSPC on reads, writes, syncs and preallocation in one workload: every
+  /// failed call reports the error, and the image holds up (see `Simulation`).
+  @Test(arguments: testSeeds([31, 32, 33]))
+  func randomFaults(seed: UInt64) throws {
+    var config = Self.crashConfig(size: 4 << 20, operations: 500)
+    config.faultChance = 0.05
+    let stats = try Simulation(seed: seed, config: config).run()
+    #expect(stats.failedCalls > 5, "only \(stats.failedCalls) injected faults hit")
+  }
+
+  /// A seed replays the same run: the same counts and the same bytes in the file.
+  @Test func sameSeedSameRun() throws {
+    var config = Self.crashConfig(size: 4 << 20, operations: 300)
+    config.faultChance = 0.05
+    let first = try Simulation(seed: 7, config: config).run()
+    let second = try Simulation(seed: 7, config: config).run()
+    #expect(first == second)
+    let other = try Simulation(seed: 8, config: config).run()
+    #expect(other.digest != first.digest)
   }
 }
 
@@ -492,13 +113,13 @@ struct BoundedMemoryTests {
       log.note("write \(offset)+\(count)")
       try log.run("write") { try image.write(data, at: offset) }
       model.write(data, at: offset)
-      try log.check(image.pages.cache.count <= options.mapCacheNodes, "node cache grew to \(image.pages.cache.count)")
-      try log.check(image.map.dirtyCount <= options.maxDirtyNodes, "\(image.map.dirtyCount) dirty nodes")
+      try log.check(image.cachedMapNodes <= options.mapCacheNodes, "node cache grew to \(image.cachedMapNodes)")
+      try log.check(image.dirtyMapNodes <= options.maxDirtyNodes, "\(image.dirtyMapNodes) dirty nodes")
     }
     try image.flush()
     let read = { (o: UInt64, n: Int) in try image.read(at: o, count: n) }
     try compareAll(read, model, "head", log, rng: &rng)
-    try log.check(image.pages.cache.count <= options.mapCacheNodes, "node cache grew to \(image.pages.cache.count)")
+    try log.check(image.cachedMapNodes <= options.mapCacheNodes, "node cache grew to \(image.cachedMapNodes)")
     // The file holds the data written plus its metadata, nothing proportional to the disk.
     let fileSize = try storage.size()
     try log.check(fileSize < 64 << 20, "file grew to \(fileSize) bytes for \(offsets.count) small writes")
@@ -507,7 +128,7 @@ struct BoundedMemoryTests {
     image = try StrataImage.open(storage: storage, options: options)
     try compareAll(read, model, "head after reopen", log, rng: &rng)
     try checkAccounting(image, log)
-    try log.check(image.pages.cache.count <= options.mapCacheNodes, "node cache grew to \(image.pages.cache.count)")
+    try log.check(image.cachedMapNodes <= options.mapCacheNodes, "node cache grew to \(image.cachedMapNodes)")
     // Discarding the whole disk drops subtrees (a few nodes, not one entry per block) and
     // releases every block.
     try image.discard(at: 0, length: virtualSize)
@@ -821,103 +442,6 @@ struct IOErrorTests {
       try reopened.close()
     }
   }
-
-  /// Random EIO/ENOSPC on writes and syncs during a workload. Each failed call may or may not
-  /// have taken effect; the head is read back to learn which. A later successful flush must make
-  /// exactly what the head reads durable; an image that refuses to continue is reopened.
-  @Test(arguments: testSeeds([31, 32, 33]))
-  func randomFaults(seed: UInt64) throws {
-    let log = RunLog("random faults", seed: seed)
-    var rng = SeededRandom(seed: seed)
-    var work = Workload(rng: rng.split())
-    var options = stressOptions(clock: SimulatedClock())
-    // With 4 MiB segments, write-outs happen in the middle of a segment too (not only at seals).
-    if seed % 2 == 0 { options.segmentSize = 4 << 20 }
-    let storage = SimulatedStorage(seed: rng.next())
-    storage.failedSyncDropsUnsynced = rng.bool()
-    var image = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
-    defer { image.abandon() }
-    var model = CrashModel(size: 4 << 20)
-    let bs = DiskModel.bs
-    var faults = 0
-    var reopens = 0
-
-    func crashAndReopen(_ why: String) throws {
-      storage.clearFaults()
-      let mode = SimulatedStorage.CrashMode.all[reopens % SimulatedStorage.CrashMode.all.count]
-      reopens += 1
-      log.note("crash (\(why)) mode \(mode)")
-      storage.crash(mode: mode)
-      image.abandon()
-      let (reopened, recovered) = try openAndVerify(
-        storage, options, model, log, fullScan: true, what: "reopen \(reopens)")
-      image = reopened
-      model = recovered
-    }
-
-    for i in 0..<500 {
-      log.index = i
-      if rng.chance(0.05) {
-        let op = rng.element(of: [SimulatedStorage.Operation.write, .write, .sync, .sync, .read])!
-        let e = rng.bool() ? EIO : ENOSPC
-        storage.failNext(
-          op, errno: e, skip: rng.int(in: 0...3), partial: rng.bool() ? .prefix(granularity: 512) : .none)
-        log.note("arm \(op) failure")
-      }
-      let (offset, count) = work.range(size: model.head.size, length: work.length())
-      let r = (offset / bs)..<((offset + UInt64(count) + bs - 1) / bs)
-      do {
-        switch rng.int(in: 0..<10) {
-        case 0..<6:
-          let data = work.data(count: count, at: offset)
-          log.note("write \(offset)+\(count)")
-          model.change(blocks: r) { $0.write(data, at: offset) }
-          try image.write(data, at: offset)
-        case 6:
-          log.note("writeZeroes \(offset)+\(count)")
-          model.change(blocks: r) { $0.zero(at: offset, length: UInt64(count)) }
-          try image.writeZeroes(at: offset, length: UInt64(count))
-        default:
-          log.note("flush")
-          try image.flush()
-          model.markDurable()
-        }
-      } catch let e as StrataError where e.errno != nil || e.code == .io || e.code == .noSpace {
-        faults += 1
-        log.note("failed: \(e)")
-        // Learn what the head holds now: each changed block is old or new.
-        var readable = true
-        for b in r where b * bs < model.head.size {
-          let n = Int(min(bs, model.head.size - b * bs))
-          guard let got = try? image.read(at: b * bs, count: n) else {
-            readable = false
-            break
-          }
-          try log.check(
-            model.allowed(b).contains { blockMatches(got, $0) } || blockMatches(got, model.head.block(b)),
-            "after a failed call block \(b) reads \(fingerprint(got))")
-          model.head.set(b, got + [UInt8](repeating: 0, count: DiskModel.blockSize - n))
-        }
-        storage.clearFaults()
-        if !readable {
-          try crashAndReopen("the head is unreadable after: \(e)")
-        } else if let refusal = failure(of: { try image.flush() }) {
-          // Refusing to go on until reopened is allowed; the flushed state must then survive.
-          try crashAndReopen("flush after the fault cleared failed: \(refusal)")
-        } else {
-          log.note("flush after the fault cleared")
-          model.markDurable()
-        }
-      }
-      if rng.chance(0.03) { try crashAndReopen("random") }
-    }
-    storage.clearFaults()
-    try log.run("final flush") { try image.flush() }
-    model.markDurable()
-    try crashAndReopen("final")
-    try image.close()
-    #expect(faults > 5, "only \(faults) injected faults hit")
-  }
 }
 
 // MARK: - Exhaustive tearing of one flush
@@ -1069,13 +593,12 @@ struct TornFlushTests {
           let copy = storage.clone(seed: 1)
           copy.crash(keepingOperations: before.merging([index: keep]) { $1 })
           let log = RunLog("torn write-out", seed: 1)
-          log.recordsIssues = false
           do {
             let (reopened, _) = try openAndVerify(copy, options, model, log, fullScan: true, what: "cut")
             try reopened.close()
-          } catch let e as RunAborted {
+          } catch let e as SimulationFailure {
             let end = offset + UInt64(keep)
-            let reason = e.description.split(separator: "\n")[0]
+            let reason = e.reason
             failures.append(
               "cut after byte \(keep) of the \(count)-byte write at \(offset) (page \(end / 4096) + \(end % 4096)), "
                 + "\(keepGrowth ? "preallocation kept" : "preallocation lost"): \(reason)")
