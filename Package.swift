@@ -16,6 +16,9 @@ let package = Package(
     // For the fuzzers (fuzz/Package.swift) and other tools that decode the formats.
     .library(name: "StrataFormat", targets: ["StrataFormat"]),
     .library(name: "VhostProtocol", targets: ["VhostProtocol"]),
+    // For the fuzzers: the descriptor-chain walker (SPI "Fuzzing") and in-memory storage.
+    .library(name: "StrataVhost", targets: ["StrataVhost"]),
+    .library(name: "StrataSimulation", targets: ["StrataSimulation"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer target for a bounded time: fuzz/run.sh TARGET SECONDS
-# Targets: FuzzRecord FuzzSuperblock FuzzPages FuzzVhostMessage. Crashes land in fuzz/artifacts/.
+# Targets: FuzzRecord FuzzSuperblock FuzzPages FuzzVhostMessage FuzzImageOpen FuzzDescriptorChain.
+# Crashes land in fuzz/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")"
 target=${1:?usage: fuzz/run.sh TARGET SECONDS}

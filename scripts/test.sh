@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs dependencies, builds everything, runs every test suite, then runs
-# the suites that touch real files again on each fallback I/O engine (io_uring is the default).
+# the suites that touch real files again on each fallback I/O engine (io_uring is the default),
+# then a bounded batch of the crash and I/O-error simulator (docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -10,3 +11,5 @@ for engine in native threads; do
   echo "== again on the '$engine' engine"
   STRATA_AIO=$engine swift test --skip-build --parallel --filter "StrataCLITests|StrataCoreTests.smoke|StrataIOTests|StrataServeTests"
 done
+echo "== strata-sim: 20 seeds of 1000 operations (a failure prints the command that replays it)"
+swift run --skip-build strata-sim --seeds 20 --ops 1000

@@ -9,7 +9,7 @@ import VhostProtocol
 /// Every address the guest gives (descriptor addresses, ring addresses) goes through
 /// `guest(_:length:)` or `user(_:length:)`, which return a pointer only when the whole range
 /// lies inside one region: the server never touches memory outside the guest's regions.
-final class GuestMemory: @unchecked Sendable {
+@_spi(Fuzzing) public final class GuestMemory: @unchecked Sendable {
   struct Region {
     var info: MemoryRegion
     var mapping: UnsafeMutableRawPointer
@@ -20,14 +20,14 @@ final class GuestMemory: @unchecked Sendable {
   static let maxRegions = 32
   private(set) var regions: [Region] = []
 
-  init() {}
+  public init() {}
 
   deinit {
     for r in regions { munmap(r.mapping, r.mappingLength) }
   }
 
   /// Maps `region` from `fd` (which the caller closes afterwards).
-  func add(_ region: MemoryRegion, fd: Int32) throws(VhostError) {
+  public func add(_ region: MemoryRegion, fd: Int32) throws(VhostError) {
     guard regions.count < Self.maxRegions else { throw .invalid("more than \(Self.maxRegions) memory regions") }
     guard region.size <= UInt64(Int.max) / 2, region.mmapOffset <= UInt64(Int.max) / 2 else {
       throw .invalid("memory region too large")
@@ -65,7 +65,7 @@ final class GuestMemory: @unchecked Sendable {
 
   /// Host pointer for guest-physical `address`...`address+length`, or nil if any byte is outside.
   @inline(__always)
-  func guest(_ address: UInt64, length: Int) -> UnsafeMutableRawPointer? {
+  public func guest(_ address: UInt64, length: Int) -> UnsafeMutableRawPointer? {
     translate(address, length, user: false)
   }
 

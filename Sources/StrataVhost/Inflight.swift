@@ -141,7 +141,7 @@ final class InflightArea: @unchecked Sendable {
 /// One virtqueue's inflight region and the back-end's bookkeeping for it: the pop counter and
 /// the chains to resubmit. Lives as long as the connection's area (across the worker restarts
 /// of SET_MEM_TABLE and the like); used by the queue's worker thread only while it runs.
-final class InflightRing: @unchecked Sendable {
+@_spi(Fuzzing) public final class InflightRing: @unchecked Sendable {
   let area: InflightArea
   let queue: Int
   private let region: UnsafeMutableRawPointer

@@ -2,15 +2,16 @@ import CStrataLinux
 import VhostProtocol
 
 /// One guest buffer of a descriptor chain, already translated and bounds-checked.
-struct GuestSegment {
-  var pointer: UnsafeMutableRawPointer
-  var length: Int
-  var writable: Bool
+/// (SPI for the descriptor-chain fuzzer, like the queue and the guest memory.)
+@_spi(Fuzzing) public struct GuestSegment {
+  public var pointer: UnsafeMutableRawPointer
+  public var length: Int
+  public var writable: Bool
 }
 
 /// Why a descriptor chain was refused. The request gets IOERR when it can still be answered,
 /// otherwise the queue stops.
-enum ChainError: Error, Equatable {
+@_spi(Fuzzing) public enum ChainError: Error, Equatable {
   case headOutOfRange(UInt16)
   case nextOutOfRange(UInt16)
   case loop
@@ -23,7 +24,7 @@ enum ChainError: Error, Equatable {
 /// A split virtqueue (virtio 1.2, 2.7): descriptor table, available ring, used ring, all in
 /// guest memory. Owned by one worker thread; the indices the guest shares are read with
 /// acquire and published with release ordering.
-final class SplitQueue {
+@_spi(Fuzzing) public final class SplitQueue {
   let size: Int
   let desc: UnsafeMutableRawPointer
   let avail: UnsafeMutableRawPointer
@@ -39,7 +40,7 @@ final class SplitQueue {
   /// INFLIGHT_SHMFD: every popped head is marked there until its used entry is published.
   let inflight: InflightRing?
 
-  init(
+  public init(
     size: Int, desc: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer,
     base: UInt16,
     eventIdx: Bool, indirect: Bool, maxSegments: Int, inflight: InflightRing? = nil
@@ -65,7 +66,7 @@ final class SplitQueue {
   static func usedBytes(_ size: Int) -> Int { 6 + 8 * size }
 
   /// The next chain head the guest made available, if any.
-  func popAvailable() throws(ChainError) -> UInt16? {
+  public func popAvailable() throws(ChainError) -> UInt16? {
     let availIdxPointer = avail.advanced(by: 2).assumingMemoryBound(to: UInt16.self)
     var availIdx = strata_load_acquire_u16(availIdxPointer)
     if availIdx == lastAvail {
@@ -99,7 +100,7 @@ final class SplitQueue {
 
   /// Walks the chain at `head` into `segments`, translating every address through `memory`.
   /// Loops, out-of-range indices, addresses outside guest memory and oversized chains throw.
-  func walk(head: UInt16, memory: GuestMemory, into segments: inout [GuestSegment]) throws(ChainError) {
+  public func walk(head: UInt16, memory: GuestMemory, into segments: inout [GuestSegment]) throws(ChainError) {
     segments.removeAll(keepingCapacity: true)
     var table = desc
     var tableSize = size
