@@ -50,7 +50,6 @@ final class LogWriter {
   /// First page of the open segment that the buffer holds: pages before it were written by an
   /// earlier session (the buffer starts empty there); 0 once the log moves to a new segment.
   private(set) var bufferedFrom: Int
-  private var sealedSinceSync = false
   private var failure: String?
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
@@ -237,6 +236,9 @@ final class LogWriter {
     do {
       try writeOut()
       try storage.completeWrites()  // the buffer is reused for the next segment
+      // Durable before the buffer moves on, so that a later failed write or sync can always be
+      // retried from the buffer (one sync per segment; a flush would sync these pages anyway).
+      if needsSync { try storage.sync() }
     } catch {
       // The in-memory log has moved on to a segment the file does not show yet.
       failure = "writing the end of segment \(segment) failed (\(error))"
@@ -247,7 +249,7 @@ final class LogWriter {
     writtenPages = 0
     syncedPages = 0
     bufferedFrom = 0
-    sealedSinceSync = true
+    needsSync = false
   }
 
   /// Bytes allocated ahead of the log's writes at a time (see `preallocate`).
@@ -302,8 +304,9 @@ final class LogWriter {
   ///
   /// After a failed sync the kernel may have dropped the dirty pages while marking them clean
   /// (the "fsyncgate" lesson), so a retry must write them again: the pages since the last good
-  /// sync are rewritten from the buffer. If a seal intervened they are no longer buffered, and
-  /// the writer refuses further work until the image is reopened (recovery reads the truth).
+  /// sync are rewritten from the buffer. A seal syncs the segment it ends, so they are always
+  /// still buffered; only a failed seal makes the writer refuse further work until the image is
+  /// reopened (recovery reads the truth).
   func flush() throws {
     try checkUsable()
     closeRecord(flags: .flushPoint)
@@ -317,17 +320,12 @@ final class LogWriter {
     }
     needsSync = false
     syncedPages = writtenPages
-    sealedSinceSync = false
   }
 
   /// A write or sync failed: what was written since the last good sync may not be on disk, so
-  /// write it again from the buffer next time (or, if a seal intervened, refuse further work).
+  /// write it again from the buffer next time (a seal syncs, so the buffer holds all of it).
   private func rewindAfterFailedWrite() {
-    if sealedSinceSync {
-      failure = "a write or sync failed after the log moved to a new segment"
-    } else {
-      writtenPages = syncedPages
-    }
+    writtenPages = syncedPages
   }
 
   /// Refuses further work until the image is reopened: the image's state no longer matches the

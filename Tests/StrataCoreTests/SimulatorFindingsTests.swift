@@ -78,3 +78,32 @@ struct SimulatorFindingsTests {
     #expect(try recovered.read(at: 0, count: 4096) == [UInt8](repeating: 0x6B, count: 4096))
   }
 }
+
+extension SimulatorFindingsTests {
+  /// strata-sim, every few seeds: a write-out or sync that failed after the log had moved to a
+  /// new segment (since the last flush) made the image refuse all further work until reopened,
+  /// because the sealed segment's unsynced pages were no longer buffered for a retry. A seal now
+  /// syncs the segment it ends, so a retried flush succeeds and everything reaches the disk.
+  @Test(arguments: [SimulatedStorage.Operation.write, .sync])
+  func failureAfterASealIsRetried(op: SimulatedStorage.Operation) throws {
+    var options = stressOptions(clock: SimulatedClock())  // 1 MiB segments
+    options.checkpointIntervalPages = 4096  // no checkpoint (it would sync) before the flush
+    let storage = SimulatedStorage(seed: 1)
+    storage.failedSyncDropsUnsynced = true
+    let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
+    defer { image.abandon() }
+    var rng = SeededRandom(seed: 2)
+    let data = rng.bytes(3 << 19)  // 1.5 MiB: the log seals a segment
+    try image.write(data, at: 0)
+    let block = rng.bytes(4096)
+    try image.write(block, at: 4 << 20)
+    storage.failNext(op)
+    #expect(throws: StrataError.self) { try image.flush() }
+    try image.flush()
+    storage.crash(mode: .dropUnsynced)
+    let reopened = try StrataImage.open(storage: storage, options: options)
+    defer { reopened.abandon() }
+    #expect(sameBytes(try reopened.read(at: 0, count: data.count), data))
+    #expect(sameBytes(try reopened.read(at: 4 << 20, count: 4096), block))
+  }
+}
