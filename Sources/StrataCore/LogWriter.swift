@@ -51,6 +51,8 @@ final class LogWriter {
   /// earlier session (the buffer starts empty there); 0 once the log moves to a new segment.
   private(set) var bufferedFrom: Int
   private var failure: String?
+  /// The segment a SEAL continues in while the seal's write-out or sync has not succeeded.
+  private var unfinishedSeal: Int?
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
   /// Largest block count of one WRITE operation, so that it fits an empty record and segment.
@@ -158,6 +160,7 @@ final class LogWriter {
 
   /// Seals the segment now unless `pages` pages (plus a record header) still fit in it.
   func makeRoom(pages: Int) throws {
+    try checkUsable()
     closeRecord()
     if pagesLeft < pages + 1 && tailPage > 0 { try seal() }
     precondition(pagesLeft >= pages + 1 || tailPage == 0, "\(pages) pages never fit one segment")
@@ -229,21 +232,32 @@ final class LogWriter {
 
   /// Ends the segment with a SEAL record and continues the log in the next one.
   func seal() throws {
+    try checkUsable()
+    // A seal that failed earlier and was just finished made the room.
+    guard tailPage > 0 else { return }
     closeRecord()
     precondition(tailPage < geometry.pagesPerSegment)
     let next = sealHandler(segment, tailPage + 1, nextSeq)
     appendStandalone([.seal(nextSegment: UInt64(next))])
+    unfinishedSeal = next
+    try finishSeal()
+  }
+
+  /// Writes out and syncs the sealed segment, then moves the log on to the next one. Durable
+  /// before the buffer is reused, so that a later failed write or sync can always be retried
+  /// from the buffer (one sync per segment; a flush would sync these pages anyway). If this
+  /// fails, the segment stays in the buffer and the next call retries (`checkUsable`).
+  private func finishSeal() throws {
+    guard let next = unfinishedSeal else { return }
     do {
       try writeOut()
-      try storage.completeWrites()  // the buffer is reused for the next segment
-      // Durable before the buffer moves on, so that a later failed write or sync can always be
-      // retried from the buffer (one sync per segment; a flush would sync these pages anyway).
+      try storage.completeWrites()
       if needsSync { try storage.sync() }
     } catch {
-      // The in-memory log has moved on to a segment the file does not show yet.
-      failure = "writing the end of segment \(segment) failed (\(error))"
+      rewindAfterFailedWrite()
       throw error
     }
+    unfinishedSeal = nil
     segment = next
     tailPage = 0
     writtenPages = 0
@@ -304,9 +318,8 @@ final class LogWriter {
   ///
   /// After a failed sync the kernel may have dropped the dirty pages while marking them clean
   /// (the "fsyncgate" lesson), so a retry must write them again: the pages since the last good
-  /// sync are rewritten from the buffer. A seal syncs the segment it ends, so they are always
-  /// still buffered; only a failed seal makes the writer refuse further work until the image is
-  /// reopened (recovery reads the truth).
+  /// sync are rewritten from the buffer. A seal syncs the segment it ends before the buffer moves
+  /// on, so they are always still buffered.
   func flush() throws {
     try checkUsable()
     closeRecord(flags: .flushPoint)
@@ -334,11 +347,13 @@ final class LogWriter {
     if failure == nil { failure = reason }
   }
 
-  /// Throws once the writer cannot guarantee durability any more (see `flush`).
+  /// Throws once the writer cannot guarantee durability any more (see `flush`); finishes a
+  /// seal that failed before.
   func checkUsable() throws {
     if let failure {
       throw StrataError(.io, "the image must be reopened: \(failure); unflushed writes since the last flush are lost")
     }
+    try finishSeal()
   }
 
   /// Copies `page` if the buffer holds it (appended in this segment since the writer started:
