@@ -44,7 +44,10 @@ final class LogWriter {
   private var area = ByteWriter(capacity: Layout.pageSize)
   /// The open PAGES record's descriptors, reused likewise.
   private var descriptors: [PageDescriptor] = []
-  private(set) var needsSync = false
+  /// True from the start: the log recovery read may still be only in the page cache (the last
+  /// process stopped without syncing), and the first flush must make it durable even when
+  /// nothing new was written.
+  private(set) var needsSync = true
   /// Pages of the open segment known durable; a failed sync rewrites from here.
   private var syncedPages: Int
   /// First page of the open segment that the buffer holds: pages before it were written by an
