@@ -222,10 +222,13 @@ public final class Simulation {
       }
     case 820..<830:  // restore, then flush: the head after it is durable
       guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { return }
-      if try mutate("restore \(name)", blocks: nil, model: { $0 = frozen }, call: {
-        try self.current.restore(snapshot: name)
-        try self.current.flush()
-      }) == .done {
+      if try mutate(
+        "restore \(name)", blocks: nil, model: { $0 = frozen },
+        call: {
+          try self.current.restore(snapshot: name)
+          try self.current.flush()
+        }) == .done
+      {
         model.markDurable()
         stats.restores += 1
       }
@@ -233,10 +236,13 @@ public final class Simulation {
       let step = UInt64(rng.int(in: 1...2048)) * 512
       let size = model.head.size
       let newSize = rng.chance(0.7) || step >= size ? size + step : size - step
-      if try mutate("resize \(size) -> \(newSize)", blocks: nil, model: { $0.resize(to: newSize) }, call: {
-        try self.current.resize(to: newSize, allowShrink: true)
-        try self.current.flush()
-      }) == .done {
+      if try mutate(
+        "resize \(size) -> \(newSize)", blocks: nil, model: { $0.resize(to: newSize) },
+        call: {
+          try self.current.resize(to: newSize, allowShrink: true)
+          try self.current.flush()
+        }) == .done
+      {
         model.markDurable()
       }
     case 840..<860:  // close and reopen cleanly (a close makes everything durable)
@@ -335,7 +341,7 @@ public final class Simulation {
       return .done
     } catch let e as SimulationFailure {
       throw e
-    } catch where storage.isPoweredOff {
+    } catch  where storage.isPoweredOff {
       try crash("power failed during \(what)")
       return .crashed
     } catch let e as StrataError where storage.counters.faultsHit > failuresBefore || isRefusal(e) {

@@ -236,7 +236,8 @@ func runModel(seed: UInt64, _ config: ModelConfig) throws {
       try log.check(storage.violations.isEmpty, "storage contract broken: \(storage.violations)")
       try checkAccounting(image, log)
       try log.check(
-        image.cachedMapNodes <= options.mapCacheNodes, "node cache holds \(image.cachedMapNodes) > \(options.mapCacheNodes)")
+        image.cachedMapNodes <= options.mapCacheNodes,
+        "node cache holds \(image.cachedMapNodes) > \(options.mapCacheNodes)")
     }
   }
 

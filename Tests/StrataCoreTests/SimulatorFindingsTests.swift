@@ -1,9 +1,8 @@
+@_spi(Simulation) import StrataCore
 import StrataFormat
 import StrataSimulation
 import StrataSimulator
 import Testing
-
-@_spi(Simulation) import StrataCore
 
 #if canImport(Glibc)
   import Glibc
@@ -39,7 +38,8 @@ struct SimulatorFindingsTests {
     let reopened = try StrataImage.open(storage: storage, options: options)
     defer { reopened.abandon() }
     let after = try reopened.read(at: 0, count: 4096)
-    #expect(sameBytes(seen, after), "the head read \(fingerprint(seen)) after the flush, the disk \(fingerprint(after))")
+    #expect(
+      sameBytes(seen, after), "the head read \(fingerprint(seen)) after the flush, the disk \(fingerprint(after))")
   }
 
   /// strata-sim seed 12: a shrink whose checkpoint was torn away is replayed at recovery; the
