@@ -17,6 +17,9 @@ public final class URingEngine: IOEngine {
   private let ring: UnsafeMutablePointer<io_uring>
   private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
   private var closed = false
+  /// SINGLE_ISSUER + DEFER_TASKRUN: completions reach the ring only when this thread enters
+  /// the kernel, so an empty peek after an eventfd signal must ask for them.
+  private var deferredCompletions = false
 
   /// `singleThread`: the creating thread is the only one that will ever submit or reap, which
   /// lets the kernel deliver completions when that thread enters it instead of interrupting it
@@ -41,6 +44,7 @@ public final class URingEngine: IOEngine {
       params = io_uring_params()  // an older kernel: plain setup
       r = io_uring_queue_init_params(UInt32(depth), ring, &params)
     }
+    deferredCompletions = params.flags & UInt32(IORING_SETUP_DEFER_TASKRUN) != 0
     // From here on deinit runs even when init throws: mark the engine closed so it only frees.
     guard r == 0 else {
       closed = true
@@ -111,6 +115,12 @@ public final class URingEngine: IOEngine {
     precondition(minimum <= inFlight && minimum <= completions.count)
     let want = min(completions.count, depth)
     var n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+    if n == 0 && minimum == 0 && unsubmitted == 0 && deferredCompletions && inFlight > 0 {
+      var r: Int32
+      repeat { r = io_uring_get_events(ring) } while r == -EINTR
+      guard r >= 0 else { throw SystemError("io_uring_get_events", errno: -r) }
+      n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+    }
     if unsubmitted > 0 || n < minimum {
       // The kernel counts completions already in the ring towards the wait, so wait for
       // `minimum` itself, again until enough arrived.
@@ -129,6 +139,11 @@ public final class URingEngine: IOEngine {
     io_uring_cq_advance(ring, UInt32(n))
     inFlight -= n
     return n
+  }
+
+  public func signalCompletions(to eventFD: Int32) throws(SystemError) {
+    let r = io_uring_register_eventfd(ring, eventFD)
+    guard r == 0 else { throw SystemError("io_uring_register_eventfd", errno: -r) }
   }
 
   public func close() {

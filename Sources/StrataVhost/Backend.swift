@@ -357,7 +357,7 @@ final class VhostBlkBackend {
       size: r.size, desc: desc, avail: avail, used: used, base: r.base,
       eventIdx: features & VirtioFeature.eventIdx != 0,
       indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
-    let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial)
+    let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial, maxSegments: queue.maxSegments)
     let worker = QueueWorker(
       index: i, queue: queue, memory: memory, handler: handler, kickFd: r.kickFd, callFd: r.callFd, logger: logger)
     r.worker = worker
