@@ -4,6 +4,7 @@ import PackageDescription
 // Module graph (dependencies point one way, top to bottom):
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
+//   StrataCLI -> StrataVhost, StrataControl -> StrataCore
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
 let package = Package(
   name: "Strata",
@@ -48,10 +49,16 @@ let package = Package(
         "StrataCore",
         "StrataIO",
         "StrataVhost",
+        "StrataControl",
         "VhostClient",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
       ]
+    ),
+    // The control socket of `strata serve` (JSON lines) and its client.
+    .target(
+      name: "StrataControl",
+      dependencies: ["StrataCore", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
     ),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
@@ -59,7 +66,7 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
-    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore"]),
+    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl"]),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -75,7 +75,30 @@ final class VhostBlkBackend {
 
   deinit { reset() }
 
-  var completedRequests: [UInt64] { rings.map { $0.worker?.completed ?? 0 } }
+  var queueStats: [VhostBlkServer.QueueStats] {
+    rings.indices.map { i in
+      let w = rings[i].worker
+      return .init(
+        index: i, completed: w?.completed ?? 0, inFlight: w?.readsInFlight ?? 0, broken: w?.isBroken ?? false)
+    }
+  }
+
+  /// Sends CONFIG_CHANGE_MSG on the BACKEND_REQ channel (no reply asked: the front-end answers
+  /// by sending GET_CONFIG on the main channel, which this thread must stay free to serve).
+  func notifyConfigChange() -> Bool {
+    guard backendReqFd >= 0, protocolFeatures & VhostProtocolFeature.config.bit != 0 else { return false }
+    let message = VhostHeader(
+      request: VhostBackendRequest.configChangeMsg.rawValue, flags: VhostHeader.version, size: 0
+    )
+    .encode()
+    let sent = message.withUnsafeBytes { strata_send_with_fds(backendReqFd, $0.baseAddress, $0.count, nil, 0) }
+    guard sent == message.count else {
+      logger.warning("config-change notification failed: \(String(cString: strerror(errno)))")
+      return false
+    }
+    logger.info("front-end notified of a configuration change")
+    return true
+  }
 
   /// Stops every queue and forgets the connection's state (a disconnect or RESET_DEVICE).
   func reset() {

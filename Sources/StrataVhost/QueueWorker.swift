@@ -24,15 +24,27 @@ final class QueueWorker: @unchecked Sendable {
   /// Signalled by the image queue's engine when reads complete.
   private let completionFd: Int32
   private var thread: pthread_t?
-  /// Requests completed, for the control socket and tests.
-  private(set) var completed: UInt64 = 0
+  /// Requests completed, reads in flight and whether the ring is broken: written by the
+  /// worker, read by the control socket.
+  private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: 3)
+  var completed: UInt64 { strata_load_acquire_u64(counters) }
+  var readsInFlight: UInt64 { strata_load_acquire_u64(counters + 1) }
+  private var completedCount: UInt64 = 0 {
+    didSet { strata_store_release_u64(counters, completedCount) }
+  }
+  private var readCount: UInt64 = 0 {
+    didSet { strata_store_release_u64(counters + 1, readCount) }
+  }
   /// Chains finished but not yet returned to the guest (see `publishBatch`).
   private var done: [(head: UInt16, written: UInt32)] = []
   /// Reads in flight, by head: where their status byte goes and how many data bytes they carry.
   private var pendingStatus: [UnsafeMutableRawPointer?]
   private var pendingBytes: [Int]
   /// Set when the guest broke the ring; the queue stops until it is reset.
-  private(set) var broken = false
+  private(set) var broken = false {
+    didSet { strata_store_release_u64(counters + 2, broken ? 1 : 0) }
+  }
+  var isBroken: Bool { strata_load_acquire_u64(counters + 2) != 0 }
 
   init(
     index: Int, queue: SplitQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32,
@@ -45,6 +57,7 @@ final class QueueWorker: @unchecked Sendable {
     self.kickFd = kickFd
     self.callFd = callFd
     self.logger = logger
+    counters.initialize(repeating: 0, count: 3)
     stopFd = strata_eventfd(0, 0)
     completionFd = strata_eventfd(0, 0)
     pendingStatus = Array(repeating: nil, count: queue.size)
@@ -55,6 +68,7 @@ final class QueueWorker: @unchecked Sendable {
   deinit {
     close(stopFd)
     close(completionFd)
+    counters.deallocate()
   }
 
   func start() {
@@ -164,10 +178,11 @@ final class QueueWorker: @unchecked Sendable {
     switch handler.handle(segments, head: head, queue: reads) {
     case .done(let written):
       done.append((head, written))
-      completed += 1
+      completedCount += 1
     case .reading(let status, let dataBytes):
       pendingStatus[Int(head)] = status
       pendingBytes[Int(head)] = dataBytes
+      readCount += 1
     case .noStatus:
       logger.warning("queue \(index): request without a status byte at head \(head)")
       done.append((head, 0))
@@ -192,7 +207,8 @@ final class QueueWorker: @unchecked Sendable {
         done.append(
           (UInt16(head), BlockHandler.complete(status: status, dataBytes: pendingBytes[head], ok: c.error == nil)))
         pendingStatus[head] = nil
-        completed += 1
+        completedCount += 1
+        readCount -= 1
       }
       if n < completions.count { return }
     }

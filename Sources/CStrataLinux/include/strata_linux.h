@@ -43,6 +43,9 @@ void strata_store_release_u16(volatile uint16_t *p, uint16_t v);
 uint16_t strata_load_acquire_u16(const volatile uint16_t *p);
 void strata_store_release_u32(volatile uint32_t *p, uint32_t v);
 uint32_t strata_load_acquire_u32(const volatile uint32_t *p);
+/// Counters one thread writes and others read (queue statistics).
+void strata_store_release_u64(volatile uint64_t *p, uint64_t v);
+uint64_t strata_load_acquire_u64(const volatile uint64_t *p);
 /// A full memory barrier (EVENT_IDX: publish the used index, then read avail_event).
 void strata_fence_seq_cst(void);
 
