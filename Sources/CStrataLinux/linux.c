@@ -100,7 +100,14 @@ int strata_eventfd(unsigned int initval, int extra_flags) { return eventfd(initv
 
 int strata_efd_nonblock(void) { return EFD_NONBLOCK; }
 
-int strata_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+int strata_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
+
+int strata_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); }
+
+int strata_size_sealed(int fd) {
+  int seals = fcntl(fd, F_GET_SEALS);
+  return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
+}
 
 void strata_store_release_u16(volatile uint16_t *p, uint16_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 uint16_t strata_load_acquire_u16(const volatile uint16_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

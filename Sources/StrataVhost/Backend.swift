@@ -306,6 +306,9 @@ final class VhostBlkBackend {
       try expectFds(1)
       // Mapped, the area needs no descriptor: fds[0] is closed on return.
       let area = try InflightArea.map(fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit)
+      if strata_size_sealed(fds[0]) == 0 {
+        logger.notice("the inflight area is not size-sealed: a front-end that truncated it would crash this back-end")
+      }
       logger.debug(
         "inflight area set: \(d.mmapSize) bytes at offset \(d.mmapOffset) for \(d.numQueues) x \(d.queueSize) entries")
       let running = stopAll()

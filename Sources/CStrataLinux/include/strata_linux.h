@@ -32,8 +32,15 @@ long strata_send_with_fds(int sock, const void *buffer, size_t length, const int
 int strata_eventfd(unsigned int initval, int extra_flags);
 int strata_efd_nonblock(void);
 
-/// memfd_create(name, MFD_CLOEXEC).
+/// memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING).
 int strata_memfd(const char *name);
+
+/// Seals a memfd's size (no shrinking, no growing, no more seals): whoever else maps it can no
+/// longer truncate it under a mapping and make its users fault with SIGBUS. 0 or -1 with errno.
+int strata_seal_size(int fd);
+
+/// Whether `fd` can no longer shrink (F_SEAL_SHRINK).
+int strata_size_sealed(int fd);
 
 #include <stdint.h>
 
