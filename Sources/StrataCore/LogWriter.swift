@@ -6,6 +6,10 @@ import StrataFormat
 /// runs: when a megabyte is pending, on flush, and when the segment is sealed. Every record
 /// starts on a page boundary, so a page that was synced is never rewritten: a torn write can
 /// only damage records that were never acknowledged as durable.
+///
+/// Two segment buffers alternate: when a segment is sealed its writes may still be in flight
+/// while the next segment fills the other buffer, so the disk never idles at a segment
+/// boundary; a buffer is reused only once the writes from it have landed.
 final class LogWriter {
   private enum OpenKind { case data, pages }
 
@@ -32,7 +36,16 @@ final class LogWriter {
   let clock: @Sendable () -> UInt64
   var sealHandler: SealHandler = { _, _, _ in preconditionFailure("seal handler not set") }
 
-  private let buffer: UnsafeMutableRawBufferPointer
+  private let buffers: [UnsafeMutableRawBufferPointer]
+  private var current = 0
+  private var buffer: UnsafeMutableRawBufferPointer { buffers[current] }
+  /// The segment sealed last, still in the other buffer (pages `from..<to`, of which those from
+  /// `unsynced` on may not be durable yet), and the write mark that covers its writes: until the
+  /// buffer is reused its pages are read from memory, and rewritten after a failed write or sync.
+  private var previous: (segment: Int, from: Int, to: Int, unsynced: Int, mark: UInt64)?
+  /// A write or sync failed while the previous segment had unsynced pages: they are written
+  /// again before anything else.
+  private var rewritePrevious = false
   private(set) var segment: Int
   private(set) var tailPage: Int
   private(set) var writtenPages: Int
@@ -75,8 +88,11 @@ final class LogWriter {
     self.nextSeq = nextSeq
     self.lastChecksum = lastChecksum
     self.clock = clock
-    buffer = .allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
-    buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    buffers = (0..<2).map { _ in
+      let b = UnsafeMutableRawBufferPointer.allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
+      b.initializeMemory(as: UInt8.self, repeating: 0)
+      return b
+    }
     maxBlocksPerWrite = Self.maxBlocksPerWrite(geometry)
   }
 
@@ -86,7 +102,7 @@ final class LogWriter {
     return min(1024, byHeader, bySegment)
   }
 
-  deinit { buffer.deallocate() }
+  deinit { buffers.forEach { $0.deallocate() } }
 
   var pendingPages: Int { tailPage - writtenPages }
   var pagesLeft: Int { geometry.pagesPerSegment - tailPage - 1 }  // one page stays for the SEAL
@@ -246,27 +262,32 @@ final class LogWriter {
     try finishSeal()
   }
 
-  /// Writes out and syncs the sealed segment, then moves the log on to the next one. Durable
-  /// before the buffer is reused, so that a later failed write or sync can always be retried
-  /// from the buffer (one sync per segment; a flush would sync these pages anyway). If this
-  /// fails, the segment stays in the buffer and the next call retries (`checkUsable`).
+  /// Writes out the sealed segment and moves the log on to the next one, in the other buffer.
+  /// That buffer still holds the segment sealed before: its writes must have landed and, unless
+  /// a flush covered them, be synced before it is reused, so that the pages since the last good
+  /// sync are always still in a buffer for a retry (one sync per segment, a segment late, so the
+  /// disk does not wait for it). If this fails, the next call retries (`checkUsable`).
   private func finishSeal() throws {
     guard let next = unfinishedSeal else { return }
     do {
       try writeOut()
-      try storage.completeWrites()
-      if needsSync { try storage.sync() }
+      if let p = previous {
+        try storage.completeWrites(through: p.mark)
+        if p.unsynced < p.to { try storage.sync() }
+      }
     } catch {
       rewindAfterFailedWrite()
       throw error
     }
     unfinishedSeal = nil
+    previous = (segment, bufferedFrom, tailPage, syncedPages, storage.writeMark)
+    rewritePrevious = false
+    current ^= 1
     segment = next
     tailPage = 0
     writtenPages = 0
     syncedPages = 0
     bufferedFrom = 0
-    needsSync = false
   }
 
   /// Bytes allocated ahead of the log's writes at a time (see `preallocate`).
@@ -300,6 +321,15 @@ final class LogWriter {
   /// Writes every closed record that is still only in memory (no sync).
   func writeOut() throws {
     precondition(open == nil, "an open record cannot be written out")
+    if rewritePrevious, let p = previous {
+      let bytes = UnsafeRawBufferPointer(
+        rebasing: buffers[current ^ 1][(p.unsynced * Layout.pageSize)..<(p.to * Layout.pageSize)])
+      try storage.submitWrite(
+        bytes, at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: p.segment) + UInt64(p.unsynced)))
+      previous?.mark = storage.writeMark
+      rewritePrevious = false
+      needsSync = true
+    }
     guard pendingPages > 0 else { return }
     let bytes = UnsafeRawBufferPointer(
       rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
@@ -321,8 +351,8 @@ final class LogWriter {
   ///
   /// After a failed sync the kernel may have dropped the dirty pages while marking them clean
   /// (the "fsyncgate" lesson), so a retry must write them again: the pages since the last good
-  /// sync are rewritten from the buffer. A seal syncs the segment it ends before the buffer moves
-  /// on, so they are always still buffered.
+  /// sync are rewritten from the buffers. A seal syncs the segment sealed before it before its
+  /// buffer is reused, so they are always still buffered.
   func flush() throws {
     try checkUsable()
     closeRecord(flags: .flushPoint)
@@ -336,12 +366,14 @@ final class LogWriter {
     }
     needsSync = false
     syncedPages = writtenPages
+    if let p = previous { previous?.unsynced = p.to }
   }
 
   /// A write or sync failed: what was written since the last good sync may not be on disk, so
-  /// write it again from the buffer next time (a seal syncs, so the buffer holds all of it).
+  /// write it again from the buffers next time.
   private func rewindAfterFailedWrite() {
     writtenPages = syncedPages
+    if let p = previous, p.unsynced < p.to { rewritePrevious = true }
   }
 
   /// Refuses further work until the image is reopened: the image's state no longer matches the
@@ -359,21 +391,26 @@ final class LogWriter {
     try finishSeal()
   }
 
-  /// Copies `page` if the buffer holds it (appended in this segment since the writer started:
-  /// written-out pages too, whose asynchronous writes may still be in flight); false if it must
-  /// be read from storage.
+  /// Copies `page` if a buffer holds it (appended in this segment or the one sealed before it
+  /// since the writer started: written-out pages too, whose asynchronous writes may still be in
+  /// flight); false if it must be read from storage.
   func copyPending(page: UInt64, into out: UnsafeMutableRawBufferPointer) -> Bool {
-    guard isPending(page: page) else { return false }
+    guard let source = bufferHolding(page) else { return false }
     let local = geometry.pageInSegment(page)
     out.copyMemory(
-      from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
+      from: UnsafeRawBufferPointer(rebasing: source[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
     return true
   }
 
-  /// True when the buffer holds `page` (see `copyPending`).
-  func isPending(page: UInt64) -> Bool {
-    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+  /// True when a buffer holds `page` (see `copyPending`).
+  func isPending(page: UInt64) -> Bool { bufferHolding(page) != nil }
+
+  private func bufferHolding(_ page: UInt64) -> UnsafeMutableRawBufferPointer? {
+    guard page >= geometry.firstDataPage else { return nil }
+    let s = geometry.segment(ofPage: page)
     let local = geometry.pageInSegment(page)
-    return local >= bufferedFrom && local < tailPage
+    if s == segment { return local >= bufferedFrom && local < tailPage ? buffer : nil }
+    if let p = previous, s == p.segment, local >= p.from, local < p.to { return buffers[current ^ 1] }
+    return nil
   }
 }

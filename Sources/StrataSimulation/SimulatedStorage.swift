@@ -246,6 +246,8 @@ public final class SimulatedStorage: ImageStorage {
     var count: Int
     /// An injected failure reported at completion.
     var errno: Int32?
+    /// `writeMark` right after this write was submitted.
+    var mark: UInt64 = 0
   }
 
   /// What survives a power loss right now.
@@ -297,6 +299,7 @@ public final class SimulatedStorage: ImageStorage {
     c.deferWriteErrors = deferWriteErrors
     c.readsSeeWritesInFlight = readsSeeWritesInFlight
     c.counters = counters
+    c.writeMark = writeMark
     c.isOpen = true
     c.isPoweredOff = isPoweredOff
     c.faults = faults
@@ -480,21 +483,35 @@ public final class SimulatedStorage: ImageStorage {
         if keep > 0 { issue(.write(offset: offset, bytes: prefix)) }
         throw error(.write, f.errno, "at \(offset) (+\(bytes.count) bytes)")
       }
-      inFlight.append(InFlight(offset: offset, bytes: prefix, source: nil, count: bytes.count, errno: f.errno))
+      writeMark += 1
+      inFlight.append(
+        InFlight(offset: offset, bytes: prefix, source: nil, count: bytes.count, errno: f.errno, mark: writeMark))
       completed(.write)
       return
     }
     counters.writes += 1
     counters.bytesWritten += UInt64(bytes.count)
-    inFlight.append(InFlight(offset: offset, bytes: Array(bytes), source: bytes, count: bytes.count, errno: nil))
+    writeMark += 1
+    inFlight.append(
+      InFlight(offset: offset, bytes: Array(bytes), source: bytes, count: bytes.count, errno: nil, mark: writeMark))
     completed(.write)
   }
 
+  /// Counts the writes submitted so far (`completeWrites(through:)`).
+  public private(set) var writeMark: UInt64 = 0
+
   /// Lands every write in flight, in submission order; throws the first injected failure.
   public func completeWrites() throws {
+    try completeWrites(through: writeMark)
+  }
+
+  /// Lands the writes in flight submitted up to `mark`, in submission order (later ones stay in
+  /// flight); throws the first injected failure among them.
+  public func completeWrites(through mark: UInt64) throws {
     _ = try enter(.write, injectFaults: false)
     var first: StrataError?
-    for w in inFlight {
+    let landing = inFlight.prefix { $0.mark <= mark }
+    for w in landing {
       if let source = w.source, w.count > 0,
         !w.bytes.withUnsafeBytes({ memcmp($0.baseAddress!, source.baseAddress!, w.count) == 0 })
       {
@@ -504,7 +521,7 @@ public final class SimulatedStorage: ImageStorage {
       if !w.bytes.isEmpty { issue(.write(offset: w.offset, bytes: w.bytes)) }
       if let e = w.errno, first == nil { first = error(.write, e, "at \(w.offset) (+\(w.count) bytes, completed)") }
     }
-    inFlight.removeAll()
+    inFlight.removeFirst(landing.count)
     if let first { throw first }
   }
 

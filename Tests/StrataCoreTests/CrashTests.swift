@@ -784,3 +784,19 @@ extension SimulatedStorageTests {
     #expect(try read(s, 8192, 1) == [2])
   }
 }
+
+extension SimulatedStorageTests {
+  @Test func completeWritesThroughAMark() throws {
+    let s = SimulatedStorage(seed: 7)
+    let one = [UInt8](repeating: 1, count: 4096)
+    let two = [UInt8](repeating: 2, count: 4096)
+    try one.withUnsafeBytes { try s.submitWrite($0, at: 0) }
+    let mark = s.writeMark
+    try two.withUnsafeBytes { try s.submitWrite($0, at: 4096) }
+    try s.completeWrites(through: mark)
+    #expect(try read(s, 0, 8192) == one, "only the first write landed")
+    #expect(s.writesInFlight == 1)
+    try s.completeWrites()
+    #expect(try read(s, 0, 8192) == one + two)
+  }
+}
