@@ -87,7 +87,13 @@ public final class Simulation {
   public let seed: UInt64
   public let config: SimulationConfig
   public let log: RunLog
-  public private(set) var stats = SimulationStats()
+  /// What the run did so far (all of it once `run` returned).
+  public var stats: SimulationStats {
+    var s = counts
+    s.faultsInjected = storage.counters.faultsHit
+    return s
+  }
+  private var counts = SimulationStats()
 
   private var rng: SeededRandom
   private var work: Workload
@@ -128,7 +134,7 @@ public final class Simulation {
     }
     for i in 0..<config.operations {
       log.index = i
-      stats.operations += 1
+      counts.operations += 1
       if rng.chance(config.faultChance) { armFault() }
       try step()
       try checkBounds()
@@ -151,8 +157,7 @@ public final class Simulation {
     try crash("final")
     try log.run("close") { try current.close() }
     image = nil
-    stats.faultsInjected = storage.counters.faultsHit
-    stats.digest = CRC32C.checksum(storage.durable)
+    counts.digest = CRC32C.checksum(storage.durable)
     return stats
   }
 
@@ -198,7 +203,7 @@ public final class Simulation {
       log.note("flush")
       if try attempt("flush", { try self.current.flush() }) == .done {
         model.markDurable()
-        stats.flushes += 1
+        counts.flushes += 1
       }
     case 730..<770:  // snapshot (deleting one first when there are enough)
       if model.snapshots.count >= config.maxSnapshots, let victim = rng.element(of: model.order) {
@@ -209,7 +214,7 @@ public final class Simulation {
       log.note("create snapshot \(name)")
       model.createSnapshot(name)
       if try attempt("createSnapshot \(name)", { try self.current.createSnapshot(name: name) }) == .done {
-        stats.snapshotsCreated += 1
+        counts.snapshotsCreated += 1
       }
     case 770..<790:  // delete a snapshot
       guard let victim = rng.element(of: model.order) else { return }
@@ -230,7 +235,7 @@ public final class Simulation {
         }) == .done
       {
         model.markDurable()
-        stats.restores += 1
+        counts.restores += 1
       }
     case 830..<840:  // grow or shrink, then flush
       let step = UInt64(rng.int(in: 1...2048)) * 512
@@ -257,7 +262,7 @@ public final class Simulation {
         return
       }
       model.markDurable()
-      stats.reopens += 1
+      counts.reopens += 1
       storage.reopen()
       image = try open("reopen")
       faultSinceOpen = false
@@ -346,7 +351,7 @@ public final class Simulation {
       return .crashed
     } catch let e as StrataError where storage.counters.faultsHit > failuresBefore || isRefusal(e) {
       log.note("\(what) failed: \(e)")
-      stats.failedCalls += 1
+      counts.failedCalls += 1
       try checkReported(e, what)
       faultSinceOpen = true
       if let afterFault {
@@ -392,7 +397,7 @@ public final class Simulation {
       do {
         try image.flush()
         model.markDurable()
-        stats.flushes += 1
+        counts.flushes += 1
         try checkClean(image, log, what: "after \(what) failed and a flush")
         return
       } catch let e as StrataError where isRefusal(e) {
@@ -403,7 +408,7 @@ public final class Simulation {
         throw log.fail("flush after \(what) failed and the fault cleared threw \(error)")
       }
     }
-    stats.refusals += 1
+    counts.refusals += 1
     try reopen(after: "a refusal", closed: false)
   }
 
@@ -428,7 +433,7 @@ public final class Simulation {
       }
     }
     storage.reopen()
-    stats.reopens += 1
+    counts.reopens += 1
     let image = try open("open after \(why)")
     self.image = image
     faultSinceOpen = false
@@ -445,7 +450,7 @@ public final class Simulation {
       return try StrataImage.open(storage: storage, options: options)
     } catch let e as StrataError where storage.counters.faultsHit > failuresBefore {
       log.note("\(what) failed: \(e)")
-      stats.failedCalls += 1
+      counts.failedCalls += 1
       try checkReported(e, what)
       storage.clearFaults()
       return try log.run("\(what) after the fault cleared") { try StrataImage.open(storage: storage, options: options) }
@@ -456,15 +461,15 @@ public final class Simulation {
 
   /// Power loss: crash the storage, reopen, verify, continue from what survived.
   private func crash(_ reason: String) throws {
-    let mode = config.crashModes[stats.crashPoints % config.crashModes.count]
-    stats.crashPoints += 1
-    if reason.hasPrefix("power failed") { stats.midOperationCrashes += 1 }
+    let mode = config.crashModes[counts.crashPoints % config.crashModes.count]
+    counts.crashPoints += 1
+    if reason.hasPrefix("power failed") { counts.midOperationCrashes += 1 }
     let unsynced = storage.unsyncedWrites
     let survived = storage.crash(mode: mode)
     log.note("crash (\(reason)) mode \(mode): \(survived) of \(unsynced) unsynced writes survived")
     current.abandon()  // closed already, or lost with the power
     let (reopened, recovered) = try openAndVerify(
-      storage, options, model, log, fullScan: config.fullScan, what: "crash \(stats.crashPoints) (\(mode))")
+      storage, options, model, log, fullScan: config.fullScan, what: "crash \(counts.crashPoints) (\(mode))")
     image = reopened
     model = recovered
     faultSinceOpen = false
