@@ -108,6 +108,7 @@ struct StrataSim: ParsableCommand {
         let stats = try simulation.run()
         total += stats
         print("seed \(s): ok: \(summary(stats))")
+        fflush(nil)  // progress of long batches that write to a file
       } catch let f as SimulationFailure {
         total += simulation.stats
         failed.append(s)
