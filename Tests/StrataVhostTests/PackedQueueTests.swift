@@ -7,7 +7,7 @@ import Glibc
 import Testing
 import VhostProtocol
 
-@testable import StrataVhost
+@_spi(Fuzzing) @testable import StrataVhost
 
 /// One guest memory region of 1 MiB at guest address 0 (front-end address 0x1000_0000).
 private final class Guest {
