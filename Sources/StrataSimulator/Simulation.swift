@@ -104,6 +104,9 @@ public final class Simulation {
   private var nextSnapshot = 0
   /// An injected fault was reported since the image was opened: a refusal is allowed.
   private var faultSinceOpen = false
+  /// Injected faults accounted for: a write's failure may surface in a later call, when the
+  /// write completes.
+  private var faultsReported = 0
   /// The last operation ended with a checkpoint when one was due.
   private var checkpointDue = false
 
@@ -340,7 +343,6 @@ public final class Simulation {
   private func attempt(
     _ what: String, _ body: () throws -> Void, afterFault: ((_ refused: Bool) throws -> Void)? = nil
   ) throws -> Outcome {
-    let failuresBefore = storage.counters.faultsHit
     do {
       try body()
       return .done
@@ -349,7 +351,8 @@ public final class Simulation {
     } catch  where storage.isPoweredOff {
       try crash("power failed during \(what)")
       return .crashed
-    } catch let e as StrataError where storage.counters.faultsHit > failuresBefore || isRefusal(e) {
+    } catch let e as StrataError where storage.counters.faultsHit > faultsReported || isRefusal(e) {
+      faultsReported = storage.counters.faultsHit
       log.note("\(what) failed: \(e)")
       counts.failedCalls += 1
       try checkReported(e, what)
@@ -445,10 +448,10 @@ public final class Simulation {
   /// Opens the image again; an open that meets an armed fault must fail clearly, and succeed
   /// once the fault cleared.
   private func open(_ what: String) throws -> StrataImage {
-    let failuresBefore = storage.counters.faultsHit
     do {
       return try StrataImage.open(storage: storage, options: options)
-    } catch let e as StrataError where storage.counters.faultsHit > failuresBefore {
+    } catch let e as StrataError where storage.counters.faultsHit > faultsReported {
+      faultsReported = storage.counters.faultsHit
       log.note("\(what) failed: \(e)")
       counts.failedCalls += 1
       try checkReported(e, what)
@@ -466,6 +469,7 @@ public final class Simulation {
     if reason.hasPrefix("power failed") { counts.midOperationCrashes += 1 }
     let unsynced = storage.unsyncedWrites
     let survived = storage.crash(mode: mode)
+    faultsReported = storage.counters.faultsHit  // failed writes still in flight are gone
     log.note("crash (\(reason)) mode \(mode): \(survived) of \(unsynced) unsynced writes survived")
     current.abandon()  // closed already, or lost with the power
     let (reopened, recovered) = try openAndVerify(
