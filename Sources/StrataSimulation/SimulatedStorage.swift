@@ -578,8 +578,11 @@ public final class SimulatedStorage: ImageStorage {
       counters.misuse += 1
       throw StrataError(.io, "simulated storage closed twice", errno: EBADF)
     }
-    // Closing a file does not make it durable: unsynced writes stay unsynced.
+    // As FileStorage does (and the kernel would anyway), writes in flight land before the file
+    // is closed. Closing does not make them durable: unsynced writes stay unsynced.
+    let landed = Result { try completeWrites() }
     isOpen = false
+    try landed.get()
   }
 
   // MARK: Crash and reopen
