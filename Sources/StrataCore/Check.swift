@@ -21,6 +21,7 @@ public struct CheckReport: Codable, Sendable {
   public var checkedMapNodes = 0
   public var checkedDataBlocks = 0
   public var checkedSnapshots = 0
+  public var checkedCatalogNodes = 0
 
   public init() {}
 
@@ -77,8 +78,9 @@ extension StrataImage {
       state.report.errors.append("the checkpoint counts \(map.dataBlocks) data blocks, the map holds \(dataBlocks)")
     }
 
-    // Snapshots: their views come from older checkpoints plus the log.
-    for entry in catalog.entries {
+    // Snapshots: the catalog trees, then every view (older checkpoints plus the log).
+    checkCatalog(state)
+    try catalog.forEach { entry in
       state.report.checkedSnapshots += 1
       let label = "snapshot \"\(entry.name)\""
       do {
@@ -125,6 +127,41 @@ extension StrataImage {
     if report.errors.contains(where: { $0.contains("failed its checksum") && $0.hasPrefix("head: block") }) {
       report.repairs.append(
         "damaged data blocks were left in place: reading them keeps failing rather than returning wrong bytes")
+    }
+  }
+
+  /// Walks both catalog trees (every node is verified as it loads: checksum, level, order, the
+  /// key its parent holds for it) and checks that the name index lists exactly the entries of
+  /// the seq tree under the hashes of their names, with no name twice.
+  private func checkCatalog(_ state: CheckState) {
+    func items<Item>(_ tree: CatalogTree<Item>, _ what: String) -> [Item]? {
+      var out: [Item] = []
+      do {
+        try tree.forEachNode { node, _ in
+          state.report.checkedCatalogNodes += 1
+          out += node.items
+        }
+      } catch {
+        state.report.errors.append("\(what) cannot be read: \(error)")
+        return nil
+      }
+      return out
+    }
+    guard let entries = items(catalog.bySeq, "the catalog"), let names = items(catalog.byName, "the name index") else {
+      return
+    }
+    if entries.count != catalog.count {
+      state.report.errors.append("the checkpoint counts \(catalog.count) snapshots, the catalog holds \(entries.count)")
+    }
+    let expected = entries.map(NameIndexEntry.init).sorted { $0.key < $1.key }
+    if expected != names {
+      state.report.errors.append(
+        "the name index (\(names.count) entries) does not match the catalog (\(entries.count) snapshots)")
+    }
+    // Names compare as bytes (format-spec 7.3); only entries that share a hash can be equal.
+    let nameBytes = Dictionary(entries.map { ($0.seq, Array($0.name.utf8)) }, uniquingKeysWith: { a, _ in a })
+    for (a, b) in zip(expected, expected.dropFirst()) where a.hash == b.hash && nameBytes[a.seq] == nameBytes[b.seq] {
+      state.report.errors.append("a snapshot name is used twice (seq \(a.seq) and \(b.seq))")
     }
   }
 

@@ -14,7 +14,6 @@ struct LoadedCheckpoint {
   var map: BlockMap
   var usage: UsageTable
   var catalog: Catalog
-  var catalogRefs: [PageRef]
   var page: UInt64
   var seq: UInt64
 
@@ -46,23 +45,7 @@ struct LoadedCheckpoint {
         throw StrataError.corrupt("usage page \(i)", e)
       }
     }
-    var catalog = Catalog()
-    for (i, ref) in body.catalogPages.enumerated() {
-      let bytes = try pages.readVerified(ref, kind: .catalog, level: 0, key: UInt64(i))
-      let list: [SnapshotEntry]
-      do { list = try bytes.withUnsafeBytes { try SnapshotEntry.decodePage($0) } } catch let e as FormatError {
-        throw StrataError.corrupt("catalog page \(i)", e)
-      }
-      for e in list where !catalog.add(e) {
-        throw StrataError(
-          .corrupt, "catalog page \(i): snapshot \"\(e.name)\" (seq \(e.seq)) is duplicated or out of order")
-      }
-    }
-    guard UInt64(catalog.count) == body.snapshotCount else {
-      throw StrataError(
-        .corrupt,
-        "checkpoint at page \(stored.page) counts \(body.snapshotCount) snapshots, its catalog holds \(catalog.count)")
-    }
+    let catalog = try Catalog(pages: pages, checkpoint: body)
     if !body.root.isNull { try pages.checkAddress(body.root.page, what: "map root") }
     let map = BlockMap(
       source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
@@ -70,7 +53,7 @@ struct LoadedCheckpoint {
     return LoadedCheckpoint(
       virtualSize: body.virtualSize, map: map,
       usage: UsageTable(geometry: g, entries: entries, pageRefs: body.usagePages), catalog: catalog,
-      catalogRefs: body.catalogPages, page: stored.page, seq: stored.header.seq)
+      page: stored.page, seq: stored.header.seq)
   }
 }
 
@@ -97,7 +80,9 @@ extension StrataImage {
       generation: 0, imageID: imageID, blockSize: UInt32(options.blockSize), segmentSize: UInt32(options.segmentSize),
       dataOffset: dataOffset, checkpointPage: geometry.firstDataPage, checkpointSeq: 0, checkpointChecksum: 0,
       createdNanoseconds: options.clock())
-    let pages = PageReader(storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes)
+    let pages = PageReader(
+      storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes,
+      catalogCacheNodes: options.catalogCacheNodes)
     let blocks = (virtualSize + UInt64(options.blockSize) - 1) / UInt64(options.blockSize)
     let usage = UsageTable(geometry: geometry, entries: [], pageRefs: [])
     _ = usage.appendSegment()
@@ -106,7 +91,7 @@ extension StrataImage {
       map: BlockMap(
         source: pages, depth: Layout.mapDepth(forBlocks: blocks), root: .unallocated, dataBlocks: 0,
         pagesPerBlock: geometry.pagesPerBlock),
-      usage: usage, catalog: Catalog(), catalogRefs: [], page: 0, seq: 0)
+      usage: usage, catalog: Catalog(pages: pages), page: 0, seq: 0)
     let image = StrataImage(
       storage: storage, superblock: superblock, options: options, pages: pages, state: empty, readOnly: false)
     image.startWriter(at: LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: CRC32C.checksum(imageID)))
@@ -178,7 +163,9 @@ extension StrataImage {
     -> StrataImage
   {
     let geometry = Geometry(blockSize: Int(sb.blockSize), segmentSize: Int(sb.segmentSize), dataOffset: sb.dataOffset)
-    let pages = PageReader(storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes)
+    let pages = PageReader(
+      storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes,
+      catalogCacheNodes: options.catalogCacheNodes)
     guard let stored = try pages.record(at: sb.checkpointPage) else {
       throw StrataError(.corrupt, "the checkpoint record at page \(sb.checkpointPage) is damaged or missing")
     }
@@ -256,8 +243,6 @@ extension StrataImage {
       map.accounting = usage
       usage.adopt(state.usage)
       catalog = state.catalog
-      catalogRefs = state.catalogRefs
-      catalogDirty = false
       lastCheckpointPage = state.page
       lastCheckpointSeq = state.seq
     case .seal(let next):
@@ -275,16 +260,14 @@ extension StrataImage {
   func apply(_ op: LogOp, seq: UInt64, payloadPage: UInt64, timestamp: UInt64) throws {
     switch op {
     case .snapshot(let name, let base):
-      guard catalog.add(SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name))
-      else {
+      let entry = SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name)
+      guard try catalog.add(entry) else {
         throw StrataError(.corrupt, "snapshot \"\(name)\" at seq \(seq) duplicates an existing one")
       }
-      catalogDirty = true
     case .snapshotDelete(let target):
-      guard catalog.remove(seq: target) != nil else {
+      guard try catalog.remove(seq: target) != nil else {
         throw StrataError(.corrupt, "seq \(seq) deletes snapshot \(target), which does not exist")
       }
-      catalogDirty = true
     case .restore(let target, let base):
       let restored = try view(at: target, base: base)
       map = restored.map
@@ -399,7 +382,7 @@ extension StrataImage {
 
   func checkpointIfDue() throws {
     guard let writer else { return }
-    if map.dirtyCount >= options.maxDirtyNodes
+    if map.dirtyCount >= options.maxDirtyNodes || catalog.dirtyNodes >= options.maxDirtyCatalogNodes
       || writer.appendedPages - pagesAtCheckpoint >= UInt64(options.checkpointIntervalPages)
     {
       try checkpoint()
@@ -416,16 +399,13 @@ extension StrataImage {
         UnsafeRawBufferPointer(node.bytes),
         descriptor: PageDescriptor(kind: .mapNode, level: UInt8(level), checksum: checksum, key: index))
     }
-    if catalogDirty {
-      catalogRefs = try SnapshotEntry.encodePages(catalog.entries).enumerated().map { i, bytes in
-        let checksum = bytes.withUnsafeBytes { pageChecksum(kind: .catalog, level: 0, key: UInt64(i), $0) }
-        let page = try bytes.withUnsafeBytes {
-          try writer.appendMetaPage(
-            $0, descriptor: PageDescriptor(kind: .catalog, level: 0, checksum: checksum, key: UInt64(i)))
-        }
-        return PageRef(page: page, checksum: checksum)
+    if catalog.needsTreeFormat { try enableCatalogTree() }
+    _ = try catalog.write { kind, bytes in
+      let checksum = bytes.withUnsafeBytes { pageChecksum(kind: kind, level: 0, key: 0, $0) }
+      let page = try bytes.withUnsafeBytes {
+        try writer.appendMetaPage($0, descriptor: PageDescriptor(kind: kind, level: 0, checksum: checksum, key: 0))
       }
-      catalogDirty = false
+      return PageRef(page: page, checksum: checksum)
     }
     // Usage pages last: writing them changes no usage, but a seal does, so make room first.
     while true {
@@ -466,10 +446,26 @@ extension StrataImage {
   }
 
   private func checkpointBody() -> CheckpointBody {
-    CheckpointBody(
+    precondition(!catalog.isDirty, "the catalog is written before the checkpoint that names it")
+    return CheckpointBody(
       virtualSize: virtualSize, blockSize: UInt32(geometry.blockSize), mapDepth: UInt8(map.depth), root: map.root,
       dataBlocks: map.dataBlocks, previousCheckpoint: lastCheckpointPage, segmentCount: UInt64(usage.segmentCount),
-      snapshotCount: UInt64(catalog.count), usagePages: usage.pageRefs, catalogPages: catalogRefs)
+      snapshotCount: UInt64(catalog.count), usagePages: usage.pageRefs, catalogPages: catalog.stored.refs,
+      catalogFormat: catalog.stored.format)
+  }
+
+  /// Sets the catalog-tree incompatible bit in a superblock that still names the last durable
+  /// checkpoint, before the first tree page reaches the log: a reader that does not know the
+  /// tree then refuses the image instead of cutting the log at the first tree page.
+  private func enableCatalogTree() throws {
+    guard superblock.features.incompatible & FeatureSet.catalogTree == 0 else { return }
+    var sb = superblock
+    sb.generation += 1
+    sb.features.incompatible |= FeatureSet.catalogTree
+    sb.features.autoclear &= FeatureSet.knownAutoclear
+    try writeSuperblock(sb)
+    try storage.sync()
+    superblock = sb
   }
 
   func writeSuperblock(_ sb: Superblock) throws {

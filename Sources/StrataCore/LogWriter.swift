@@ -54,6 +54,8 @@ final class LogWriter {
   private var failure: String?
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
+  /// Every operation up to this seq is known durable (0: nothing synced by this writer yet).
+  private(set) var durableSeq: UInt64 = 0
   /// Largest block count of one WRITE operation, so that it fits an empty record and segment.
   let maxBlocksPerWrite: Int
 
@@ -318,6 +320,46 @@ final class LogWriter {
     needsSync = false
     syncedPages = writtenPages
     sealedSinceSync = false
+    durableSeq = nextSeq - 1
+  }
+
+  /// What a sync that runs outside the image lock covers (see `beginSync`).
+  struct SyncTicket {
+    var segment: Int
+    var pages: Int
+    var seq: UInt64
+  }
+
+  /// The first half of a flush whose fdatasync runs on another thread, outside the image lock:
+  /// closes the open record and writes out and completes everything appended, so that the
+  /// sync covers it. `endSync` then records the outcome (under the lock again). Appends,
+  /// write-outs and even seals may happen in between: they lie past the ticket.
+  func beginSync() throws -> SyncTicket {
+    try checkUsable()
+    closeRecord(flags: .flushPoint)
+    do {
+      try writeOut()
+      try storage.completeWrites()
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+    return SyncTicket(segment: segment, pages: writtenPages, seq: nextSeq - 1)
+  }
+
+  /// Records a sync started with `beginSync`: on success everything up to the ticket is
+  /// durable; on failure the unsynced pages are rewritten by the next flush, as in `flush`.
+  func endSync(_ ticket: SyncTicket, failed: Bool) {
+    guard !failed else {
+      rewindAfterFailedWrite()
+      return
+    }
+    durableSeq = max(durableSeq, ticket.seq)
+    // A seal after the ticket moved the log on: what it wrote out is not covered.
+    guard segment == ticket.segment else { return }
+    syncedPages = max(syncedPages, ticket.pages)
+    sealedSinceSync = false
+    if writtenPages == ticket.pages { needsSync = false }
   }
 
   /// A write or sync failed: what was written since the last good sync may not be on disk, so

@@ -30,10 +30,16 @@ public protocol ImageStorage: AnyObject {
   /// Reserves space for a range about to be written (a new log segment), so that the writes
   /// neither extend the file nor fail half-way for lack of space.
   func preallocate(at offset: UInt64, length: UInt64) throws
+  /// Like `sync`, but callable from another thread while the image's thread keeps using the
+  /// storage (group commit syncs outside the image lock). Covers the writes completed before
+  /// the call. Returns false, doing nothing, when the storage cannot; the caller then syncs
+  /// with `sync` under its lock.
+  func syncFromAnyThread() throws -> Bool
 }
 
 extension ImageStorage {
   public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
+  public func syncFromAnyThread() throws -> Bool { false }
   public func completeWrites() throws {}
   public func preallocate(at offset: UInt64, length: UInt64) throws {}
 }
@@ -264,6 +270,14 @@ public final class FileStorage: ImageStorage {
   public func sync() throws {
     try completeWrites()  // fdatasync covers completed writes only
     _ = try perform(.fsync(userData: 2))
+  }
+
+  /// fdatasync on the descriptor itself, not through the engine (whose ring belongs to the
+  /// thread holding the image lock).
+  public func syncFromAnyThread() throws -> Bool {
+    precondition(fd >= 0, "FileStorage used after close")
+    if Self.retrying({ fdatasync(fd) }) != 0 { throw StrataError.system("fdatasync", path, errno: Glibc.errno) }
+    return true
   }
 
   public func size() throws -> UInt64 {
