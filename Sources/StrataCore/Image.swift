@@ -250,6 +250,10 @@ public final class StrataImage {
     return try catalog.newest(limit).map(SnapshotInfo.init)
   }
 
+  /// Catalog pages read from storage since the image was opened (the catalog is read on
+  /// demand: opening reads its roots only).
+  public var catalogPagesRead: Int { catalog.pagesRead }
+
   /// The snapshot with sequence number `seq`, if there is one.
   public func snapshot(seq: UInt64) throws -> SnapshotInfo? {
     try checkOpen()
