@@ -1,7 +1,7 @@
 import StrataFormat
 
-/// The named snapshots: a tree of entries keyed by seq and a name index keyed by the hash of the
-/// name (format-spec 8.6), both copy-on-write trees of pages in the log read through bounded
+/// The named snapshots: a tree of entries keyed by seq and a name index keyed by the name's
+/// bytes (format-spec 8.6), both copy-on-write trees of pages in the log read through bounded
 /// caches. Opening reads the two roots; a lookup reads one path; a checkpoint writes the
 /// changed nodes only. Images written before the tree existed store flat catalog pages (8.5):
 /// those are loaded into the trees and written as trees at the next checkpoint.
@@ -69,29 +69,20 @@ final class Catalog {
   /// Names are equal when their bytes are (format-spec), not when Swift's `String` would call
   /// them canonically equivalent.
   func entry(named name: String) throws -> SnapshotEntry? {
-    let hash = nameHash(name)
-    var seqs: [UInt64] = []
-    try byName.scan(from: CatalogKey(hash, 0)) { e in
-      guard e.hash == hash else { return false }
-      seqs.append(e.seq)
-      return true
+    guard let indexed = try byName.find(SnapshotName(name)) else { return nil }
+    guard let e = try entry(seq: indexed.seq), SnapshotName(e.name) == indexed.name else {
+      throw StrataError(.corrupt, "the catalog's name index lists \(indexed.name) as seq \(indexed.seq), which is not")
     }
-    for seq in seqs {
-      guard let e = try entry(seq: seq) else {
-        throw StrataError(.corrupt, "the catalog's name index lists snapshot seq \(seq), which does not exist")
-      }
-      if e.name.utf8.elementsEqual(name.utf8) { return e }
-    }
-    return nil
+    return e
   }
 
-  func entry(seq: UInt64) throws -> SnapshotEntry? { try bySeq.find(CatalogKey(seq, 0)) }
+  func entry(seq: UInt64) throws -> SnapshotEntry? { try bySeq.find(seq) }
 
   /// Up to `limit` entries with a seq greater than `seq`, oldest first.
   func entries(after seq: UInt64, limit: Int) throws -> [SnapshotEntry] {
     var out: [SnapshotEntry] = []
     guard limit > 0, seq < UInt64.max else { return out }
-    try bySeq.scan(from: CatalogKey(seq + 1, 0)) { e in
+    try bySeq.scan(from: seq + 1) { e in
       out.append(e)
       return out.count < limit
     }
@@ -110,7 +101,7 @@ final class Catalog {
   }
 
   func forEach(_ body: (SnapshotEntry) throws -> Void) throws {
-    try bySeq.scan(from: CatalogKey(0, 0)) { e in
+    try bySeq.scan(from: 0) { e in
       try body(e)
       return true
     }
@@ -130,7 +121,7 @@ final class Catalog {
   }
 
   func remove(seq: UInt64) throws -> SnapshotEntry? {
-    guard let e = try bySeq.remove(CatalogKey(seq, 0)) else { return nil }
+    guard let e = try bySeq.remove(seq) else { return nil }
     guard try byName.remove(NameIndexEntry(e).key) != nil else {
       throw StrataError(.corrupt, "the catalog's name index lacks snapshot \"\(e.name)\" (seq \(seq))")
     }

@@ -12,7 +12,7 @@ final class CatalogNode<Item: CatalogItem> {
   /// Leaf items (level 0), ordered by key.
   var items: [Item]
   /// Internal nodes: the smallest key of each child's subtree, and the child.
-  var keys: [CatalogKey]
+  var keys: [Item.Key]
   var links: [Link]
   /// Encoded size, header included; at most a page.
   var bytes: Int
@@ -25,13 +25,32 @@ final class CatalogNode<Item: CatalogItem> {
     bytes = CatalogNodePage.headerLength + items.reduce(0) { $0 + $1.encodedLength }
   }
 
-  init(level: Int, keys: [CatalogKey], links: [Link]) {
+  init(level: Int, keys: [Item.Key], links: [Link]) {
     precondition(level > 0 && keys.count == links.count)
     self.level = level
     items = []
     self.keys = keys
     self.links = links
-    bytes = CatalogNodePage.headerLength + keys.count * CatalogChild.encodedLength
+    bytes = CatalogNodePage.headerLength + keys.reduce(0) { $0 + Self.childLength($1) }
+  }
+
+  static func childLength(_ key: Item.Key) -> Int { CatalogNodePage.childLength(key, of: Item.self) }
+
+  /// Replaces child `i`'s key (its subtree's first key changed), keeping `bytes` right.
+  func setKey(_ i: Int, _ key: Item.Key) {
+    bytes += Self.childLength(key) - Self.childLength(keys[i])
+    keys[i] = key
+  }
+
+  func insertChild(_ link: Link, key: Item.Key, at i: Int) {
+    keys.insert(key, at: i)
+    links.insert(link, at: i)
+    bytes += Self.childLength(key)
+  }
+
+  func removeChild(at i: Int) {
+    bytes -= Self.childLength(keys.remove(at: i))
+    links.remove(at: i)
   }
 
   func copy() -> CatalogNode {
@@ -39,7 +58,7 @@ final class CatalogNode<Item: CatalogItem> {
   }
 
   var count: Int { level == 0 ? items.count : keys.count }
-  var firstKey: CatalogKey { level == 0 ? items[0].key : keys[0] }
+  var firstKey: Item.Key { level == 0 ? items[0].key : keys[0] }
 }
 
 /// A copy-on-write B+tree of catalog items whose nodes are pages in the log (format-spec 8.6).
@@ -71,7 +90,7 @@ final class CatalogTree<Item: CatalogItem> {
 
   /// A node, read and verified if it is not cached. `level` is what the parent implies (nil for
   /// the root) and `firstKey` the key the parent stores for it.
-  func node(_ link: Node.Link, level: Int?, firstKey: CatalogKey?) throws -> Node {
+  func node(_ link: Node.Link, level: Int?, firstKey: Item.Key?) throws -> Node {
     switch link {
     case .dirty(let n): return n
     case .stored(let ref):
@@ -87,7 +106,7 @@ final class CatalogTree<Item: CatalogItem> {
             throw FormatError(.invalidField, what, "level \(expected) is deeper than \(CatalogNodePage.maxLevel)")
           }
           if expected == 0 { return Node(items: try CatalogNodePage.decodeLeaf(raw, as: Item.self)) }
-          let children = try CatalogNodePage.decodeInternal(raw, kind: Item.pageKind, level: expected)
+          let children = try CatalogNodePage.decodeInternal(raw, as: Item.self, level: expected)
           return Node(level: expected, keys: children.map(\.key), links: children.map { .stored($0.ref) })
         }
       } catch let e as FormatError {
@@ -114,7 +133,7 @@ final class CatalogTree<Item: CatalogItem> {
 
   /// Index of the child whose subtree holds `key`: the last child whose key is ≤ `key` (the
   /// first child when `key` is smaller than every key).
-  private static func childIndex(_ keys: [CatalogKey], _ key: CatalogKey) -> Int {
+  private static func childIndex(_ keys: [Item.Key], _ key: Item.Key) -> Int {
     var lo = 0
     var hi = keys.count
     while lo < hi {
@@ -124,7 +143,7 @@ final class CatalogTree<Item: CatalogItem> {
     return max(lo - 1, 0)
   }
 
-  private static func lowerBound(_ items: [Item], _ key: CatalogKey) -> Int {
+  private static func lowerBound(_ items: [Item], _ key: Item.Key) -> Int {
     var lo = 0
     var hi = items.count
     while lo < hi {
@@ -140,7 +159,7 @@ final class CatalogTree<Item: CatalogItem> {
 
   // MARK: Lookup
 
-  func find(_ key: CatalogKey) throws -> Item? {
+  func find(_ key: Item.Key) throws -> Item? {
     guard var n = try rootNode() else { return nil }
     while n.level > 0 { n = try child(n, Self.childIndex(n.keys, key)) }
     let i = Self.lowerBound(n.items, key)
@@ -148,12 +167,12 @@ final class CatalogTree<Item: CatalogItem> {
   }
 
   /// Visits items with keys ≥ `key` in order until `visit` returns false.
-  func scan(from key: CatalogKey, _ visit: (Item) throws -> Bool) throws {
+  func scan(from key: Item.Key, _ visit: (Item) throws -> Bool) throws {
     guard let n = try rootNode() else { return }
     _ = try scan(n, from: key, visit)
   }
 
-  private func scan(_ n: Node, from key: CatalogKey, _ visit: (Item) throws -> Bool) throws -> Bool {
+  private func scan(_ n: Node, from key: Item.Key, _ visit: (Item) throws -> Bool) throws -> Bool {
     if n.level == 0 {
       for item in n.items[Self.lowerBound(n.items, key)...] where !(try visit(item)) { return false }
       return true
@@ -198,13 +217,6 @@ final class CatalogTree<Item: CatalogItem> {
     return n
   }
 
-  private enum Inserted {
-    case exists
-    case done
-    /// The node overflowed; this new right sibling follows it.
-    case split(Node)
-  }
-
   /// Inserts `item`; false (and nothing changes) when its key is already present.
   func insert(_ item: Item) throws -> Bool {
     guard try find(item.key) == nil else { return false }
@@ -213,100 +225,102 @@ final class CatalogTree<Item: CatalogItem> {
       dirtyNodes += 1
       return true
     }
-    switch try insert(item, into: top, rightEdge: true) {
-    case .exists: preconditionFailure("key \(item.key) appeared during its insertion")
-    case .done: break
-    case .split(let right):
-      root = .dirty(Node(level: top.level + 1, keys: [top.firstKey, right.firstKey], links: [.dirty(top), .dirty(right)]))
-      dirtyNodes += 1
-    }
+    try grow(top, split: try insert(item, into: top, rightEdge: true))
     return true
   }
 
-  private func insert(_ item: Item, into n: Node, rightEdge: Bool) throws -> Inserted {
+  /// A root that split gets a parent: the tree grows one level.
+  private func grow(_ top: Node, split right: Node?) throws {
+    guard let right else { return }
+    root = .dirty(Node(level: top.level + 1, keys: [top.firstKey, right.firstKey], links: [.dirty(top), .dirty(right)]))
+    dirtyNodes += 1
+  }
+
+  /// Inserts into the subtree of `n` (the key is known to be absent); returns the new right
+  /// sibling when `n` overflowed and split.
+  private func insert(_ item: Item, into n: Node, rightEdge: Bool) throws -> Node? {
     if n.level == 0 {
       let i = Self.lowerBound(n.items, item.key)
-      if i < n.items.count && n.items[i].key == item.key { return .exists }
       n.items.insert(item, at: i)
       n.bytes += item.encodedLength
-      return n.bytes > Layout.pageSize ? .split(split(n, appended: rightEdge && i == n.items.count - 1)) : .done
+      return n.bytes > Layout.pageSize ? split(n, appended: rightEdge && i == n.items.count - 1) : nil
     }
     let i = Self.childIndex(n.keys, item.key)
     let c = try mutableChild(n, i)
-    let result = try insert(item, into: c, rightEdge: rightEdge && i == n.keys.count - 1)
-    n.keys[i] = c.firstKey
-    guard case .split(let right) = result else { return result }
-    n.keys.insert(right.firstKey, at: i + 1)
-    n.links.insert(.dirty(right), at: i + 1)
-    n.bytes += CatalogChild.encodedLength
-    return n.bytes > Layout.pageSize ? .split(split(n, appended: rightEdge && i + 1 == n.keys.count - 1)) : .done
+    let right = try insert(item, into: c, rightEdge: rightEdge && i == n.keys.count - 1)
+    n.setKey(i, c.firstKey)
+    if let right { n.insertChild(.dirty(right), key: right.firstKey, at: i + 1) }
+    return n.bytes > Layout.pageSize ? split(n, appended: right != nil && rightEdge && i + 1 == n.keys.count - 1) : nil
   }
 
   /// Moves the upper part of an overflowing node to a new right sibling. Appending at the right
-  /// edge (snapshots arrive in seq order) moves only the last entry, so the left node stays
-  /// full; otherwise the node is split in half by bytes.
+  /// edge (snapshots arrive in seq order, and often in name order) moves only the last entry,
+  /// so the left node stays full; otherwise the node is split in half by bytes.
   private func split(_ n: Node, appended: Bool) -> Node {
     dirtyNodes += 1
-    if n.level == 0 {
-      var at = n.items.count - 1
-      if !appended {
-        var size = CatalogNodePage.headerLength
-        at = 0
-        while size < n.bytes / 2 {
-          size += n.items[at].encodedLength
-          at += 1
-        }
-        at = min(max(at, 1), n.items.count - 1)
+    let sizes = n.level == 0 ? n.items.map(\.encodedLength) : n.keys.map(Node.childLength)
+    var at = sizes.count - 1
+    if !appended {
+      var size = CatalogNodePage.headerLength
+      at = 0
+      while size < n.bytes / 2 {
+        size += sizes[at]
+        at += 1
       }
-      let right = Node(items: Array(n.items[at...]))
-      n.items.removeSubrange(at...)
-      n.bytes -= right.bytes - CatalogNodePage.headerLength
-      return right
+      at = min(max(at, 1), sizes.count - 1)
     }
-    let at = appended ? n.keys.count - 1 : n.keys.count / 2
-    let right = Node(level: n.level, keys: Array(n.keys[at...]), links: Array(n.links[at...]))
-    n.keys.removeSubrange(at...)
-    n.links.removeSubrange(at...)
+    let right: Node
+    if n.level == 0 {
+      right = Node(items: Array(n.items[at...]))
+      n.items.removeSubrange(at...)
+    } else {
+      right = Node(level: n.level, keys: Array(n.keys[at...]), links: Array(n.links[at...]))
+      n.keys.removeSubrange(at...)
+      n.links.removeSubrange(at...)
+    }
     n.bytes -= right.bytes - CatalogNodePage.headerLength
+    precondition(n.bytes <= Layout.pageSize && right.bytes <= Layout.pageSize, "a split half overflows")
     return right
   }
 
   /// Removes the item with `key`; nil (and nothing changes) when there is none.
-  func remove(_ key: CatalogKey) throws -> Item? {
-    guard try find(key) != nil, let top = try mutableRoot() else { return nil }
-    let removed = try remove(key, from: top)
-    // A root left with one child hands the root role down; an empty tree has no root.
+  func remove(_ key: Item.Key) throws -> Item? {
+    guard let item = try find(key), let top = try mutableRoot() else { return nil }
+    // A longer first key moving up can overflow a parent, so removal can split too.
+    try grow(top, split: try remove(key, from: top))
     if top.count == 0 {
       root = nil
     } else {
+      // A root left with one child hands the root role down.
       while let r = root {
         let n = try node(r, level: nil, firstKey: nil)
         guard n.level > 0, n.count == 1 else { break }
         root = n.links[0]
       }
     }
-    return removed
+    return item
   }
 
-  private func remove(_ key: CatalogKey, from n: Node) throws -> Item? {
+  /// Removes `key` (known to be present) from the subtree of `n`; returns the new right sibling
+  /// when `n` overflowed and split.
+  private func remove(_ key: Item.Key, from n: Node) throws -> Node? {
     if n.level == 0 {
       let i = Self.lowerBound(n.items, key)
-      guard i < n.items.count, n.items[i].key == key else { return nil }
-      n.bytes -= n.items[i].encodedLength
-      return n.items.remove(at: i)
+      precondition(i < n.items.count && n.items[i].key == key, "removing an absent key")
+      n.bytes -= n.items.remove(at: i).encodedLength
+      return nil
     }
     let i = Self.childIndex(n.keys, key)
     let c = try mutableChild(n, i)
-    let removed = try remove(key, from: c)
+    let right = try remove(key, from: c)
     if c.count == 0 {
-      n.keys.remove(at: i)
-      n.links.remove(at: i)
-      n.bytes -= CatalogChild.encodedLength
+      n.removeChild(at: i)
     } else {
-      n.keys[i] = c.firstKey
+      n.setKey(i, c.firstKey)
+      if let right { n.insertChild(.dirty(right), key: right.firstKey, at: i + 1) }
       if c.bytes < Layout.pageSize / 4 { try mergeWithNeighbour(n, i) }
     }
-    return removed
+    return n.bytes > Layout.pageSize ? split(n, appended: false) : nil
   }
 
   /// Merges an underfull child with a neighbour when both fit one page, so that deleting most
@@ -325,9 +339,7 @@ final class CatalogTree<Item: CatalogItem> {
       a.links += b.links
     }
     a.bytes = size
-    n.keys.remove(at: left + 1)
-    n.links.remove(at: left + 1)
-    n.bytes -= CatalogChild.encodedLength
+    n.removeChild(at: left + 1)
   }
 
   // MARK: Checkpoint
@@ -352,14 +364,14 @@ final class CatalogTree<Item: CatalogItem> {
     if n.level == 0 {
       bytes = CatalogNodePage.encodeLeaf(n.items)
     } else {
-      var children: [CatalogChild] = []
+      var children: [CatalogChild<Item.Key>] = []
       children.reserveCapacity(n.keys.count)
       for i in n.keys.indices {
         let ref = try self.write(n.links[i], write)
         n.links[i] = .stored(ref)
-        children.append(CatalogChild(key: n.keys[i], ref: ref))
+        children.append(CatalogChild(ref: ref, key: n.keys[i]))
       }
-      bytes = CatalogNodePage.encodeInternal(level: n.level, children)
+      bytes = CatalogNodePage.encodeInternal(level: n.level, children, of: Item.self)
     }
     let ref = try write(bytes)
     cache.insert(ref.page, n)
@@ -375,7 +387,7 @@ final class CatalogTree<Item: CatalogItem> {
   }
 
   private func forEachNode(
-    _ link: Node.Link, level: Int?, firstKey: CatalogKey?, _ visit: (Node, PageRef?) throws -> Void
+    _ link: Node.Link, level: Int?, firstKey: Item.Key?, _ visit: (Node, PageRef?) throws -> Void
   ) throws {
     let n = try node(link, level: level, firstKey: firstKey)
     if case .stored(let ref) = link { try visit(n, ref) } else { try visit(n, nil) }

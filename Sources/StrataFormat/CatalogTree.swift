@@ -6,80 +6,101 @@ public enum CatalogFormat: UInt8, Sendable {
   case tree = 1
 }
 
-/// The key of a catalog tree: a pair of words compared in order. The seq tree uses (seq, 0),
-/// the name index (name hash, seq).
-public struct CatalogKey: Comparable, Hashable, Sendable, CustomStringConvertible {
-  public var hi: UInt64
-  public var lo: UInt64
-
-  public init(_ hi: UInt64, _ lo: UInt64) {
-    self.hi = hi
-    self.lo = lo
-  }
-
-  public static func < (a: CatalogKey, b: CatalogKey) -> Bool { a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo }
-  public var description: String { "(\(hi), \(lo))" }
-}
-
-/// What a catalog tree's leaves hold.
+/// What a catalog tree's leaves hold, and the key they are ordered by.
 public protocol CatalogItem: Sendable {
+  associatedtype Key: Comparable & Sendable & CustomStringConvertible
   static var pageKind: PageKind { get }
-  var key: CatalogKey { get }
+  var key: Key { get }
   var encodedLength: Int { get }
   func encode(into w: inout ByteWriter)
   static func decode(_ r: inout ByteReader) throws -> Self
+  /// Bytes a key takes in an internal node (after the child reference), a multiple of 8.
+  static func keyLength(_ key: Key) -> Int
+  static func encodeKey(_ key: Key, into w: inout ByteWriter)
+  static func decodeKey(_ r: inout ByteReader) throws -> Key
 }
 
 extension SnapshotEntry: CatalogItem {
   public static var pageKind: PageKind { .catalogSeqNode }
-  public var key: CatalogKey { CatalogKey(seq, 0) }
+  public var key: UInt64 { seq }
+  public static func keyLength(_ key: UInt64) -> Int { 8 }
+  public static func encodeKey(_ key: UInt64, into w: inout ByteWriter) { w.u64(key) }
+  public static func decodeKey(_ r: inout ByteReader) throws -> UInt64 { try r.u64() }
 }
 
-/// An entry of the name index: a snapshot's seq under the hash of its name. Names that share a
-/// hash are told apart by reading their entries in the seq tree.
+/// A snapshot name as the catalog orders and compares it: by its UTF-8 bytes (format-spec
+/// 7.3), never by Swift's `String` equality, which is Unicode canonical equivalence.
+public struct SnapshotName: Comparable, Hashable, Sendable, CustomStringConvertible {
+  public var bytes: [UInt8]
+
+  public init(_ name: String) { bytes = Array(name.utf8) }
+  public init(bytes: [UInt8]) { self.bytes = bytes }
+
+  public static func < (a: SnapshotName, b: SnapshotName) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+  public var description: String { "\"\(String(decoding: bytes, as: UTF8.self))\"" }
+
+  /// Length, bytes, zero padding to 8 (the name index's leaf entries and internal keys).
+  var paddedLength: Int { (2 + bytes.count + 7) & ~7 }
+
+  func encode(into w: inout ByteWriter) {
+    w.u16(UInt16(bytes.count))
+    w.raw(bytes)
+    w.align(to: 8)
+  }
+
+  static func decode(_ r: inout ByteReader) throws -> SnapshotName {
+    let length = Int(try r.u16())
+    let bytes = try r.raw(length)
+    guard let name = String(validating: bytes, as: UTF8.self) else {
+      throw FormatError(.invalidField, r.structure, "snapshot name is not UTF-8")
+    }
+    try SnapshotEntry.validateName(name)
+    try r.skip((8 - (2 + length) % 8) % 8)
+    return SnapshotName(bytes: bytes)
+  }
+}
+
+/// An entry of the name index: a snapshot's seq under its name. New names that sort after the
+/// existing ones (timestamps, counters) land at the right edge, which stays cached.
 public struct NameIndexEntry: CatalogItem, Equatable {
-  public var hash: UInt64
+  public var name: SnapshotName
   public var seq: UInt64
 
-  public init(hash: UInt64, seq: UInt64) {
-    self.hash = hash
+  public init(name: SnapshotName, seq: UInt64) {
+    self.name = name
     self.seq = seq
   }
 
-  public init(_ e: SnapshotEntry) { self.init(hash: nameHash(e.name), seq: e.seq) }
+  public init(_ e: SnapshotEntry) { self.init(name: SnapshotName(e.name), seq: e.seq) }
 
   public static var pageKind: PageKind { .catalogNameNode }
-  public var key: CatalogKey { CatalogKey(hash, seq) }
-  public var encodedLength: Int { 16 }
+  public var key: SnapshotName { name }
+  public var encodedLength: Int { 8 + name.paddedLength }
 
   public func encode(into w: inout ByteWriter) {
-    w.u64(hash)
     w.u64(seq)
+    name.encode(into: &w)
   }
 
   public static func decode(_ r: inout ByteReader) throws -> NameIndexEntry {
-    NameIndexEntry(hash: try r.u64(), seq: try r.u64())
+    let seq = try r.u64()
+    return NameIndexEntry(name: try SnapshotName.decode(&r), seq: seq)
   }
+
+  public static func keyLength(_ key: SnapshotName) -> Int { key.paddedLength }
+  public static func encodeKey(_ key: SnapshotName, into w: inout ByteWriter) { key.encode(into: &w) }
+  public static func decodeKey(_ r: inout ByteReader) throws -> SnapshotName { try SnapshotName.decode(&r) }
 }
 
-/// FNV-1a (64-bit) of a snapshot name's UTF-8 bytes: the name index's key.
-public func nameHash(_ name: String) -> UInt64 {
-  var h: UInt64 = 0xcbf2_9ce4_8422_2325
-  for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
-  return h
-}
-
-/// A child of an internal catalog node: the smallest key in its subtree and where it is stored.
-public struct CatalogChild: Equatable, Sendable {
-  public var key: CatalogKey
+/// A child of an internal catalog node: where it is stored and the smallest key in its subtree.
+public struct CatalogChild<Key: Comparable & Sendable>: Sendable {
   public var ref: PageRef
+  public var key: Key
 
-  public init(key: CatalogKey, ref: PageRef) {
-    self.key = key
+  public init(ref: PageRef, key: Key) {
     self.ref = ref
+    self.key = key
   }
-
-  public static let encodedLength = 32
 }
 
 /// One node page of a catalog tree (format-spec 8.6): an 8-byte header, then leaf items or
@@ -89,7 +110,7 @@ public struct CatalogChild: Equatable, Sendable {
 ///     1  u8   reserved (checked 0)    4  u32  reserved (checked 0)
 public enum CatalogNodePage {
   public static let headerLength = 8
-  /// Deepest tree a reader accepts: 127-way nodes reach past 2^64 entries well before this.
+  /// Deepest tree a reader accepts: even 14-way nodes (the longest names) pass 2^45 entries.
   public static let maxLevel = 12
 
   public static func encodeLeaf<Item: CatalogItem>(_ items: [Item]) -> [UInt8] {
@@ -99,13 +120,19 @@ public enum CatalogNodePage {
     return finish(&w)
   }
 
-  public static func encodeInternal(level: Int, _ children: [CatalogChild]) -> [UInt8] {
+  /// Encoded size of an internal child: its reference, then its key.
+  public static func childLength<Item: CatalogItem>(_ key: Item.Key, of: Item.Type) -> Int {
+    16 + Item.keyLength(key)
+  }
+
+  public static func encodeInternal<Item: CatalogItem>(level: Int, _ children: [CatalogChild<Item.Key>], of: Item.Type)
+    -> [UInt8]
+  {
     precondition(level >= 1 && level <= maxLevel && !children.isEmpty)
     var w = header(level: level, count: children.count)
     for c in children {
-      w.u64(c.key.hi)
-      w.u64(c.key.lo)
       c.ref.encode(into: &w)
+      Item.encodeKey(c.key, into: &w)
     }
     return finish(&w)
   }
@@ -145,28 +172,22 @@ public enum CatalogNodePage {
   }
 
   /// Decodes an internal node: at least one child, keys strictly increasing, references valid
-  /// and not null; in the seq tree every key's low word is zero.
-  public static func decodeInternal(_ page: UnsafeRawBufferPointer, kind: PageKind, level: Int) throws
-    -> [CatalogChild]
+  /// and not null.
+  public static func decodeInternal<Item: CatalogItem>(_ page: UnsafeRawBufferPointer, as: Item.Type, level: Int)
+    throws -> [CatalogChild<Item.Key>]
   {
-    var r = ByteReader(page, structure: "\(kind) node")
+    var r = ByteReader(page, structure: "\(Item.pageKind) node")
     let count = try decodeHeader(&r, level: level)
-    guard count * CatalogChild.encodedLength <= r.remaining else {
-      throw FormatError(.invalidField, r.structure, "\(count) children do not fit a page")
-    }
-    var children: [CatalogChild] = []
+    var children: [CatalogChild<Item.Key>] = []
     children.reserveCapacity(count)
     for _ in 0..<count {
-      let key = CatalogKey(try r.u64(), try r.u64())
       let ref = try PageRef.decode(&r)
+      let key = try Item.decodeKey(&r)
       guard !ref.isNull else { throw FormatError(.invalidField, r.structure, "null child reference") }
-      if kind == .catalogSeqNode, key.lo != 0 {
-        throw FormatError(.invalidField, r.structure, "seq key \(key) has a non-zero low word")
-      }
       if let last = children.last, last.key >= key {
         throw FormatError(.invalidField, r.structure, "keys out of order at \(key)")
       }
-      children.append(CatalogChild(key: key, ref: ref))
+      children.append(CatalogChild(ref: ref, key: key))
     }
     return children
   }

@@ -2,12 +2,15 @@ import Testing
 
 @testable import StrataFormat
 
-/// Catalog tree node pages (format-spec 8.6): layout, checks, and the name hash.
+/// Catalog tree node pages (format-spec 8.6): layout and checks.
 @Suite struct CatalogTreeFormatTests {
-  @Test func nameHashIsFNV1a64() {
-    #expect(nameHash("") == 0xcbf2_9ce4_8422_2325)
-    #expect(nameHash("a") == 0xaf63_dc4c_8601_ec8c)
-    #expect(nameHash("foobar") == 0x8594_4171_f739_67e8)
+  @Test func namesCompareAsBytes() {
+    #expect(SnapshotName("a") < SnapshotName("b"))
+    #expect(SnapshotName("a") < SnapshotName("aa"))
+    #expect(SnapshotName("Z") < SnapshotName("a"))
+    // U+00E9 and "e" + U+0301 are equal Strings but different names.
+    #expect(SnapshotName("\u{E9}") != SnapshotName("e\u{301}"))
+    #expect(SnapshotName("e\u{301}") < SnapshotName("\u{E9}"))
   }
 
   @Test func leafLayout() throws {
@@ -20,27 +23,37 @@ import Testing
     #expect(page[37...].allSatisfy { $0 == 0 })
     #expect(try page.withUnsafeBytes { try CatalogNodePage.decodeLeaf($0, as: SnapshotEntry.self) } == [e])
 
-    let names = [NameIndexEntry(hash: 5, seq: 9), NameIndexEntry(hash: 5, seq: 10), NameIndexEntry(hash: 6, seq: 1)]
+    let names = [
+      NameIndexEntry(name: SnapshotName("ab"), seq: 9), NameIndexEntry(name: SnapshotName("abcdefg"), seq: 4),
+    ]
     let namePage = CatalogNodePage.encodeLeaf(names)
-    #expect(Array(namePage[8..<24]) == le(UInt64(5)) + le(UInt64(9)))
+    #expect(Array(namePage[8..<24]) == le(UInt64(9)) + le(UInt16(2)) + Array("ab".utf8) + [0, 0, 0, 0])
+    #expect(Array(namePage[24..<48]) == le(UInt64(4)) + le(UInt16(7)) + Array("abcdefg".utf8) + [UInt8](repeating: 0, count: 7))
+    #expect(names.map(\.encodedLength) == [16, 24])
     #expect(try namePage.withUnsafeBytes { try CatalogNodePage.decodeLeaf($0, as: NameIndexEntry.self) } == names)
   }
 
   @Test func internalLayout() throws {
     let children = [
-      CatalogChild(key: CatalogKey(7, 0), ref: PageRef(page: 300, checksum: 0xAA)),
-      CatalogChild(key: CatalogKey(90, 0), ref: PageRef(page: 301, checksum: 0xBB)),
+      CatalogChild(ref: PageRef(page: 300, checksum: 0xAA), key: UInt64(7)),
+      CatalogChild(ref: PageRef(page: 301, checksum: 0xBB), key: UInt64(90)),
     ]
-    let page = CatalogNodePage.encodeInternal(level: 2, children)
+    let page = CatalogNodePage.encodeInternal(level: 2, children, of: SnapshotEntry.self)
     #expect(Array(page[0..<8]) == [2, 0] + le(UInt16(2)) + le(UInt32(0)))
-    #expect(
-      Array(page[8..<40]) == le(UInt64(7)) + le(UInt64(0)) + le(UInt64(300)) + le(UInt32(0xAA)) + le(UInt32(0)))
-    let back = try page.withUnsafeBytes { try CatalogNodePage.decodeInternal($0, kind: .catalogSeqNode, level: 2) }
-    #expect(back == children)
+    #expect(Array(page[8..<32]) == le(UInt64(300)) + le(UInt32(0xAA)) + le(UInt32(0)) + le(UInt64(7)))
+    let back = try page.withUnsafeBytes { try CatalogNodePage.decodeInternal($0, as: SnapshotEntry.self, level: 2) }
+    #expect(back.map(\.key) == [7, 90] && back.map(\.ref) == children.map(\.ref))
+
+    let nameChildren = [CatalogChild(ref: PageRef(page: 5, checksum: 1), key: SnapshotName("hello"))]
+    let namePage = CatalogNodePage.encodeInternal(level: 1, nameChildren, of: NameIndexEntry.self)
+    #expect(Array(namePage[24..<32]) == le(UInt16(5)) + Array("hello".utf8) + [0])
+    #expect(CatalogNodePage.childLength(SnapshotName("hello"), of: NameIndexEntry.self) == 24)
   }
 
   @Test func nodeChecks() {
-    let leaf = CatalogNodePage.encodeLeaf([NameIndexEntry(hash: 1, seq: 2), NameIndexEntry(hash: 1, seq: 3)])
+    let leaf = CatalogNodePage.encodeLeaf([
+      NameIndexEntry(name: SnapshotName("a"), seq: 2), NameIndexEntry(name: SnapshotName("b"), seq: 3),
+    ])
     func rejectsLeaf(_ patchIt: (inout [UInt8]) -> Void, _ what: String) {
       var b = leaf
       patchIt(&b)
@@ -52,36 +65,27 @@ import Testing
     rejectsLeaf({ $0[1] = 1 }, "reserved byte")
     rejectsLeaf({ patch(&$0, 4, UInt32(1)) }, "reserved word")
     rejectsLeaf({ patch(&$0, 2, UInt16(0)) }, "no entries")
-    rejectsLeaf({ patch(&$0, 16, UInt64(3)) }, "keys not increasing")
-    var seqLeaf = CatalogNodePage.encodeLeaf([
-      SnapshotEntry(seq: 4, timestampNanoseconds: 0, baseCheckpoint: 0, name: "x")
-    ])
-    seqLeaf[34] = UInt8(ascii: "/")
-    expectFormatError(.invalidField) {
-      _ = try seqLeaf.withUnsafeBytes { try CatalogNodePage.decodeLeaf($0, as: SnapshotEntry.self) }
-    }
+    rejectsLeaf({ $0[34] = UInt8(ascii: "a") }, "keys not increasing")
+    rejectsLeaf({ $0[18] = UInt8(ascii: "/") }, "an invalid name")
+    rejectsLeaf({ patch(&$0, 16, UInt16(0)) }, "an empty name")
 
     let node = CatalogNodePage.encodeInternal(
       level: 1,
       [
-        CatalogChild(key: CatalogKey(1, 0), ref: PageRef(page: 300, checksum: 1)),
-        CatalogChild(key: CatalogKey(2, 0), ref: PageRef(page: 301, checksum: 2)),
-      ])
-    func rejectsNode(_ patchIt: (inout [UInt8]) -> Void, _ what: String, kind: PageKind = .catalogSeqNode) {
+        CatalogChild(ref: PageRef(page: 300, checksum: 1), key: UInt64(1)),
+        CatalogChild(ref: PageRef(page: 301, checksum: 2), key: UInt64(2)),
+      ], of: SnapshotEntry.self)
+    func rejectsNode(_ patchIt: (inout [UInt8]) -> Void, _ what: String) {
       var b = node
       patchIt(&b)
       expectFormatError(.invalidField, what) {
-        _ = try b.withUnsafeBytes { try CatalogNodePage.decodeInternal($0, kind: kind, level: 1) }
+        _ = try b.withUnsafeBytes { try CatalogNodePage.decodeInternal($0, as: SnapshotEntry.self, level: 1) }
       }
     }
     rejectsNode({ $0[0] = 2 }, "wrong level")
-    rejectsNode({ patch(&$0, 24, UInt64(0)) }, "null child")
-    rejectsNode({ patch(&$0, 24, UInt64(1) << 48) }, "child beyond 48 bits")
-    rejectsNode({ patch(&$0, 16, UInt64(1)) }, "seq key with a low word")
-    rejectsNode({ patch(&$0, 40, UInt64(1)) }, "keys not increasing")
-    rejectsNode({ patch(&$0, 2, UInt16(200)) }, "more children than fit")
-    var nameNode = node
-    patch(&nameNode, 16, UInt64(1))
-    #expect((try? nameNode.withUnsafeBytes { try CatalogNodePage.decodeInternal($0, kind: .catalogNameNode, level: 1) }) != nil)
+    rejectsNode({ patch(&$0, 8, UInt64(0)) }, "null child")
+    rejectsNode({ patch(&$0, 8, UInt64(1) << 48) }, "child beyond 48 bits")
+    rejectsNode({ patch(&$0, 48, UInt64(1)) }, "keys not increasing")
+    rejectsNode({ patch(&$0, 2, UInt16(200)) }, "more children than written")
   }
 }
