@@ -109,11 +109,11 @@ final class Catalog {
 
   // MARK: Changes
 
-  /// False when the name or the seq is taken.
+  /// False when the name is taken; a seq that is taken means the index and the tree disagree.
   func add(_ e: SnapshotEntry) throws -> Bool {
-    guard try entry(named: e.name) == nil, try bySeq.insert(e) else { return false }
-    guard try byName.insert(NameIndexEntry(e)) else {
-      throw StrataError(.corrupt, "the catalog's name index already lists snapshot seq \(e.seq)")
+    guard try byName.insert(NameIndexEntry(e)) else { return false }
+    guard try bySeq.insert(e) else {
+      throw StrataError(.corrupt, "the catalog's name index lacks the existing snapshot seq \(e.seq)")
     }
     count += 1
     isDirty = true

@@ -260,7 +260,7 @@ final class CatalogTree<Item: CatalogItem> {
     dirtyNodes += 1
     let sizes = n.level == 0 ? n.items.map(\.encodedLength) : n.keys.map(Node.childLength)
     var at = sizes.count - 1
-    if !appended {
+    if !appended || n.bytes - sizes[at] > Layout.pageSize {
       var size = CatalogNodePage.headerLength
       at = 0
       while size < n.bytes / 2 {

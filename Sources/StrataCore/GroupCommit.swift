@@ -61,25 +61,25 @@ extension StrataImage {
 
   /// One group sync, led by the calling thread (see `GroupCommit`); returns the durable seq.
   static func leadGroupSync(_ shared: SharedImage, target: UInt64) throws -> UInt64 {
-    let ticket = try shared.with { image -> LogWriter.SyncTicket? in
+    let step = try shared.with { image -> (LogWriter, LogWriter.SyncTicket, AnyThreadIO)? in
       try image.checkOpen()
       guard let writer = image.writer, writer.durableSeq < target else { return nil }
-      return try writer.beginSync()
-    }
-    guard let ticket else { return target }  // read-only, or already durable
-    let storage = shared.with { $0.storage }
-    let outcome = Result { try storage.syncFromAnyThread() }
-    return try shared.with { image in
-      guard let writer = image.writer else { preconditionFailure("the writer went away during a sync") }
-      switch outcome {
-      case .success(true):
-        writer.endSync(ticket, failed: false)
-      case .success(false):
-        try writer.flush()  // the storage cannot sync from here: sync under the lock instead
-      case .failure(let error):
-        writer.endSync(ticket, failed: true)
-        throw error
+      guard let io = image.storage.anyThreadIO else {
+        try writer.flush()  // the storage cannot work from here: write and sync under the lock
+        return nil
       }
+      return (writer, try writer.beginSync(), io)
+    }
+    guard let (writer, ticket, io) = step else { return shared.with { $0.writer?.durableSeq ?? target } }
+    let outcome = Result {
+      if let copy = ticket.copy { try io.write(UnsafeRawBufferPointer(copy), ticket.offset) }
+      try io.sync()
+    }
+    ticket.copy?.deallocate()
+    writer.outside.leave(failed: (try? outcome.get()) == nil)
+    return try shared.with { _ in
+      writer.endSync(ticket, failed: (try? outcome.get()) == nil)
+      try outcome.get()
       return writer.durableSeq
     }
   }

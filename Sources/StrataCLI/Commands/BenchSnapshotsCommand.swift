@@ -27,6 +27,9 @@ struct BenchSnapshotsCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Snapshots to create first, without syncs and untimed.", valueName: "n"))
   var prefill = 0
 
+  @Flag(help: "Do not wait for each snapshot to be durable (one flush at the end): measures the in-memory cost.")
+  var noWait = false
+
   @OptionGroup var format: OutputOptions
 
   func validate() throws {
@@ -38,7 +41,7 @@ struct BenchSnapshotsCommand: ParsableCommand {
   func run() throws {
     try runReportingErrors {
       let result = try SnapshotBench.run(
-        path: image, SnapshotBenchSettings(count: count, clients: clients, prefill: prefill))
+        path: image, SnapshotBenchSettings(count: count, clients: clients, prefill: prefill, noWait: noWait))
       switch format.output {
       case .human: print(result.humanText)
       case .json: try Printer.printJSON(result)
