@@ -232,7 +232,8 @@ final class CatalogTree<Item: CatalogItem> {
   /// A root that split gets a parent: the tree grows one level.
   private func grow(_ top: Node, split right: Node?) throws {
     guard let right else { return }
-    root = .dirty(Node(level: top.level + 1, keys: [top.firstKey, right.firstKey], links: [.dirty(top), .dirty(right)]))
+    root = .dirty(
+      Node(level: top.level + 1, keys: [top.firstKey, right.firstKey], links: [.dirty(top), .dirty(right)]))
     dirtyNodes += 1
   }
 

@@ -295,7 +295,9 @@ public final class FileStorage: ImageStorage {
       write: { bytes, offset in
         var done = 0
         while done < bytes.count {
-          let n = Self.retrying { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
+          let n = Self.retrying {
+            pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+          }
           guard n > 0 else { throw StrataError.system("pwrite", path, errno: n < 0 ? Glibc.errno : EIO) }
           done += n
         }

@@ -56,7 +56,8 @@ func randomSnapshotName(_ rng: inout SeededRandom, _ i: Int) -> String {
         let expected = model.first { $0.name == probe }
         do {
           let got = try image.snapshot(named: probe)
-          try log.check(expected?.seq == got.seq, "lookup \(probe) found seq \(got.seq), expected \(String(describing: expected))")
+          try log.check(
+            expected?.seq == got.seq, "lookup \(probe) found seq \(got.seq), expected \(String(describing: expected))")
         } catch let e as StrataError where e.code == .notFound {
           try log.check(expected == nil, "lookup \(probe) found nothing, expected seq \(expected?.seq ?? 0)")
         }

@@ -28,7 +28,9 @@ import Testing
     ]
     let namePage = CatalogNodePage.encodeLeaf(names)
     #expect(Array(namePage[8..<24]) == le(UInt64(9)) + le(UInt16(2)) + Array("ab".utf8) + [0, 0, 0, 0])
-    #expect(Array(namePage[24..<48]) == le(UInt64(4)) + le(UInt16(7)) + Array("abcdefg".utf8) + [UInt8](repeating: 0, count: 7))
+    #expect(
+      Array(namePage[24..<48]) == le(UInt64(4)) + le(UInt16(7)) + Array("abcdefg".utf8)
+        + [UInt8](repeating: 0, count: 7))
     #expect(names.map(\.encodedLength) == [16, 24])
     #expect(try namePage.withUnsafeBytes { try CatalogNodePage.decodeLeaf($0, as: NameIndexEntry.self) } == names)
   }

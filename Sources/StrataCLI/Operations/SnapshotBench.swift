@@ -100,11 +100,13 @@ enum SnapshotBench {
       let listEnd = monotonicNanoseconds()
       let measured = try measure(SharedImage(image), s, tag: info.nextSeq)
       return SnapshotBenchResult(
-        count: s.count, clients: s.clients, waitedForSync: !s.noWait, prefilled: s.prefill, prefillSeconds: prefillSeconds,
+        count: s.count, clients: s.clients, waitedForSync: !s.noWait, prefilled: s.prefill,
+        prefillSeconds: prefillSeconds,
         existingSnapshots: info.snapshotCount, openSeconds: openSeconds, catalogPagesReadAtOpen: pagesAtOpen,
         infoSeconds: Double(listBegin - infoBegin) / 1e9, listSeconds: Double(listEnd - listBegin) / 1e9,
         elapsedSeconds: measured.elapsed, perSecond: Double(s.count) / measured.elapsed,
-        latencyP50Microseconds: percentile(measured.durable, 50), latencyP99Microseconds: percentile(measured.durable, 99),
+        latencyP50Microseconds: percentile(measured.durable, 50),
+        latencyP99Microseconds: percentile(measured.durable, 99),
         latencyMaxMicroseconds: percentile(measured.durable, 100),
         appendP50Microseconds: percentile(measured.append, 50), appendP99Microseconds: percentile(measured.append, 99),
         appendMaxMicroseconds: percentile(measured.append, 100),
