@@ -217,16 +217,28 @@ final class CatalogTree<Item: CatalogItem> {
     return n
   }
 
-  /// Inserts `item`; false (and nothing changes) when its key is already present.
+  private enum Inserted {
+    case exists
+    case fits
+    /// The node overflowed; this new right sibling follows it.
+    case split(Node)
+  }
+
+  /// Inserts `item`; false when its key is already present (the tree is unchanged, though the
+  /// path to it may have been copied: one descent instead of a lookup and an insertion).
   func insert(_ item: Item) throws -> Bool {
-    guard try find(item.key) == nil else { return false }
     guard let top = try mutableRoot() else {
       root = .dirty(Node(items: [item]))
       dirtyNodes += 1
       return true
     }
-    try grow(top, split: try insert(item, into: top, rightEdge: true))
-    return true
+    switch try insert(item, into: top, rightEdge: true) {
+    case .exists: return false
+    case .fits: return true
+    case .split(let right):
+      try grow(top, split: right)
+      return true
+    }
   }
 
   /// A root that split gets a parent: the tree grows one level.
@@ -237,21 +249,23 @@ final class CatalogTree<Item: CatalogItem> {
     dirtyNodes += 1
   }
 
-  /// Inserts into the subtree of `n` (the key is known to be absent); returns the new right
-  /// sibling when `n` overflowed and split.
-  private func insert(_ item: Item, into n: Node, rightEdge: Bool) throws -> Node? {
+  /// Inserts into the subtree of `n`, splitting `n` when it overflows.
+  private func insert(_ item: Item, into n: Node, rightEdge: Bool) throws -> Inserted {
     if n.level == 0 {
       let i = Self.lowerBound(n.items, item.key)
+      if i < n.items.count && n.items[i].key == item.key { return .exists }
       n.items.insert(item, at: i)
       n.bytes += item.encodedLength
-      return n.bytes > Layout.pageSize ? split(n, appended: rightEdge && i == n.items.count - 1) : nil
+      return n.bytes > Layout.pageSize ? .split(split(n, appended: rightEdge && i == n.items.count - 1)) : .fits
     }
     let i = Self.childIndex(n.keys, item.key)
     let c = try mutableChild(n, i)
-    let right = try insert(item, into: c, rightEdge: rightEdge && i == n.keys.count - 1)
+    let result = try insert(item, into: c, rightEdge: rightEdge && i == n.keys.count - 1)
     n.setKey(i, c.firstKey)
-    if let right { n.insertChild(.dirty(right), key: right.firstKey, at: i + 1) }
-    return n.bytes > Layout.pageSize ? split(n, appended: right != nil && rightEdge && i + 1 == n.keys.count - 1) : nil
+    guard case .split(let right) = result else { return result }
+    n.insertChild(.dirty(right), key: right.firstKey, at: i + 1)
+    let appended = rightEdge && i + 1 == n.keys.count - 1
+    return n.bytes > Layout.pageSize ? .split(split(n, appended: appended)) : .fits
   }
 
   /// Moves the upper part of an overflowing node to a new right sibling. Appending at the right
