@@ -9,8 +9,9 @@ import VhostProtocol
 
 /// `strata serve`: a vhost-user-blk back-end on a Unix socket. Serves one front-end at a time
 /// and waits for the next when it disconnects (QEMU's `reconnect=`); SIGINT/SIGTERM stop the
-/// queues, flush and close the image and remove the socket.
-public final class VhostBlkServer {
+/// queues, flush and close the image and remove the socket. `run` belongs to one thread;
+/// `status` and `configurationChanged` may be called from any (they take the state lock).
+public final class VhostBlkServer: @unchecked Sendable {
   public struct Options: Sendable {
     public var socketPath: String
     public var numQueues: Int = 1
@@ -19,11 +20,24 @@ public final class VhostBlkServer {
     public init(socketPath: String) { self.socketPath = socketPath }
   }
 
+  /// One virtqueue's counters, for the control socket.
+  public struct QueueStats: Sendable, Equatable {
+    public var index: Int
+    public var completed: UInt64
+    public var inFlight: UInt64
+    public var broken: Bool
+  }
+
   let options: Options
   let logger: Logger
   let image: SharedImage
   private var listenFd: Int32 = -1
   private let signalFd: Int32
+  /// The connected front-end's back-end. Guarded by `stateLock`, which the connection thread
+  /// holds while it handles a message and other threads (the control socket) take to look at
+  /// the queues or to notify the front-end.
+  private var backend: VhostBlkBackend?
+  private let stateLock = Lock()
 
   /// Blocks the termination signals in this thread (call before any other thread starts) and
   /// binds the socket.
@@ -34,7 +48,7 @@ public final class VhostBlkServer {
     self.image = image
     signalFd = strata_termination_signalfd()
     guard signalFd >= 0 else { throw StrataError.system("signalfd", options.socketPath, errno: errno) }
-    listenFd = try Self.listen(options.socketPath)
+    listenFd = try UnixSocket.listen(path: options.socketPath, backlog: 1)
   }
 
   deinit {
@@ -62,48 +76,6 @@ public final class VhostBlkServer {
     logger.info("shutting down")
   }
 
-  private static func listen(_ path: String) throws -> Int32 {
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-      throw StrataError(.invalidArgument, "socket path \(path) is too long")
-    }
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-      for (i, b) in bytes.enumerated() { raw[i] = b }
-    }
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw StrataError.system("socket", path, errno: errno) }
-    let length = socklen_t(MemoryLayout<sockaddr_un>.size)
-    // A socket file left behind by a dead server is replaced; a live one is not stolen.
-    var st = stat()
-    if lstat(path, &st) == 0 {
-      guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-        close(fd)
-        throw StrataError(.alreadyExists, "\(path) exists and is not a socket")
-      }
-      let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-      let live = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, length) == 0 }
-      }
-      close(probe)
-      if live {
-        close(fd)
-        throw StrataError(.locked, "\(path) is a socket another server is listening on")
-      }
-      unlink(path)
-    }
-    let bound = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) }
-    }
-    guard bound == 0, Glibc.listen(fd, 1) == 0 else {
-      let e = errno
-      close(fd)
-      throw StrataError.system("bind", path, errno: e)
-    }
-    return fd
-  }
-
   /// The next front-end, or nil when a termination signal arrived first.
   private func waitForConnection() throws -> Int32? {
     var fds = [
@@ -127,12 +99,31 @@ public final class VhostBlkServer {
     }
   }
 
+  /// Whether a front-end is connected, and its queues' counters.
+  public func status() -> (connected: Bool, queues: [QueueStats]) {
+    stateLock.with {
+      guard let backend else { return (false, []) }
+      return (true, backend.queueStats)
+    }
+  }
+
+  /// Tells the connected front-end that the configuration space changed (after a resize), so
+  /// the guest rereads the capacity. Returns false when no front-end can be told.
+  @discardableResult
+  public func configurationChanged() -> Bool {
+    stateLock.with { backend?.notifyConfigChange() ?? false }
+  }
+
   /// Runs one connection; returns true when the server must stop (a signal).
   private func serve(_ connection: Int32) -> Bool {
     let backend = VhostBlkBackend(
       image: image, readOnly: options.readOnly, serial: options.serial, numQueues: options.numQueues, logger: logger)
+    stateLock.with { self.backend = backend }
     defer {
-      backend.reset()
+      stateLock.with {
+        backend.reset()
+        self.backend = nil
+      }
       do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
     }
     var fds = [
@@ -177,8 +168,8 @@ public final class VhostBlkServer {
         logger.warning("connection closed in the middle of a message")
         return false
       }
-      let reply = payload.withUnsafeBytes {
-        backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn)
+      let reply = stateLock.with {
+        payload.withUnsafeBytes { backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn) }
       }
       if let reply {
         let h = VhostHeader(

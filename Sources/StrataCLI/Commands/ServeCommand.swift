@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import StrataControl
 import StrataCore
 import StrataIO
 import StrataVhost
@@ -43,6 +44,12 @@ struct ServeCommand: ParsableCommand {
   @Option(name: .customLong("aio"), help: "I/O engine: io_uring, native or threads (default: the best available).")
   var engine: IOEngineKind?
 
+  @Option(
+    help: ArgumentHelp(
+      "Control socket (JSON lines: status, snapshot, resize, flush) for `strata ... --control PATH`.",
+      valueName: "path"))
+  var control: String?
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
   var logLevel = Logger.Level.info
 
@@ -70,8 +77,29 @@ struct ServeCommand: ParsableCommand {
         serverOptions.numQueues = numQueues
         serverOptions.readOnly = readOnly
         serverOptions.serial = serial
-        try VhostBlkServer(image: SharedImage(img), options: serverOptions, logger: logger).run()
+        let shared = SharedImage(img)
+        // The server blocks the termination signals first: threads started after it inherit that.
+        let server = try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
+        let controlServer = try control.map { path in
+          try ControlServer(
+            path: path, image: shared,
+            hooks: ControlServer.Hooks(
+              status: { ["vhost": Self.status(of: server)] },
+              resized: { _ in server.configurationChanged() }),
+            logger: logger)
+        }
+        controlServer?.start()
+        defer { controlServer?.stop() }
+        try server.run()
       }
     }
+  }
+
+  private static func status(of server: VhostBlkServer) -> [String: any Sendable] {
+    let (connected, queues) = server.status()
+    let list: [[String: any Sendable]] = queues.map {
+      ["index": $0.index, "completed": $0.completed, "in_flight": $0.inFlight, "broken": $0.broken]
+    }
+    return ["connected": connected, "queues": list]
   }
 }
