@@ -233,6 +233,9 @@ public final class StrataImage {
     return info
   }
 
+  /// How many snapshots exist (known without reading the catalog).
+  public var snapshotCount: Int { catalog.count }
+
   /// Every snapshot, oldest first. With many snapshots, page with `snapshots(after:limit:)`.
   public var snapshots: [SnapshotInfo] {
     get throws { try snapshots(after: 0, limit: .max) }
