@@ -78,19 +78,27 @@ extension StrataImage {
       state.report.errors.append("the checkpoint counts \(map.dataBlocks) data blocks, the map holds \(dataBlocks)")
     }
 
-    // Snapshots: the catalog trees, then every view (older checkpoints plus the log).
+    // Snapshots: the catalog trees, then every view (older checkpoints plus the log). Views are
+    // replayed forward, one replay per base checkpoint, and a stored node already verified
+    // (shared with the head or an earlier view) is not walked again: millions of snapshots
+    // cost the log and the distinct nodes, not views times map size.
     checkCatalog(state)
+    var replay: ViewReplay?
     try catalog.forEach { entry in
       state.report.checkedSnapshots += 1
       let label = "snapshot \"\(entry.name)\""
       do {
-        let view = try view(at: entry.seq, base: entry.baseCheckpoint)
+        if let r = replay, r.base != entry.baseCheckpoint || r.position > entry.seq { replay = nil }
+        let cursor = try replay ?? ViewReplay(image: self, base: entry.baseCheckpoint, before: entry.seq)
+        replay = cursor
+        let view = try cursor.advance(to: entry.seq)
         var lost: [(UInt64, UInt64)] = []
         try walkTree(view.map, size: view.virtualSize, label: label, state: state, lost: &lost) { _, _ in
         } data: { block, e in
           try verifyBlock(block, e, label: label, state: state)
         }
       } catch let e as StrataError where e.code == .corrupt {
+        replay = nil
         state.report.errors.append("\(label) cannot be read: \(e.message)")
       }
     }
@@ -181,6 +189,8 @@ extension StrataImage {
       } else if ref.isNull {
         return
       } else {
+        // A stored node is immutable: once verified, its subtree needs no second look from a view.
+        guard state.verifiedNodes.insert(ref.page).inserted || label == "head" else { return }
         count(ref.page, 1)
         do {
           node = try pages.load(ref, level: level, index: index)
@@ -243,4 +253,6 @@ private final class CheckState {
   var report = CheckReport()
   /// Data pages already verified: snapshots share most blocks with the head.
   var verified = Set<UInt64>()
+  /// Stored map nodes already walked (with their subtrees): snapshots share most of the map.
+  var verifiedNodes = Set<UInt64>()
 }

@@ -343,39 +343,7 @@ extension StrataImage {
   /// The map as it was just before operation `seq`: the checkpoint at `base` plus the log
   /// replayed up to `seq`.
   func view(at seq: UInt64, base: UInt64) throws -> MapView {
-    writer?.closeRecord()
-    guard let start = try pages.record(at: base), case .checkpoint(let body) = start.record.ops.last,
-      start.header.seq < seq
-    else {
-      throw StrataError(.corrupt, "the checkpoint at page \(base) that snapshot seq \(seq) starts from is damaged")
-    }
-    var size = body.virtualSize
-    var map = BlockMap(
-      source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
-      pagesPerBlock: geometry.pagesPerBlock)
-    var current = start
-    while true {
-      guard let next = try pages.next(after: current) else {
-        throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
-      }
-      var payload = next.payloadPage
-      for (i, op) in next.record.ops.enumerated() {
-        let opSeq = next.header.seq + UInt64(i)
-        if opSeq >= seq { return MapView(map: map, virtualSize: size) }
-        switch op {
-        case .write, .zero, .discard, .resize:
-          try applyMapOp(op, map: map, size: &size, payloadPage: payload, seq: opSeq)
-        case .restore(let target, let targetBase):
-          let restored = try view(at: target, base: targetBase)
-          map = restored.map
-          size = restored.virtualSize
-        default:
-          break
-        }
-        payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
-      }
-      current = next
-    }
+    try ViewReplay(image: self, base: base, before: seq).advance(to: seq)
   }
 
   // MARK: Checkpoints
@@ -500,5 +468,79 @@ extension StrataImage {
       }
     }
     return (live, data)
+  }
+}
+
+/// The map at successive points of the log, replayed forward from one checkpoint: the views of
+/// several snapshots that share a base cost one replay (`check` walks them all this way).
+/// The map a view returns is the cursor's own and changes with the next `advance`.
+final class ViewReplay {
+  private let image: StrataImage
+  let base: UInt64
+  private var map: BlockMap
+  private var size: UInt64
+  /// The last record applied whole, and the one being applied (from operation `nextOp`).
+  private var current: StoredRecord
+  private var record: StoredRecord?
+  private var nextOp = 0
+  private var payload: UInt64 = 0
+  /// Views are available at seqs ≥ this.
+  private(set) var position: UInt64
+
+  /// Starts at the checkpoint at `base`, which must come before operation `seq`.
+  init(image: StrataImage, base: UInt64, before seq: UInt64) throws {
+    image.writer?.closeRecord()  // the log is read back
+    guard let start = try image.pages.record(at: base), case .checkpoint(let body) = start.record.ops.last,
+      start.header.seq < seq
+    else {
+      throw StrataError(.corrupt, "the checkpoint at page \(base) that snapshot seq \(seq) starts from is damaged")
+    }
+    self.image = image
+    self.base = base
+    size = body.virtualSize
+    map = BlockMap(
+      source: image.pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
+      pagesPerBlock: image.geometry.pagesPerBlock)
+    current = start
+    position = start.header.nextSeq
+  }
+
+  /// The view just before operation `seq` (≥ `position`).
+  func advance(to seq: UInt64) throws -> MapView {
+    precondition(seq >= position, "views are replayed forward only")
+    let g = image.geometry
+    while true {
+      if record == nil {
+        guard let next = try image.pages.next(after: current) else {
+          throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
+        }
+        record = next
+        nextOp = 0
+        payload = next.payloadPage
+      }
+      guard let r = record else { preconditionFailure() }
+      while nextOp < r.record.ops.count {
+        let op = r.record.ops[nextOp]
+        let opSeq = r.header.seq + UInt64(nextOp)
+        if opSeq >= seq {
+          position = seq
+          return MapView(map: map, virtualSize: size)
+        }
+        switch op {
+        case .write, .zero, .discard, .resize:
+          try image.applyMapOp(op, map: map, size: &size, payloadPage: payload, seq: opSeq)
+        case .restore(let target, let targetBase):
+          let restored = try image.view(at: target, base: targetBase)
+          map = restored.map
+          size = restored.virtualSize
+        default:
+          break
+        }
+        payload += UInt64(op.payloadPages(blockSize: g.blockSize))
+        nextOp += 1
+      }
+      current = r
+      record = nil
+    }
   }
 }
