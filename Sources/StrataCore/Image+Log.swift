@@ -512,6 +512,11 @@ final class ViewReplay {
     while true {
       if record == nil {
         guard let next = try image.pages.next(after: current) else {
+          // A point at the very end of the log (the last flush point) holds everything.
+          if current.header.nextSeq == seq {
+            position = seq
+            return MapView(map: map, virtualSize: size)
+          }
           throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
         }
         record = next

@@ -41,6 +41,9 @@ struct ServeCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Serial number the guest reads with GET_ID (at most 20 bytes).", valueName: "id"))
   var serial = "strata"
 
+  @Flag(help: "Offer packed virtqueues (VIRTIO_F_RING_PACKED; QEMU uses them with packed=on).")
+  var packedRing = false
+
   @Option(name: .customLong("aio"), help: "I/O engine: io_uring, native or threads (default: the best available).")
   var engine: IOEngineKind?
 
@@ -77,6 +80,7 @@ struct ServeCommand: ParsableCommand {
         serverOptions.numQueues = numQueues
         serverOptions.readOnly = readOnly
         serverOptions.serial = serial
+        serverOptions.packedRing = packedRing
         let shared = SharedImage(img)
         // The server blocks the termination signals first: threads started after it inherit that.
         let server = try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
