@@ -264,7 +264,10 @@ public final class ImageQueue {
       let n = min(bs - inBlock, count - done)
       let entry = try image.map.entry(block)
       let dest = base + done
-      if entry.state != .data {
+      if entry.state == .unallocated && image.backingImage != nil {
+        // The backing chain holds it: read it synchronously through the image.
+        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+      } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
       } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct)
         || (n < bs && bounceUsed == 2)

@@ -271,8 +271,8 @@ func encodeRecord(
     sb.createdNanoseconds = .max
     #expect(try decodeSuperblock(sb.encode()) == sb)
     // Decoding does not judge feature bits; callers check unknownIncompatible.
-    #expect(sb.features.unknownIncompatible == .max & ~FeatureSet.catalogTree)
-    #expect(FeatureSet.catalogTree == 1 << 2)
+    #expect(sb.features.unknownIncompatible == .max & ~FeatureSet.knownIncompatible)
+    #expect(FeatureSet.catalogTree == 1 << 2 && FeatureSet.backingFile == 1 << 3)
     #expect(FeatureSet(incompatible: 0).unknownIncompatible == 0)
     for blockSize in Layout.allowedBlockSizes {
       sb.blockSize = UInt32(blockSize)
