@@ -147,7 +147,7 @@ public final class ControlServer: @unchecked Sendable {
         var reply = hooks.status().reduce(into: [String: Any]()) { $0[$1.key] = $1.value }
         reply["ok"] = true
         reply["image"] = image.with { img -> [String: Any] in
-          ["size": img.size, "block_size": img.blockSize, "snapshots": img.snapshots.count, "read_only": img.readOnly]
+          ["size": img.size, "block_size": img.blockSize, "snapshots": img.snapshotCount, "read_only": img.readOnly]
         }
         return reply
       case "snapshot":
@@ -155,12 +155,9 @@ public final class ControlServer: @unchecked Sendable {
           throw StrataError(.invalidArgument, "snapshot needs a \"name\" string")
         }
         // Every write acknowledged to a client is in the log before this record, so the
-        // snapshot holds all of them; the flush makes it durable before the reply.
-        let info = try image.with { img in
-          let info = try img.createSnapshot(name: name)
-          try img.flush()
-          return info
-        }
+        // snapshot holds all of them; it is durable before the reply (group commit: the sync
+        // runs outside the image lock, so the queues keep serving meanwhile).
+        let info = try image.durably { try $0.createSnapshot(name: name) }
         logger.info("control: snapshot '\(name)' created (seq \(info.seq))")
         return [
           "ok": true, "snapshot": ["name": info.name, "seq": info.seq, "timestamp_ns": info.timestampNanoseconds],

@@ -36,7 +36,7 @@ extension StrataImage {
           points.append(
             TimelinePoint(seq: seq + 1, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .checkpoint))
         case .snapshot where seq >= since:
-          if let entry = catalog.entry(seq: seq) {
+          if let entry = try catalog.entry(seq: seq) {
             points.append(
               TimelinePoint(
                 seq: seq, timestampNanoseconds: entry.timestampNanoseconds, kind: .snapshot, name: entry.name))
