@@ -19,8 +19,6 @@ public final class StrataImage {
   var map: BlockMap
   let usage: UsageTable
   var catalog: Catalog
-  var catalogRefs: [PageRef]
-  var catalogDirty = false
   var lastCheckpointPage: UInt64
   var lastCheckpointSeq: UInt64
 
@@ -31,7 +29,11 @@ public final class StrataImage {
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
+  /// The parent image of an external clone (a backing file), read-only.
+  var backing: Backing?
   let scratch: ImageScratch
+  /// Shares syncs among the threads of a `SharedImage` (see `GroupCommit`).
+  let groupCommit = GroupCommit()
   /// What recovery skipped that a crash explains (a torn superblock slot, a cut log tail).
   public internal(set) var recoveryNotes: [String] = []
   /// What recovery skipped that a crash does not explain: the newest checkpoint was unusable and
@@ -52,7 +54,6 @@ public final class StrataImage {
     self.map = state.map
     self.usage = state.usage
     self.catalog = state.catalog
-    self.catalogRefs = state.catalogRefs
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
     self.scratch = ImageScratch(
@@ -99,12 +100,22 @@ public final class StrataImage {
   /// Opens an existing image file.
   public static func open(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
     let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite, engine: options.ioEngine)
+    let image: StrataImage
     do {
-      return try open(storage: storage, options: options)
+      image = try open(storage: storage, options: options, allowBacking: true)
     } catch {
       try? storage.close()
       throw error
     }
+    guard image.superblock.features.incompatible & FeatureSet.backingFile != 0 else { return image }
+    do {
+      let descriptor = try readBackingPage(from: storage)
+      image.backing = try attachParent(descriptor, childPath: path, depth: options.backingDepth + 1, options: options)
+    } catch {
+      try? image.close()
+      throw error
+    }
+    return image
   }
 
   /// Makes everything written so far durable, writes a checkpoint so the next open is quick,
@@ -115,6 +126,7 @@ public final class StrataImage {
     defer {
       isClosed = true
       try? storage.close()
+      if let parent = backing?.image, !parent.isClosed { try? parent.close() }
     }
     if writer != nil && changedSinceCheckpoint { try checkpoint() }
     if let writer {
@@ -183,7 +195,11 @@ public final class StrataImage {
     let bs = UInt64(blockSize)
     let first = (offset + bs - 1) / bs
     let end = (offset + length) / bs
-    if first < end { try logAndApply(.discard(firstBlock: first, count: end - first)) }
+    // Over a backing file an unallocated block shows the parent: a discarded one must read zeros.
+    if first < end {
+      try logAndApply(
+        backing == nil ? .discard(firstBlock: first, count: end - first) : .zero(firstBlock: first, count: end - first))
+    }
     try checkpointIfDue()
   }
 
@@ -210,7 +226,15 @@ public final class StrataImage {
       // would bring those bytes back.
       try zeroBytes(at: newSize, length: min(UInt64(blockSize) - tail, virtualSize - newSize))
     }
+    let oldSize = virtualSize
     try logAndApply(.resize(virtualSize: newSize))
+    if let parent = backing?.image, newSize > oldSize, oldSize < parent.size {
+      // Grown space reads as zeros, not as whatever the parent holds there (after a shrink).
+      let bs = UInt64(blockSize)
+      let first = (oldSize + bs - 1) / bs
+      let end = (min(newSize, parent.size) + bs - 1) / bs
+      if first < end { try logAndApply(.zero(firstBlock: first, count: end - first)) }
+    }
     try checkpoint()
   }
 
@@ -224,15 +248,45 @@ public final class StrataImage {
     do { try SnapshotEntry.validateName(name) } catch let e as FormatError {
       throw StrataError(.invalidArgument, "invalid snapshot name \"\(name)\": \(e.detail)")
     }
-    guard catalog.entry(named: name) == nil else {
+    guard try catalog.entry(named: name) == nil else {
       throw StrataError(.alreadyExists, "snapshot \"\(name)\" already exists")
     }
-    let seq = try logAndApply(.snapshot(name: name, baseCheckpoint: lastCheckpointPage))
-    guard let entry = catalog.entry(seq: seq) else { preconditionFailure("snapshot \(seq) not in catalog") }
-    return SnapshotInfo(entry)
+    let base = lastCheckpointPage
+    let seq = try logAndApply(.snapshot(name: name, baseCheckpoint: base))
+    let info = SnapshotInfo(name: name, seq: seq, timestampNanoseconds: writer?.openRecordTimestamp ?? 0)
+    try checkpointIfDue()
+    return info
   }
 
-  public var snapshots: [SnapshotInfo] { catalog.entries.map(SnapshotInfo.init) }
+  /// How many snapshots exist (known without reading the catalog).
+  public var snapshotCount: Int { catalog.count }
+
+  /// Every snapshot, oldest first. With many snapshots, page with `snapshots(after:limit:)`.
+  public var snapshots: [SnapshotInfo] {
+    get throws { try snapshots(after: 0, limit: .max) }
+  }
+
+  /// Up to `limit` snapshots with a seq greater than `seq`, oldest first: a cursor for paging.
+  public func snapshots(after seq: UInt64, limit: Int) throws -> [SnapshotInfo] {
+    try checkOpen()
+    return try catalog.entries(after: seq, limit: limit).map(SnapshotInfo.init)
+  }
+
+  /// The newest `limit` snapshots, oldest first.
+  public func newestSnapshots(_ limit: Int) throws -> [SnapshotInfo] {
+    try checkOpen()
+    return try catalog.newest(limit).map(SnapshotInfo.init)
+  }
+
+  /// Catalog pages read from storage since the image was opened (the catalog is read on
+  /// demand: opening reads its roots only).
+  public var catalogPagesRead: Int { catalog.pagesRead }
+
+  /// The snapshot with sequence number `seq`, if there is one.
+  public func snapshot(seq: UInt64) throws -> SnapshotInfo? {
+    try checkOpen()
+    return try catalog.entry(seq: seq).map(SnapshotInfo.init)
+  }
 
   public func snapshot(named name: String) throws -> SnapshotInfo {
     SnapshotInfo(try snapshotEntry(name))
@@ -242,6 +296,7 @@ public final class StrataImage {
     try checkWritable()
     let entry = try snapshotEntry(name)
     try logAndApply(.snapshotDelete(seq: entry.seq))
+    try checkpointIfDue()
   }
 
   /// Moves the head back to a snapshot. The snapshot stays; later snapshots stay too.
@@ -263,7 +318,7 @@ public final class StrataImage {
 
   func snapshotEntry(_ name: String) throws -> SnapshotEntry {
     try checkOpen()
-    guard let entry = catalog.entry(named: name) else {
+    guard let entry = try catalog.entry(named: name) else {
       throw StrataError(.notFound, "no snapshot named \"\(name)\"")
     }
     return entry
@@ -289,7 +344,7 @@ public final class StrataImage {
         snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
         checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
-        features: superblock.features)
+        features: superblock.features, backingChain: backingChain)
     }
   }
 

@@ -15,6 +15,12 @@ public struct ImageOptions: Sendable {
   public var mapCacheNodes: Int = 16384
   /// Dirty map nodes that trigger a checkpoint.
   public var maxDirtyNodes: Int = 4096
+  /// Clean nodes of each snapshot-catalog tree kept in memory (a few KiB each): bounds the
+  /// catalog's memory however many snapshots exist. The name index is what snapshot creation
+  /// reads at random, so it should hold its working set (about 1 node per 180 snapshots).
+  public var catalogCacheNodes: Int = 8192
+  /// Changed catalog nodes that trigger a checkpoint.
+  public var maxDirtyCatalogNodes: Int = 8192
   /// Log pages appended since the last checkpoint that trigger one (bounds recovery time).
   public var checkpointIntervalPages: Int = 65536
   public var readOnly: Bool = false
@@ -25,6 +31,10 @@ public struct ImageOptions: Sendable {
   /// The 16-byte identity of a new image (nil: random). The simulator fixes it so that a seed
   /// reproduces the image byte for byte. Creation only.
   public var imageID: [UInt8]?
+  /// Creation: the parent this image reads unwritten blocks from (`create(path:backing:)`).
+  var backing: BackingDescriptor?
+  /// How deep in a backing chain the image being opened lies (0: the one the caller opened).
+  var backingDepth = 0
 
   public init() {}
 }
@@ -50,6 +60,8 @@ public struct Extent: Equatable, Sendable {
   public var state: BlockState
   /// Byte offset in the image file of the first block (data only); the run is contiguous there.
   public var fileOffset: UInt64?
+  /// Which image of a backing chain holds the run: 0 this one, 1 its parent, and so on.
+  public var layer: Int = 0
 }
 
 /// What `info` reports.
@@ -74,4 +86,6 @@ public struct ImageInfo: Sendable {
   public var superblockGeneration: UInt64
   public var createdNanoseconds: UInt64
   public var features: FeatureSet
+  /// The backing files of an external clone, parent first, as each image stores it.
+  public var backingChain: [String] = []
 }

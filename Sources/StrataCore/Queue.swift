@@ -184,8 +184,13 @@ public final class ImageQueue {
     try submitImmediate(tag: tag) { try $0.write(data, at: offset) }
   }
 
+  /// Completes once every write before it is durable. On a shared image the sync runs outside
+  /// the image lock and is shared with other threads' flushes (group commit).
   public func submitFlush(tag: UInt64) throws {
-    try submitImmediate(tag: tag) { try $0.flush() }
+    guard let shared else { return try submitImmediate(tag: tag) { try $0.flush() } }
+    let s = try takeSlot(tag: tag)
+    do { try shared.durably { _ in } } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
   }
 
   public func submitDiscard(at offset: UInt64, length: UInt64, tag: UInt64) throws {
@@ -264,7 +269,10 @@ public final class ImageQueue {
       let n = min(bs - inBlock, count - done)
       let entry = try image.map.entry(block)
       let dest = base + done
-      if entry.state != .data {
+      if entry.state == .unallocated && image.backingImage != nil {
+        // The backing chain holds it: read it synchronously through the image.
+        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+      } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
       } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct)
         || (n < bs && bounceUsed == 2)

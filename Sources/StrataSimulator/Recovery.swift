@@ -50,7 +50,7 @@ public func observe(_ image: StrataImage, _ model: CrashModel, _ log: RunLog, fu
     if !allZero(got) { seen.head.set(b, got + [UInt8](repeating: 0, count: DiskModel.blockSize - n)) }
   }
 
-  let names = image.snapshots.map(\.name)
+  let names = try log.run("\(what): list snapshots") { try image.snapshots.map(\.name) }
   for name in model.mustExist {
     try log.check(names.contains(name), "\(what): snapshot \(name) was flushed but is gone (have \(names))")
   }

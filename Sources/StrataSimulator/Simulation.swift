@@ -104,9 +104,10 @@ public final class Simulation {
   private var nextSnapshot = 0
   /// An injected fault was reported since the image was opened: a refusal is allowed.
   private var faultSinceOpen = false
-  /// Injected faults accounted for: a write's failure may surface in a later call, when the
-  /// write completes.
-  private var faultsReported = 0
+  /// Injected faults hit up to the last successful flush, open or crash: a failure is an
+  /// injected one if a fault hit since (a write's failure surfaces when it completes, in a
+  /// later call, but never after a flush that returned).
+  private var faultsSettled = 0
   /// The last operation ended with a checkpoint when one was due.
   private var checkpointDue = false
 
@@ -156,12 +157,19 @@ public final class Simulation {
     if storage.isPoweredOff { try crash("power was off at the end") }
     log.note("final flush and crash")
     try log.run("final flush") { try current.flush() }
-    model.markDurable()
+    markFlushed()
     try crash("final")
     try log.run("close") { try current.close() }
     image = nil
     counts.digest = CRC32C.checksum(storage.durable)
     return stats
+  }
+
+  /// A flush (or close) returned: everything so far is durable, and every fault hit before it
+  /// has been reported.
+  private func markFlushed() {
+    model.markDurable()
+    faultsSettled = storage.counters.faultsHit
   }
 
   private var current: StrataImage {
@@ -205,7 +213,7 @@ public final class Simulation {
     case 580..<730:  // flush
       log.note("flush")
       if try attempt("flush", { try self.current.flush() }) == .done {
-        model.markDurable()
+        markFlushed()
         counts.flushes += 1
       }
     case 730..<770:  // snapshot (deleting one first when there are enough)
@@ -237,7 +245,7 @@ public final class Simulation {
           try self.current.flush()
         }) == .done
       {
-        model.markDurable()
+        markFlushed()
         counts.restores += 1
       }
     case 830..<840:  // grow or shrink, then flush
@@ -251,7 +259,7 @@ public final class Simulation {
           try self.current.flush()
         }) == .done
       {
-        model.markDurable()
+        markFlushed()
       }
     case 840..<860:  // close and reopen cleanly (a close makes everything durable)
       log.note("close and reopen")
@@ -264,7 +272,7 @@ public final class Simulation {
         try crash("power off at close")
         return
       }
-      model.markDurable()
+      markFlushed()
       counts.reopens += 1
       storage.reopen()
       image = try open("reopen")
@@ -351,8 +359,7 @@ public final class Simulation {
     } catch  where storage.isPoweredOff {
       try crash("power failed during \(what)")
       return .crashed
-    } catch let e as StrataError where storage.counters.faultsHit > faultsReported || isRefusal(e) {
-      faultsReported = storage.counters.faultsHit
+    } catch let e as StrataError where storage.counters.faultsHit > faultsSettled || isRefusal(e) {
       log.note("\(what) failed: \(e)")
       counts.failedCalls += 1
       try checkReported(e, what)
@@ -396,15 +403,24 @@ public final class Simulation {
     let image = current
     let seen = try observe(image, model, log, fullScan: config.fullScan, what: "after \(what) failed")
     model.adopt(seen)
-    if !refused {
+    // A flush must now succeed, once the failures of earlier writes that surface in it (a few
+    // at most) are reported.
+    var tries = 0
+    while !refused {
+      tries += 1
       do {
         try image.flush()
-        model.markDurable()
+        markFlushed()
         counts.flushes += 1
         try checkClean(image, log, what: "after \(what) failed and a flush")
         return
       } catch let e as StrataError where isRefusal(e) {
         log.note("flush after the fault refused: \(e)")
+        break
+      } catch let e as StrataError where storage.counters.faultsHit > faultsSettled && tries < 4 {
+        log.note("flush after \(what) failed: \(e)")
+        counts.failedCalls += 1
+        try checkReported(e, "flush after \(what)")
       } catch let e as SimulationFailure {
         throw e
       } catch {
@@ -450,8 +466,7 @@ public final class Simulation {
   private func open(_ what: String) throws -> StrataImage {
     do {
       return try StrataImage.open(storage: storage, options: options)
-    } catch let e as StrataError where storage.counters.faultsHit > faultsReported {
-      faultsReported = storage.counters.faultsHit
+    } catch let e as StrataError where storage.counters.faultsHit > faultsSettled {
       log.note("\(what) failed: \(e)")
       counts.failedCalls += 1
       try checkReported(e, what)
@@ -469,7 +484,7 @@ public final class Simulation {
     if reason.hasPrefix("power failed") { counts.midOperationCrashes += 1 }
     let unsynced = storage.unsyncedWrites
     let survived = storage.crash(mode: mode)
-    faultsReported = storage.counters.faultsHit  // failed writes still in flight are gone
+    faultsSettled = storage.counters.faultsHit  // failed writes still in flight are gone
     log.note("crash (\(reason)) mode \(mode): \(survived) of \(unsynced) unsynced writes survived")
     current.abandon()  // closed already, or lost with the power
     let (reopened, recovered) = try openAndVerify(

@@ -23,7 +23,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
   else { return 0 }
   defer { try? image.close() }
   readData(image.size, { try image.extents() }, { try image.read(at: $0, count: $1) })
-  for info in image.snapshots {
+  for info in (try? image.snapshots) ?? [] {
     guard let view = try? image.snapshotView(name: info.name) else { continue }
     readData(view.size, { try view.extents() }, { try view.read(at: $0, count: $1) })
   }
