@@ -203,7 +203,11 @@ final class BlockMap {
 
   /// Adds levels on top so that `blocks` blocks are addressable; the old root becomes child 0.
   func grow(toBlocks blocks: UInt64) throws {
-    let needed = Layout.mapDepth(forBlocks: blocks)
+    grow(toDepth: Layout.mapDepth(forBlocks: blocks))
+  }
+
+  func grow(toDepth needed: Int) {
+    precondition(needed <= Layout.maxMapDepth)
     while depth < needed {
       let newRoot = MapNode()
       newRoot.setChild(0, root)
