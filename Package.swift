@@ -5,6 +5,7 @@ import PackageDescription
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
+//   StrataCLI -> StrataVhost, StrataNBD (servers of `strata serve`) -> StrataCore
 let package = Package(
   name: "Strata",
   products: [
@@ -35,6 +36,12 @@ let package = Package(
       name: "StrataVhost",
       dependencies: ["StrataCore", "VhostProtocol", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
     ),
+    // The NBD server: wire format (Wire.swift, Names.swift: syntax only, for tests and fuzzers),
+    // handshake and transmission per connection, the listener.
+    .target(
+      name: "StrataNBD",
+      dependencies: ["StrataCore", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
+    ),
     // Pure on-disk format: encoding, decoding and validation. No I/O.
     .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
     // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
@@ -48,6 +55,7 @@ let package = Package(
         "StrataCore",
         "StrataIO",
         "StrataVhost",
+        "StrataNBD",
         "VhostClient",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
@@ -60,6 +68,7 @@ let package = Package(
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
     .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore"]),
+    .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],
   swiftLanguageModes: [.v6]
 )

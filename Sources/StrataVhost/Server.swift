@@ -34,7 +34,7 @@ public final class VhostBlkServer {
     self.image = image
     signalFd = strata_termination_signalfd()
     guard signalFd >= 0 else { throw StrataError.system("signalfd", options.socketPath, errno: errno) }
-    listenFd = try Self.listen(options.socketPath)
+    listenFd = try ServerSocket.listenUnix(options.socketPath, backlog: 1)
   }
 
   deinit {
@@ -60,48 +60,6 @@ public final class VhostBlkServer {
       logger.info("front-end disconnected; waiting for it to reconnect")
     }
     logger.info("shutting down")
-  }
-
-  private static func listen(_ path: String) throws -> Int32 {
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-      throw StrataError(.invalidArgument, "socket path \(path) is too long")
-    }
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-      for (i, b) in bytes.enumerated() { raw[i] = b }
-    }
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw StrataError.system("socket", path, errno: errno) }
-    let length = socklen_t(MemoryLayout<sockaddr_un>.size)
-    // A socket file left behind by a dead server is replaced; a live one is not stolen.
-    var st = stat()
-    if lstat(path, &st) == 0 {
-      guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-        close(fd)
-        throw StrataError(.alreadyExists, "\(path) exists and is not a socket")
-      }
-      let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-      let live = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, length) == 0 }
-      }
-      close(probe)
-      if live {
-        close(fd)
-        throw StrataError(.locked, "\(path) is a socket another server is listening on")
-      }
-      unlink(path)
-    }
-    let bound = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) }
-    }
-    guard bound == 0, Glibc.listen(fd, 1) == 0 else {
-      let e = errno
-      close(fd)
-      throw StrataError.system("bind", path, errno: e)
-    }
-    return fd
   }
 
   /// The next front-end, or nil when a termination signal arrived first.

@@ -2,6 +2,7 @@ import ArgumentParser
 import Logging
 import StrataCore
 import StrataIO
+import StrataNBD
 import StrataVhost
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -9,7 +10,7 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 struct ServeCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "serve",
-    abstract: "Serve an image to a virtual machine as a vhost-user-blk disk.",
+    abstract: "Serve an image to a virtual machine as a vhost-user-blk disk, or over NBD.",
     discussion: """
       Listens on a Unix socket for a vhost-user front-end such as QEMU:
 
@@ -22,14 +23,26 @@ struct ServeCommand: ParsableCommand {
       disconnects, the server flushes and waits for it to reconnect. SIGINT or SIGTERM stop \
       the queues, flush and close the image and remove the socket. An image can be served by \
       one process at a time.
+
+      With --nbd (alone or with --socket), NBD clients such as qemu-img, nbdcopy, nbdinfo, fio or \
+      nbd-client reach the image too: export "" or "head" is the image (writable unless \
+      --read-only), "snapshot/NAME" each snapshot (read-only, frozen while the head changes). \
+      Metadata contexts: base:allocation and strata:changed:SNAPSHOT (blocks changed since a \
+      snapshot, for incremental backups).
+
+        strata serve disk.strata --nbd unix:/run/disk.nbd
+        qemu-img convert -O qcow2 'nbd+unix:///snapshot/nightly?socket=/run/disk.nbd' backup.qcow2
       """
   )
 
   @Argument(help: "Path of the image.")
   var image: String
 
-  @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"))
-  var socket: String
+  @Option(help: ArgumentHelp("Unix socket to listen on for a vhost-user front-end.", valueName: "path"))
+  var socket: String?
+
+  @Option(help: ArgumentHelp("Serve NBD on unix:PATH or tcp:HOST:PORT.", valueName: "address"))
+  var nbd: String?
 
   @Option(help: "Number of virtqueues (one worker thread each).")
   var numQueues = 1
@@ -47,6 +60,12 @@ struct ServeCommand: ParsableCommand {
   var logLevel = Logger.Level.info
 
   func validate() throws {
+    guard socket != nil || nbd != nil else {
+      throw ValidationError("nothing to serve on: give --socket PATH (vhost-user), --nbd ADDRESS, or both")
+    }
+    if case .unix(let path) = try nbdAddress(), path == socket {
+      throw ValidationError("--socket and --nbd cannot share the socket path \(path)")
+    }
     guard (1...64).contains(numQueues) else { throw ValidationError("--num-queues must be 1...64") }
     guard serial.utf8.count <= 20 else { throw ValidationError("--serial must be at most 20 bytes") }
   }
@@ -66,12 +85,28 @@ struct ServeCommand: ParsableCommand {
       let opened = try ImageAccess.open(image, readOnly: readOnly, options: options)
       try ImageAccess.withOpened(opened, path: image) { img in
         logger.info("image \(image): \(img.size) bytes, I/O engine \(img.engineDescription)")
+        let shared = SharedImage(img)
+        var nbdOptions = try nbdAddress().map { NBDServer.Options(address: $0) }
+        nbdOptions?.readOnly = readOnly
+        guard let socket else {
+          if let nbdOptions { try NBDServer(image: shared, options: nbdOptions, logger: logger).run() }
+          return
+        }
         var serverOptions = VhostBlkServer.Options(socketPath: socket)
         serverOptions.numQueues = numQueues
         serverOptions.readOnly = readOnly
         serverOptions.serial = serial
-        try VhostBlkServer(image: SharedImage(img), options: serverOptions, logger: logger).run()
+        // The vhost server first: it blocks the termination signals before any thread starts.
+        let vhost = try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
+        let nbdServer = try nbdOptions.map { try NBDServer(image: shared, options: $0, logger: logger) }
+        nbdServer?.start()
+        defer { nbdServer?.stop() }
+        try vhost.run()
       }
     }
+  }
+
+  private func nbdAddress() throws -> NBDAddress? {
+    do { return try nbd.map { try NBDAddress(parsing: $0) } } catch { throw ValidationError("--nbd: \(error)") }
   }
 }
