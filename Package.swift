@@ -67,7 +67,7 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
-    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore"]),
+    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataNBD"]),
     .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],
   swiftLanguageModes: [.v6]
