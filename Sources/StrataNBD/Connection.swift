@@ -75,10 +75,18 @@ final class NBDConnection: @unchecked Sendable {
   private var large: UnsafeMutableRawBufferPointer?
   /// Write replies wait in `output` for the log to reach the file.
   private var logPending = false
+  /// Reads of the head go through an image queue in batches: the reads of one burst of requests
+  /// are submitted together and reaped together (one lock hold, many reads in flight), their
+  /// replies filled in place in `output`.
+  private var queue: ImageQueue?
+  private var pendingReads: [PendingRead] = []
+  private let completions: UnsafeMutableBufferPointer<QueueCompletion>
   private var wroteAnything = false
 
   static let inputSize = 256 << 10
-  static let outputSize = 1 << 20
+  static let outputSize = 4 << 20 + 64 << 10
+  /// Reads in flight in one batch.
+  static let queueDepth = 64
   /// Room before read data for the longest reply header (a structured chunk and its offset).
   static let readHeaderRoom = NBDReplyHeader.chunkSize + 8
   /// Block status replies cover at most this much of the disk and this many extents per context.
@@ -94,10 +102,16 @@ final class NBDConnection: @unchecked Sendable {
     self.logger = logger
     input = .allocate(byteCount: Self.inputSize, alignment: 64)
     output = .allocate(byteCount: Self.outputSize, alignment: 64)
+    completions = .allocate(capacity: Self.queueDepth)
+    completions.initialize(repeating: QueueCompletion(tag: 0, error: nil))
+    pendingReads.reserveCapacity(Self.queueDepth)
   }
 
   deinit {
+    precondition(queue == nil, "the image queue was not closed")
     input.deallocate()
+    completions.deinitialize()
+    completions.deallocate()
     output.deallocate()
     large?.deallocate()
   }
@@ -110,6 +124,10 @@ final class NBDConnection: @unchecked Sendable {
       if h.orderly { logger.debug("client left: \(h)") } else { logger.warning("dropping client: \(h)") }
     } catch {
       logger.warning("dropping client: \(error)")
+    }
+    if let queue {
+      image.with { _ in queue.close() }
+      self.queue = nil
     }
     if wroteAnything {
       do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
@@ -366,6 +384,13 @@ final class NBDConnection: @unchecked Sendable {
 
   private func transmit(_ export: OpenExport) throws {
     logger.debug("serving \(export.name.name) (\(export.size) bytes\(export.readOnly ? ", read-only" : ""))")
+    if export.view == nil {
+      do {
+        queue = try image.with { try ImageQueue(image: $0, depth: Self.queueDepth) }
+      } catch {
+        logger.warning("no image queue (\(error)); reads are synchronous")
+      }
+    }
     let header = UnsafeMutableRawBufferPointer.allocate(byteCount: NBDRequest.size, alignment: 8)
     defer { header.deallocate() }
     while true {
@@ -474,9 +499,15 @@ final class NBDConnection: @unchecked Sendable {
     let length = Int(r.length)
     let head = structured ? NBDReplyHeader.chunkSize + 8 : NBDReplyHeader.simpleSize
     let total = head + length
+    if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes, try reserveOutput(total) != nil {
+      pendingReads.append(PendingRead(request: r, start: outCount, size: total, head: head))
+      outCount += total
+      if pendingReads.count == Self.queueDepth { try runPendingReads() }
+      return
+    }
     let direct: Bool
     let reply: UnsafeMutableRawBufferPointer
-    if let b = try reserveOutput(total) {
+    if let b = try reserveReply(total) {
       reply = b
       direct = false
     } else {
@@ -491,13 +522,7 @@ final class NBDConnection: @unchecked Sendable {
     } catch {
       return try replyError(r, error)
     }
-    if structured {
-      NBDReplyHeader.storeChunk(
-        into: reply, flags: NBDChunk.done, type: NBDChunk.offsetData, cookie: r.cookie, length: UInt32(8 + length))
-      reply.storeBigEndian(r.offset, at: NBDReplyHeader.chunkSize)
-    } else {
-      NBDReplyHeader.storeSimple(into: reply, error: 0, cookie: r.cookie)
-    }
+    storeReadHeader(into: reply, r)
     if direct {
       try sendAll(UnsafeRawBufferPointer(rebasing: reply[0..<total]))
     } else {
@@ -549,7 +574,7 @@ final class NBDConnection: @unchecked Sendable {
     }
     for (i, extents) in replies.enumerated() {
       let size = NBDReplyHeader.chunkSize + 4 + 8 * extents.count
-      guard let b = try reserveOutput(size) else { preconditionFailure("block status reply larger than the buffer") }
+      guard let b = try reserveReply(size) else { preconditionFailure("block status reply larger than the buffer") }
       NBDReplyHeader.storeChunk(
         into: b, flags: i == replies.count - 1 ? NBDChunk.done : 0, type: NBDChunk.blockStatus, cookie: r.cookie,
         length: UInt32(size - NBDReplyHeader.chunkSize))
@@ -563,44 +588,68 @@ final class NBDConnection: @unchecked Sendable {
   }
 
   private func replyOK(_ r: NBDRequest) throws {
-    guard let b = try reserveOutput(NBDReplyHeader.simpleSize) else { preconditionFailure("output buffer too small") }
+    guard let b = try reserveReply(NBDReplyHeader.simpleSize) else { preconditionFailure("output buffer too small") }
     NBDReplyHeader.storeSimple(into: b, error: 0, cookie: r.cookie)
     outCount += NBDReplyHeader.simpleSize
   }
 
-  private func replyError(_ r: NBDRequest, _ error: Error) throws {
-    let code: UInt32
+  static func nbdError(for error: Error) -> UInt32 {
     switch (error as? StrataError)?.code {
-    case .readOnly: code = NBDErrno.perm
-    case .outOfRange, .invalidArgument: code = NBDErrno.invalid
-    case .noSpace: code = NBDErrno.noSpace
-    default: code = NBDErrno.io
+    case .readOnly: NBDErrno.perm
+    case .outOfRange, .invalidArgument: NBDErrno.invalid
+    case .noSpace: NBDErrno.noSpace
+    default: NBDErrno.io
     }
+  }
+
+  private func replyError(_ r: NBDRequest, _ error: Error) throws {
     logger.warning("request \(r.command.map { "\($0)" } ?? "\(r.type)") at \(r.offset)+\(r.length) failed: \(error)")
-    try replyError(r, code, "\(error)")
+    try replyError(r, Self.nbdError(for: error), "\(error)")
   }
 
   private func replyError(_ r: NBDRequest, _ code: UInt32, _ message: String) throws {
     logger.debug("request \(r.type) at \(r.offset)+\(r.length): error \(code): \(message)")
-    guard structured else {
-      guard let b = try reserveOutput(NBDReplyHeader.simpleSize) else { preconditionFailure("output buffer too small") }
-      NBDReplyHeader.storeSimple(into: b, error: code, cookie: r.cookie)
-      outCount += NBDReplyHeader.simpleSize
-      return
-    }
     let text = Array(message.utf8.prefix(1024))
+    guard let b = try reserveReply(NBDReplyHeader.chunkSize + 6 + text.count) else {
+      preconditionFailure("output buffer too small")
+    }
+    outCount += storeError(into: b, r, code, text: text)
+  }
+
+  /// A simple reply, or a structured error chunk carrying `text`; returns its size.
+  private func storeError(into b: UnsafeMutableRawBufferPointer, _ r: NBDRequest, _ code: UInt32, text: [UInt8]) -> Int {
+    guard structured else {
+      NBDReplyHeader.storeSimple(into: b, error: code, cookie: r.cookie)
+      return NBDReplyHeader.simpleSize
+    }
     let size = NBDReplyHeader.chunkSize + 6 + text.count
-    guard let b = try reserveOutput(size) else { preconditionFailure("output buffer too small") }
     NBDReplyHeader.storeChunk(
       into: b, flags: NBDChunk.done, type: NBDChunk.error, cookie: r.cookie,
       length: UInt32(size - NBDReplyHeader.chunkSize))
     b.storeBigEndian(code, at: NBDReplyHeader.chunkSize)
     b.storeBigEndian(UInt16(text.count), at: NBDReplyHeader.chunkSize + 4)
     for (i, c) in text.enumerated() { b[NBDReplyHeader.chunkSize + 6 + i] = c }
-    outCount += size
+    return size
+  }
+
+  /// The header of a successful read's reply, before its data.
+  private func storeReadHeader(into b: UnsafeMutableRawBufferPointer, _ r: NBDRequest) {
+    if structured {
+      NBDReplyHeader.storeChunk(
+        into: b, flags: NBDChunk.done, type: NBDChunk.offsetData, cookie: r.cookie, length: 8 + r.length)
+      b.storeBigEndian(r.offset, at: NBDReplyHeader.chunkSize)
+    } else {
+      NBDReplyHeader.storeSimple(into: b, error: 0, cookie: r.cookie)
+    }
   }
 
   // MARK: Buffers and the socket
+
+  /// Room for a reply after the batched reads are done (their replies come first in `output`).
+  private func reserveReply(_ count: Int) throws -> UnsafeMutableRawBufferPointer? {
+    try runPendingReads()
+    return try reserveOutput(count)
+  }
 
   /// `count` bytes at the end of the output buffer (sending what is there first if needed), or
   /// nil when a reply that large does not fit even an empty buffer.
@@ -612,6 +661,7 @@ final class NBDConnection: @unchecked Sendable {
 
   /// Sends the waiting replies; write replies only once the log holding the writes is in the file.
   private func flushOutput() throws {
+    try runPendingReads()
     if logPending {
       do { try image.with { try $0.writeOutLog() } } catch {
         // The writes are not acknowledged: the client sees the connection end instead.
@@ -623,6 +673,61 @@ final class NBDConnection: @unchecked Sendable {
       try sendAll(UnsafeRawBufferPointer(rebasing: output[0..<outCount]))
       outCount = 0
     }
+  }
+
+  private struct PendingRead {
+    var request: NBDRequest
+    /// Where its reply lies in `output`: `size` bytes, the data after `head` header bytes.
+    var start: Int
+    var size: Int
+    var head: Int
+  }
+
+  /// Reads every batched request into its reply's place in `output` and writes the headers. A
+  /// failed read's reply is an error without data (no longer than the room it had), and the
+  /// replies after it move down to close the gap.
+  private func runPendingReads() throws {
+    guard !pendingReads.isEmpty, let queue else { return }
+    var failed: [Int: UInt32] = [:]
+    do {
+      try image.with { _ in
+        var submitted = 0
+        for (i, p) in pendingReads.enumerated() {
+          let data = UnsafeMutableRawBufferPointer(rebasing: output[(p.start + p.head)..<(p.start + p.size)])
+          do {
+            try queue.submitRead(into: data, at: p.request.offset, tag: UInt64(i))
+            submitted += 1
+          } catch {
+            failed[i] = Self.nbdError(for: error)
+          }
+        }
+        var reaped = 0
+        while reaped < submitted {
+          let n = try queue.reap(completions, minimum: submitted - reaped)
+          for c in completions[0..<n] {
+            if let e = c.error { failed[Int(c.tag)] = Self.nbdError(for: e) }
+          }
+          reaped += n
+        }
+      }
+    } catch {
+      // The queue's engine failed: nothing can be said about the reads in flight.
+      throw Hangup("image queue failed: \(error)")
+    }
+    var end = pendingReads[0].start
+    for (i, p) in pendingReads.enumerated() {
+      let at = UnsafeMutableRawBufferPointer(rebasing: output[end..<(p.start + p.size)])
+      if let code = failed[i] {
+        logger.warning("read at \(p.request.offset)+\(p.request.length) failed: errno \(code)")
+        end += storeError(into: at, p.request, code, text: [])
+        continue
+      }
+      if end != p.start { memmove(at.baseAddress!, output.baseAddress! + p.start, p.size) }
+      storeReadHeader(into: at, p.request)
+      end += p.size
+    }
+    outCount = end
+    pendingReads.removeAll(keepingCapacity: true)
   }
 
   private func largeBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer {

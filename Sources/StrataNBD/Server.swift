@@ -21,7 +21,7 @@ public final class NBDServer: @unchecked Sendable {
   let options: Options
   let image: SharedImage
   let logger: Logger
-  private let listenFd: Int32
+  private var listenFd: Int32
   private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
   private let allGone = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
   /// Sockets of the running connections (guarded by `mutex`): shut down to stop them.
@@ -46,9 +46,8 @@ public final class NBDServer: @unchecked Sendable {
 
   deinit {
     precondition(acceptThread == nil, "NBDServer started and never stopped")
-    close(listenFd)
+    closeListener()
     close(stopFd)
-    if case .unix(let path) = options.address { unlink(path) }
     pthread_cond_destroy(allGone)
     pthread_mutex_destroy(mutex)
     mutex.deallocate()
@@ -118,6 +117,15 @@ public final class NBDServer: @unchecked Sendable {
     for c in connections { shutdown(c, Int32(SHUT_RDWR)) }
     while !connections.isEmpty { pthread_cond_wait(allGone, mutex) }
     pthread_mutex_unlock(mutex)
+    // Here, not in deinit: a connection thread may hold the last reference a moment longer.
+    closeListener()
+  }
+
+  private func closeListener() {
+    guard listenFd >= 0 else { return }
+    close(listenFd)
+    listenFd = -1
+    if case .unix(let path) = options.address { unlink(path) }
   }
 
   private func admit(_ fd: Int32) {

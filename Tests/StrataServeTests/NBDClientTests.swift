@@ -192,6 +192,7 @@ struct NBDClientTests {
       let job = [
         "--name=v", "--ioengine=nbd", "--uri=\(s.nbdURI(""))", "--bs=4k", "--iodepth=32", "--size=8M",
         "--numjobs=2", "--offset_increment=16M", "--verify=crc32c", "--randrepeat=1", "--group_reporting",
+        "--verify_state_save=0",
       ]
       let write = try s.client(fio, job + ["--rw=randwrite", "--do_verify=1"])
       #expect(write.succeeded, "fio write+verify: \(write.stderr)\n\(String(decoding: write.stdout, as: UTF8.self))")

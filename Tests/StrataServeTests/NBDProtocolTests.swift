@@ -4,6 +4,7 @@
 
 import Foundation
 import Glibc
+import StrataCore
 import StrataNBD
 import Testing
 
@@ -317,6 +318,45 @@ struct NBDProtocolTests {
       try after.send(after.request(read, offset: 63 * 8192 + 100, length: 5000))
       #expect(try after.simpleReply(dataLength: 5000).data == want)
       #expect(s.isAlive())
+    }
+  }
+
+  /// A block that fails its checksum fails its read with EIO; the other reads of the same burst
+  /// (batched through the image queue) still get their bytes, in both reply styles.
+  @Test func aCorruptBlockFailsOnlyItsRead() throws {
+    let prepare: (ServeProcess) throws -> Void = { s in
+      let img = try StrataImage.open(path: s.image)
+      for i in 0..<3 { try img.write(pattern(4096, seed: UInt64(10 + i)), at: UInt64(i) * 40960) }
+      let victim = try img.extents(from: 40960, length: 4096).first?.fileOffset
+      try img.close()
+      guard let victim else { throw ServeTestError("no data extent") }
+      let fd = open(s.image, O_WRONLY)
+      defer { close(fd) }
+      var junk: UInt8 = 0x5A
+      guard pwrite(fd, &junk, 1, off_t(victim + 100)) == 1 else { throw ServeTestError("pwrite") }
+    }
+    try withServer(size: 8 << 20, vhost: false, nbd: true, prepare: prepare) { s in
+      try s.waitForNBD()
+      for structured in [false, true] {
+        let c = try RawNBDClient(path: s.nbdPath)
+        _ = try c.open("", structured: structured)
+        try c.send((0..<3).flatMap { i in c.request(NBDCommand.read.rawValue, offset: UInt64(i) * 40960, length: 4096, cookie: UInt64(i)) })
+        for i in 0..<3 {
+          if structured {
+            let r = try c.chunk()
+            #expect(r.cookie == UInt64(i))
+            if i == 1 {
+              #expect(r.type == NBDChunk.error && c.u32(r.payload, 0) == NBDErrno.io)
+            } else {
+              #expect(r.type == NBDChunk.offsetData && Array(r.payload[8...]) == pattern(4096, seed: UInt64(10 + i)))
+            }
+          } else {
+            let r = try c.simpleReply(dataLength: 4096)
+            #expect(r.cookie == UInt64(i) && r.error == (i == 1 ? NBDErrno.io : 0))
+            if i != 1 { #expect(r.data == pattern(4096, seed: UInt64(10 + i))) }
+          }
+        }
+      }
     }
   }
 
