@@ -80,11 +80,15 @@ final class NBDConnection: @unchecked Sendable {
   /// replies filled in place in `output`.
   private var queue: ImageQueue?
   private var pendingReads: [PendingRead] = []
+  /// Where in `output` the first batched reply goes (regions after it may start later).
+  private var batchStart = 0
   private let completions: UnsafeMutableBufferPointer<QueueCompletion>
   private var wroteAnything = false
 
   static let inputSize = 256 << 10
-  static let outputSize = 4 << 20 + 64 << 10
+  static let outputSize = 8 << 20 + 64 << 10
+  /// The image queue reads straight into page-aligned memory only (O_DIRECT).
+  static let dataAlignment = 4096
   /// Reads in flight in one batch.
   static let queueDepth = 64
   /// Room before read data for the longest reply header (a structured chunk and its offset).
@@ -101,7 +105,7 @@ final class NBDConnection: @unchecked Sendable {
     self.serverReadOnly = serverReadOnly
     self.logger = logger
     input = .allocate(byteCount: Self.inputSize, alignment: 64)
-    output = .allocate(byteCount: Self.outputSize, alignment: 64)
+    output = .allocate(byteCount: Self.outputSize, alignment: Self.dataAlignment)
     completions = .allocate(capacity: Self.queueDepth)
     completions.initialize(repeating: QueueCompletion(tag: 0, error: nil))
     pendingReads.reserveCapacity(Self.queueDepth)
@@ -499,9 +503,16 @@ final class NBDConnection: @unchecked Sendable {
     let length = Int(r.length)
     let head = structured ? NBDReplyHeader.chunkSize + 8 : NBDReplyHeader.simpleSize
     let total = head + length
-    if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes, try reserveOutput(total) != nil {
-      pendingReads.append(PendingRead(request: r, start: outCount, size: total, head: head))
-      outCount += total
+    if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes {
+      // The data goes at the next aligned address, its header just before; the gaps are closed
+      // once the batch is read.
+      func dataStart() -> Int { (outCount + head + Self.dataAlignment - 1) / Self.dataAlignment * Self.dataAlignment }
+      if dataStart() + length > output.count { try flushOutput() }
+      precondition(dataStart() + length <= output.count, "output buffer smaller than one queued read")
+      if pendingReads.isEmpty { batchStart = outCount }
+      let start = dataStart() - head
+      pendingReads.append(PendingRead(request: r, start: start, size: total, head: head))
+      outCount = start + total
       if pendingReads.count == Self.queueDepth { try runPendingReads() }
       return
     }
@@ -714,7 +725,7 @@ final class NBDConnection: @unchecked Sendable {
       // The queue's engine failed: nothing can be said about the reads in flight.
       throw Hangup("image queue failed: \(error)")
     }
-    var end = pendingReads[0].start
+    var end = batchStart
     for (i, p) in pendingReads.enumerated() {
       let at = UnsafeMutableRawBufferPointer(rebasing: output[end..<(p.start + p.size)])
       if let code = failed[i] {
