@@ -6,23 +6,10 @@
 #   bash bench/nbd.sh                   # 2 GiB disks, 5 s per case, best of 2
 #   SIZE=1G RUNTIME=3 REPS=1 bash bench/nbd.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/setup.sh
-if [ -z "${STRATA_BIN:-}" ]; then
-  swift build -c release --product strata >&2
-  STRATA_BIN=.build/release/strata
-fi
-strata=$(realpath "$STRATA_BIN")
-qsd=$(command -v qemu-storage-daemon || echo /usr/bin/qemu-storage-daemon)
-work=$(mktemp -d "${BENCH_DIR:-$PWD/bench/.work}.nbd.XXXX")
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+source "$(dirname "$0")/servers.sh" nbd
 size=${SIZE:-2G}
 runtime=${RUNTIME:-5}
 reps=${REPS:-2}
-
-wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
 
 "$strata" create "$work/disk.strata" --size "$size" --force >/dev/null
 "$strata" serve "$work/disk.strata" --nbd "unix:$work/strata.nbd" 2>"$work/serve.log" &

@@ -3,22 +3,9 @@
 # qemu-storage-daemon serving qcow2 and raw, all driven by the same in-repo front-end
 # (`strata vhost-bench`). Prints a markdown table with ratios; writes bench/results/vhost-latest.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/setup.sh
-if [ -z "${STRATA_BIN:-}" ]; then
-  swift build -c release --product strata >&2
-  STRATA_BIN=.build/release/strata
-fi
-strata=$(realpath "$STRATA_BIN")
-qsd=$(command -v qemu-storage-daemon || echo /usr/bin/qemu-storage-daemon)
-work=$(mktemp -d "${BENCH_DIR:-$PWD/bench/.work}.vhost.XXXX")
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source "$(dirname "$0")/servers.sh" vhost
 size=${SIZE:-2G}
 count=${COUNT:-40000}
-
-wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
 
 start_strata() {
   "$strata" create "$work/disk.strata" --size "$size" --force >/dev/null
