@@ -207,3 +207,35 @@ struct NBDClientTests {
     }
   }
 }
+
+/// A TCP port nothing listens on right now (bound to port 0 and released).
+func freeTCPPort() throws -> UInt16 {
+  let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+  defer { close(fd) }
+  var address = sockaddr_in()
+  address.sin_family = sa_family_t(AF_INET)
+  address.sin_addr.s_addr = inet_addr("127.0.0.1")
+  var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+  let r = withUnsafeMutablePointer(to: &address) {
+    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+  }
+  guard r else { throw ServeTestError("no free port: errno \(errno)") }
+  return UInt16(bigEndian: address.sin_port)
+}
+
+@Test(.enabled(if: nbdClientsPresent, Comment(rawValue: nbdClientsMissing)))
+func nbdOverTCP() throws {
+  let port = try freeTCPPort()
+  try withServer(arguments: ["--nbd", "tcp:127.0.0.1:\(port)"], vhost: false, prepare: NBDLayout.prepare) { s in
+    // No socket file to wait for: retry the client while the server starts.
+    let uri = "nbd://127.0.0.1:\(port)/snapshot/s1"
+    let copy = s.directory + "/s1.raw"
+    var r = try s.client(qemuImg, ["convert", "-f", "raw", "-O", "raw", uri, copy])
+    while !r.succeeded && s.isAlive() && r.stderr.contains("Connection refused") {
+      usleep(20_000)
+      r = try s.client(qemuImg, ["convert", "-f", "raw", "-O", "raw", uri, copy])
+    }
+    #expect(r.succeeded, "\(r.stderr)")
+    #expect(try s.read(copy) == NBDLayout.snapshot)
+  }
+}
