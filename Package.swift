@@ -4,8 +4,8 @@ import PackageDescription
 // Module graph (dependencies point one way, top to bottom):
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
+//   StrataCLI -> StrataVhost, StrataNBD, StrataControl (the servers of `strata serve`) -> StrataCore
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
-//   StrataCLI -> StrataVhost, StrataNBD (servers of `strata serve`) -> StrataCore
 let package = Package(
   name: "Strata",
   products: [
@@ -56,10 +56,16 @@ let package = Package(
         "StrataIO",
         "StrataVhost",
         "StrataNBD",
+        "StrataControl",
         "VhostClient",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
       ]
+    ),
+    // The control socket of `strata serve` (JSON lines) and its client.
+    .target(
+      name: "StrataControl",
+      dependencies: ["StrataCore", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
     ),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
@@ -67,7 +73,7 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
-    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataNBD"]),
+    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD"]),
     .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],
   swiftLanguageModes: [.v6]

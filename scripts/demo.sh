@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job for now: build the `strata` tool, create an image, write, snapshot, overwrite,
-# read both versions back, and check the image.
+# The main job: build the `strata` tool; create an image, write, snapshot, overwrite, read both
+# versions back and check it; then serve an image to a real Linux guest (QEMU under TCG, about
+# two minutes) that writes and verifies data with fio while the host snapshots and grows the disk
+# through the control socket, and show what the guest left in the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -24,3 +26,7 @@ cmp "$work/snap.bin" "$work/v1.bin" && echo "snapshot 'before-upgrade' still rea
 "$strata" map "$img"
 "$strata" info "$img"
 "$strata" check "$img"
+
+echo
+echo "== serving an image to a Linux guest (QEMU, TCG): tests/guest/run.sh"
+SHOW_IMAGE=1 bash tests/guest/run.sh

@@ -20,6 +20,12 @@ public struct QueueCompletion {
 ///
 /// Buffers passed to `submitRead` must stay valid until their completion is reaped. Memory
 /// given as `registered` at creation is registered with io_uring (fewer page pins per read).
+///
+/// A queue made from a `SharedImage` takes the image lock only for what touches the image (map
+/// lookups, log appends, flushes); its reads run and complete outside it, so queues on several
+/// threads overlap their I/O. Stored pages are never rewritten in place (the log only appends),
+/// so a read planned under the lock stays valid after it is released; the checksum check on
+/// completion would catch it if that ever changed.
 public final class ImageQueue {
   public let depth: Int
   public let engineDescription: String
@@ -46,6 +52,8 @@ public final class ImageQueue {
   }
 
   private let image: StrataImage
+  /// Set when the image is shared with other threads: held around every use of `image`.
+  private let shared: SharedImage?
   private let engine: any IOEngine
   private var slots: [Slot]
   private var freeSlots: [Int]
@@ -63,16 +71,38 @@ public final class ImageQueue {
 
   /// `ownerThreadOnly`: the creating thread is the only one that will use the queue (lets
   /// io_uring skip interrupting it for completions).
-  public init(
+  public convenience init(
     image: StrataImage, depth: Int = 64, engine kind: IOEngineKind? = nil,
     registered: [UnsafeMutableRawBufferPointer] = [],
     ownerThreadOnly: Bool = false
+  ) throws {
+    try self.init(
+      image: image, shared: nil, depth: depth, engine: kind, registered: registered, ownerThreadOnly: ownerThreadOnly,
+      completionEventFD: nil)
+  }
+
+  /// A queue on an image other threads use too. `completionEventFD`, when given, is signalled
+  /// as reads complete, so the owner can `poll` it with its other descriptors.
+  public convenience init(
+    shared: SharedImage, depth: Int = 64, engine kind: IOEngineKind? = nil, ownerThreadOnly: Bool = false,
+    completionEventFD: Int32? = nil
+  ) throws {
+    let image = shared.with { $0 }
+    try self.init(
+      image: image, shared: shared, depth: depth, engine: kind, registered: [], ownerThreadOnly: ownerThreadOnly,
+      completionEventFD: completionEventFD)
+  }
+
+  private init(
+    image: StrataImage, shared: SharedImage?, depth: Int, engine kind: IOEngineKind?,
+    registered: [UnsafeMutableRawBufferPointer], ownerThreadOnly: Bool, completionEventFD: Int32?
   ) throws {
     precondition(depth >= 1 && depth <= 1024)
     guard let file = image.storage as? FileStorage else {
       throw StrataError(.invalidArgument, "a queue needs an image in a file")
     }
     self.image = image
+    self.shared = shared
     self.depth = depth
     self.registered = registered
     let bs = image.blockSize
@@ -83,6 +113,12 @@ public final class ImageQueue {
       depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly)
     engine = choice.engine
     engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))"
+    if let completionEventFD {
+      do { try engine.signalCompletions(to: completionEventFD) } catch {
+        engine.close()
+        throw StrataError.system(error.call, "image queue", errno: error.errno)
+      }
+    }
     requests = .allocate(capacity: Self.maxPieces)
     engineCompletions = .allocate(capacity: depth * piecesPerRequest)
     slots = (0..<depth).map { _ in
@@ -131,42 +167,68 @@ public final class ImageQueue {
 
   // MARK: Submission
 
-  public func submitWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
+  /// Runs `body` on the image, under the image lock when the image is shared.
+  private func locked<T>(_ body: (StrataImage) throws -> T) rethrows -> T {
+    if let shared { return try shared.with(body) }
+    return try body(image)
+  }
+
+  /// Runs an operation that completes at once (writes go to the in-memory log).
+  private func submitImmediate(tag: UInt64, _ body: (StrataImage) throws -> Void) throws {
     let s = try takeSlot(tag: tag)
-    do { try image.write(data, at: offset) } catch let e as StrataError { return completeNow(s, e) }
+    do { try locked(body) } catch let e as StrataError { return completeNow(s, e) }
     completeNow(s, nil)
+  }
+
+  public func submitWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
+    try submitImmediate(tag: tag) { try $0.write(data, at: offset) }
   }
 
   public func submitFlush(tag: UInt64) throws {
-    let s = try takeSlot(tag: tag)
-    do { try image.flush() } catch let e as StrataError { return completeNow(s, e) }
-    completeNow(s, nil)
+    try submitImmediate(tag: tag) { try $0.flush() }
   }
 
   public func submitDiscard(at offset: UInt64, length: UInt64, tag: UInt64) throws {
-    let s = try takeSlot(tag: tag)
-    do { try image.discard(at: offset, length: length) } catch let e as StrataError { return completeNow(s, e) }
-    completeNow(s, nil)
+    try submitImmediate(tag: tag) { try $0.discard(at: offset, length: length) }
   }
 
   public func submitWriteZeroes(at offset: UInt64, length: UInt64, tag: UInt64) throws {
-    let s = try takeSlot(tag: tag)
-    do { try image.writeZeroes(at: offset, length: length) } catch let e as StrataError { return completeNow(s, e) }
-    completeNow(s, nil)
+    try submitImmediate(tag: tag) { try $0.writeZeroes(at: offset, length: length) }
   }
 
   /// Reads `buffer.count` bytes at `offset`. Blocks still in the in-memory log tail are copied
   /// at once; stored blocks are read by the engine.
   public func submitRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
+    try submitRead(segments: 1, at: offset, tag: tag) { _ in buffer }
+  }
+
+  /// A vectored read: fills `buffer(0)`, `buffer(1)`, … `buffer(segments - 1)` with consecutive
+  /// bytes from `offset`, as one request (one completion, one tag).
+  public func submitRead(
+    segments: Int, at offset: UInt64, tag: UInt64, buffer: (Int) -> UnsafeMutableRawBufferPointer
+  ) throws {
     let s = try takeSlot(tag: tag)
     do {
-      try image.checkOpen()
-      try image.checkRange(offset, UInt64(buffer.count), size: image.size)
-      guard buffer.count <= Self.maxRequestBytes, let base = buffer.baseAddress else {
-        if buffer.count > 0 { try image.read(into: buffer, at: offset) }
-        return completeNow(s, nil)
+      var pieces = 0
+      try locked { image in
+        try image.checkOpen()
+        var total = 0
+        for i in 0..<segments { total += buffer(i).count }
+        try image.checkRange(offset, UInt64(total), size: image.size)
+        var position = offset
+        var bounceUsed = 0
+        for i in 0..<segments {
+          let b = buffer(i)
+          if let base = b.baseAddress, b.count > 0 {
+            if total > Self.maxRequestBytes {
+              try image.read(into: b, at: position)
+            } else {
+              try plan(s, base, b.count, position, pieces: &pieces, bounceUsed: &bounceUsed)
+            }
+          }
+          position += UInt64(b.count)
+        }
       }
-      let pieces = try plan(s, base, buffer.count, offset)
       guard pieces > 0 else { return try finish(s) }
       slots[s].piecesLeft = pieces
       let accepted = try engineSubmit(pieces)
@@ -185,13 +247,15 @@ public final class ImageQueue {
     }
   }
 
-  /// Turns a read into engine requests (stored in `requests`) and checks to run on completion.
-  private func plan(_ s: Int, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) throws -> Int {
+  /// Adds one buffer of a read to slot `s`: engine requests (in `requests`, `pieces` of them so
+  /// far) and checks to run on completion. Runs under the image lock.
+  private func plan(
+    _ s: Int, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64, pieces: inout Int,
+    bounceUsed: inout Int
+  ) throws {
     let bs = image.blockSize
     let ppb = image.geometry.pagesPerBlock
     let direct = Int(bitPattern: base) % Layout.pageSize == 0
-    var pieces = 0
-    var bounceUsed = 0
     var done = 0
     while done < count {
       let position = offset + UInt64(done)
@@ -235,7 +299,6 @@ public final class ImageQueue {
       }
       done += n
     }
-    return pieces
   }
 
   private func registeredIndex(_ p: UnsafeMutableRawPointer, _ length: Int) -> Int16 {
@@ -248,19 +311,21 @@ public final class ImageQueue {
   // MARK: Completion
 
   /// Waits for at least `minimum` completions (at most those in flight) and stores up to
-  /// `out.count`; returns how many it stored.
+  /// `out.count`; returns how many it stored. With `minimum: 0` it takes what has finished
+  /// without waiting (and starts what was submitted).
   public func reap(_ out: UnsafeMutableBufferPointer<QueueCompletion>, minimum: Int) throws -> Int {
     precondition(minimum <= inFlight + ready.count)
     var n = 0
     while true {
-      while n < out.count, !ready.isEmpty {
-        out[n] = ready.removeFirst()
-        n += 1
-      }
-      if n >= minimum || engine.inFlight == 0 { return n }
+      let k = min(out.count - n, ready.count)
+      for i in 0..<k { out[n + i] = ready[i] }
+      ready.removeFirst(k)
+      n += k
+      if n == out.count || engine.inFlight == 0 { return n }
       let got: Int
       do {
-        got = try engine.reap(UnsafeMutableBufferPointer(rebasing: engineCompletions[..<engine.inFlight]), minimum: 1)
+        got = try engine.reap(
+          UnsafeMutableBufferPointer(rebasing: engineCompletions[..<engine.inFlight]), minimum: n < minimum ? 1 : 0)
       } catch {
         throw StrataError.system(error.call, "image queue", errno: error.errno)
       }
@@ -277,6 +342,7 @@ public final class ImageQueue {
         slots[s].piecesLeft -= 1
         if slots[s].piecesLeft == 0 { try finish(s) }
       }
+      if got == 0 && ready.isEmpty { return n }
     }
   }
 

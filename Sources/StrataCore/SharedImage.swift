@@ -8,10 +8,23 @@
 /// `ImageQueue` leave it before their I/O.
 public final class SharedImage: @unchecked Sendable {
   private let image: StrataImage
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+  private let mutex = Lock()
 
   public init(_ image: StrataImage) {
     self.image = image
+  }
+
+  public func with<T>(_ body: (StrataImage) throws -> T) rethrows -> T {
+    try mutex.with { try body(image) }
+  }
+}
+
+/// A pthread mutex guarding state kept elsewhere (`Synchronization.Mutex` owns the value it
+/// guards, which does not fit state spread over a class). Not recursive.
+public final class Lock: @unchecked Sendable {
+  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+  public init() {
     mutex = .allocate(capacity: 1)
     pthread_mutex_init(mutex, nil)
   }
@@ -21,9 +34,9 @@ public final class SharedImage: @unchecked Sendable {
     mutex.deallocate()
   }
 
-  public func with<T>(_ body: (StrataImage) throws -> T) rethrows -> T {
+  public func with<T>(_ body: () throws -> T) rethrows -> T {
     pthread_mutex_lock(mutex)
     defer { pthread_mutex_unlock(mutex) }
-    return try body(image)
+    return try body()
   }
 }

@@ -60,8 +60,12 @@ public final class FileStorage: ImageStorage {
   public private(set) var isDirect = false
   private let bounce: UnsafeMutableRawBufferPointer
 
+  /// The engine the user asked for (`--aio`, STRATA_AIO), which queues on this file use too.
+  private let requestedEngine: IOEngineKind?
+
   public init(path: String, mode: Mode, engine requested: IOEngineKind? = nil, direct: Bool = true) throws {
     self.path = path
+    requestedEngine = requested ?? StrataEnvironment.engine
     bounce = .allocate(byteCount: Self.bounceBytes, alignment: Layout.pageSize)
     let flags: Int32
     switch mode {
@@ -111,7 +115,7 @@ public final class FileStorage: ImageStorage {
       throw fail(StrataError.system("ftruncate", path, errno: Glibc.errno))
     }
     do {
-      let choice = try IOEngines.make(fd: fd, depth: 16, requested: requested ?? StrataEnvironment.engine)
+      let choice = try IOEngines.make(fd: fd, depth: 16, requested: requestedEngine)
       engine = choice.engine
       engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))\(isDirect ? ", O_DIRECT" : ", page cache")"
     } catch {
@@ -129,7 +133,7 @@ public final class FileStorage: ImageStorage {
     precondition(fd >= 0)
     do {
       return try IOEngines.make(
-        fd: fd, depth: depth, requested: kind ?? StrataEnvironment.engine, registeredBuffers: registered,
+        fd: fd, depth: depth, requested: kind ?? requestedEngine, registeredBuffers: registered,
         singleThread: singleThread)
     } catch {
       throw StrataError.system(error.call, path, errno: error.errno)

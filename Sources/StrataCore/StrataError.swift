@@ -7,7 +7,7 @@ import StrataFormat
 /// Every failure the library reports. A struct with a code (so new cases do not break callers),
 /// a message that names the problem and, for system calls, the errno.
 public struct StrataError: Error, CustomStringConvertible, Sendable, Equatable {
-  public enum Code: Sendable, Equatable {
+  public enum Code: Sendable, Equatable, CaseIterable {
     /// The file is not a Strata image at all (no magic).
     case notStrataImage
     /// A version or incompatible feature this build does not support.

@@ -22,6 +22,7 @@ public final class AIOEngine: IOEngine {
   /// Completions produced at submission (FSYNC), handed out by the next reap.
   private var ready: CompletionQueue
   private var closed = false
+  private var eventFD: Int32 = -1
 
   public init(fd: Int32, depth: Int) throws(SystemError) {
     precondition(depth >= 1 && depth <= 4096)
@@ -68,6 +69,7 @@ public final class AIOEngine: IOEngine {
       } else {
         io_prep_pwrite(cb, fd, request.buffer, request.length, Int64(request.offset))
       }
+      if eventFD >= 0 { io_set_eventfd(cb, eventFD) }
       userData[slot] = request.userData
       batch[queued] = cb
       queued += 1
@@ -126,6 +128,11 @@ public final class AIOEngine: IOEngine {
   }
 
   public func flushSubmissions() throws(SystemError) {}
+
+  public func signalCompletions(to eventFD: Int32) throws(SystemError) {
+    precondition(eventFD >= 0)
+    self.eventFD = eventFD
+  }
 
   public func close() {
     precondition(!closed)

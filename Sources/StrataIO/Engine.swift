@@ -76,6 +76,11 @@ public protocol IOEngine: AnyObject {
   /// Starts requests that `submit` only queued (engines may defer them to batch system calls;
   /// `reap` always starts them first).
   func flushSubmissions() throws(SystemError)
+  /// From now on, signals `eventFD` (an eventfd) when a request the kernel ran completes, so a
+  /// thread can wait for completions and other file descriptors in one `poll`. Completions an
+  /// engine produces during `submit` (SyncEngine, a refused AIO request) are not signalled:
+  /// reap with `minimum: 0` after submitting.
+  func signalCompletions(to eventFD: Int32) throws(SystemError)
   /// Cancels nothing: waits for every request in flight, then releases the engine.
   func close()
 }

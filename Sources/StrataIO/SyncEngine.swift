@@ -63,5 +63,8 @@ public final class SyncEngine: IOEngine {
 
   public func flushSubmissions() throws(SystemError) {}
 
+  /// Nothing to signal: every request completes inside `submit`.
+  public func signalCompletions(to eventFD: Int32) throws(SystemError) {}
+
   public func close() {}
 }

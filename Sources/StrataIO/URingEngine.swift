@@ -1,3 +1,4 @@
+import CStrataLinux
 import CURing
 
 #if canImport(Glibc)
@@ -17,6 +18,11 @@ public final class URingEngine: IOEngine {
   private let ring: UnsafeMutablePointer<io_uring>
   private let cqes: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
   private var closed = false
+  /// SINGLE_ISSUER + DEFER_TASKRUN: completions reach the ring only when this thread enters
+  /// the kernel. The kernel signals a registered eventfd only for the first completion waiting
+  /// so, and marks IORING_SQ_TASKRUN while any wait: a reap that does not wait must fetch them,
+  /// or the eventfd stays silent for good.
+  private var deferredCompletions = false
 
   /// `singleThread`: the creating thread is the only one that will ever submit or reap, which
   /// lets the kernel deliver completions when that thread enters it instead of interrupting it
@@ -34,13 +40,16 @@ public final class URingEngine: IOEngine {
       params.flags |= UInt32(IORING_SETUP_SQPOLL)
       params.sq_thread_idle = 1000
     } else if singleThread {
-      params.flags |= UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN)
+      // TASKRUN_FLAG: the kernel flags completions waiting for this thread (see `reap`).
+      params.flags |=
+        UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN) | UInt32(IORING_SETUP_TASKRUN_FLAG)
     }
     var r = io_uring_queue_init_params(UInt32(depth), ring, &params)
     if r == -EINVAL && singleThread {
       params = io_uring_params()  // an older kernel: plain setup
       r = io_uring_queue_init_params(UInt32(depth), ring, &params)
     }
+    deferredCompletions = params.flags & UInt32(IORING_SETUP_DEFER_TASKRUN) != 0
     // From here on deinit runs even when init throws: mark the engine closed so it only frees.
     guard r == 0 else {
       closed = true
@@ -111,6 +120,14 @@ public final class URingEngine: IOEngine {
     precondition(minimum <= inFlight && minimum <= completions.count)
     let want = min(completions.count, depth)
     var n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+    if n < want && n < inFlight && unsubmitted == 0 && deferredCompletions
+      && strata_load_acquire_u32(ring.pointee.sq.kflags) & UInt32(IORING_SQ_TASKRUN) != 0
+    {
+      var r: Int32
+      repeat { r = io_uring_get_events(ring) } while r == -EINTR
+      guard r >= 0 else { throw SystemError("io_uring_get_events", errno: -r) }
+      n = Int(io_uring_peek_batch_cqe(ring, cqes, UInt32(want)))
+    }
     if unsubmitted > 0 || n < minimum {
       // The kernel counts completions already in the ring towards the wait, so wait for
       // `minimum` itself, again until enough arrived.
@@ -129,6 +146,11 @@ public final class URingEngine: IOEngine {
     io_uring_cq_advance(ring, UInt32(n))
     inFlight -= n
     return n
+  }
+
+  public func signalCompletions(to eventFD: Int32) throws(SystemError) {
+    let r = io_uring_register_eventfd(ring, eventFD)
+    guard r == 0 else { throw SystemError("io_uring_register_eventfd", errno: -r) }
   }
 
   public func close() {

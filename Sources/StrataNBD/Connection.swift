@@ -76,8 +76,8 @@ final class NBDConnection: @unchecked Sendable {
   /// Write replies wait in `output` for the log to reach the file.
   private var logPending = false
   /// Reads of the head go through an image queue in batches: the reads of one burst of requests
-  /// are submitted together and reaped together (one lock hold, many reads in flight), their
-  /// replies filled in place in `output`.
+  /// are submitted together and reaped together (many reads in flight, the image lock held only
+  /// for map lookups), their replies filled in place in `output`.
   private var queue: ImageQueue?
   private var pendingReads: [PendingRead] = []
   /// Where in `output` the first batched reply goes (regions after it may start later).
@@ -129,10 +129,8 @@ final class NBDConnection: @unchecked Sendable {
     } catch {
       logger.warning("dropping client: \(error)")
     }
-    if let queue {
-      image.with { _ in queue.close() }
-      self.queue = nil
-    }
+    queue?.close()
+    queue = nil
     if wroteAnything {
       do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
     }
@@ -390,7 +388,8 @@ final class NBDConnection: @unchecked Sendable {
     logger.debug("serving \(export.name.name) (\(export.size) bytes\(export.readOnly ? ", read-only" : ""))")
     if export.view == nil {
       do {
-        queue = try image.with { try ImageQueue(image: $0, depth: Self.queueDepth) }
+        // Made in this thread, which alone uses it (its io_uring is single-issuer).
+        queue = try ImageQueue(shared: image, depth: Self.queueDepth, ownerThreadOnly: true)
       } catch {
         logger.warning("no image queue (\(error)); reads are synchronous")
       }
@@ -700,26 +699,25 @@ final class NBDConnection: @unchecked Sendable {
   private func runPendingReads() throws {
     guard !pendingReads.isEmpty, let queue else { return }
     var failed: [Int: UInt32] = [:]
+    // The queue takes the image lock for map lookups only: the reads run outside it.
     do {
-      try image.with { _ in
-        var submitted = 0
-        for (i, p) in pendingReads.enumerated() {
-          let data = UnsafeMutableRawBufferPointer(rebasing: output[(p.start + p.head)..<(p.start + p.size)])
-          do {
-            try queue.submitRead(into: data, at: p.request.offset, tag: UInt64(i))
-            submitted += 1
-          } catch {
-            failed[i] = Self.nbdError(for: error)
-          }
+      var submitted = 0
+      for (i, p) in pendingReads.enumerated() {
+        let data = UnsafeMutableRawBufferPointer(rebasing: output[(p.start + p.head)..<(p.start + p.size)])
+        do {
+          try queue.submitRead(into: data, at: p.request.offset, tag: UInt64(i))
+          submitted += 1
+        } catch {
+          failed[i] = Self.nbdError(for: error)
         }
-        var reaped = 0
-        while reaped < submitted {
-          let n = try queue.reap(completions, minimum: submitted - reaped)
-          for c in completions[0..<n] {
-            if let e = c.error { failed[Int(c.tag)] = Self.nbdError(for: e) }
-          }
-          reaped += n
+      }
+      var reaped = 0
+      while reaped < submitted {
+        let n = try queue.reap(completions, minimum: submitted - reaped)
+        for c in completions[0..<n] {
+          if let e = c.error { failed[Int(c.tag)] = Self.nbdError(for: e) }
         }
+        reaped += n
       }
     } catch {
       // The queue's engine failed: nothing can be said about the reads in flight.

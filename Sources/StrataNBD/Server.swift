@@ -27,17 +27,32 @@ public final class NBDServer: @unchecked Sendable {
   /// Sockets of the running connections (guarded by `mutex`): shut down to stop them.
   private var connections: Set<Int32> = []
   private let stopFd: Int32
+  /// A signalfd for SIGINT, SIGTERM and SIGHUP when `run()` is to stop on them.
+  private let signalFd: Int32?
   private var acceptThread: pthread_t?
 
-  /// Binds the listening socket. Starts no thread.
-  public init(image: SharedImage, options: Options, logger: Logger) throws {
+  /// Binds the listening socket; starts no thread. With `stopOnSignals` (for `run()`), blocks
+  /// the termination signals in this thread first: construct it before any other thread starts.
+  public init(image: SharedImage, options: Options, logger: Logger, stopOnSignals: Bool = false) throws {
     precondition(options.maxConnections >= 1)
     self.image = image
     self.options = options
     self.logger = logger
-    switch options.address {
-    case .unix(let path): listenFd = try ServerSocket.listenUnix(path, backlog: 16)
-    case .tcp(let host, let port): listenFd = try ServerSocket.listenTCP(host: host, port: port, backlog: 16)
+    if stopOnSignals {
+      let fd = strata_termination_signalfd()
+      guard fd >= 0 else { throw StrataError.system("signalfd", "\(options.address)", errno: errno) }
+      signalFd = fd
+    } else {
+      signalFd = nil
+    }
+    do {
+      switch options.address {
+      case .unix(let path): listenFd = try UnixSocket.listen(path: path, backlog: 16)
+      case .tcp(let host, let port): listenFd = try Self.listenTCP(host: host, port: port, backlog: 16)
+      }
+    } catch {
+      if let signalFd { close(signalFd) }
+      throw error
     }
     stopFd = strata_eventfd(0, 0)
     pthread_mutex_init(mutex, nil)
@@ -48,20 +63,26 @@ public final class NBDServer: @unchecked Sendable {
     precondition(acceptThread == nil, "NBDServer started and never stopped")
     closeListener()
     close(stopFd)
+    if let signalFd { close(signalFd) }
     pthread_cond_destroy(allGone)
     pthread_mutex_destroy(mutex)
     mutex.deallocate()
     allGone.deallocate()
   }
 
-  /// Serves in this thread until SIGINT, SIGTERM or SIGHUP (blocked here first, so call it before
-  /// starting other threads), then ends every connection.
+  /// Serves in this thread until SIGINT, SIGTERM or SIGHUP (needs `stopOnSignals`), then ends
+  /// every connection.
   public func run() throws {
-    let signalFd = strata_termination_signalfd()
-    guard signalFd >= 0 else { throw StrataError.system("signalfd", "\(options.address)", errno: errno) }
-    defer { close(signalFd) }
+    guard let signalFd else { preconditionFailure("run() needs an NBDServer made with stopOnSignals") }
     serve(until: signalFd)
     logger.info("received signal \(strata_read_signal(signalFd)); NBD server stopped")
+  }
+
+  /// Clients connected now.
+  public var connectionCount: Int {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    return connections.count
   }
 
   /// Serves on a thread of its own (alongside another server) until `stop()`.
@@ -175,6 +196,39 @@ public final class NBDServer: @unchecked Sendable {
     close(fd)
     pthread_cond_signal(allGone)
     pthread_mutex_unlock(mutex)
+  }
+}
+
+
+extension NBDServer {
+  /// Binds and listens on a TCP address (a host name or IPv4/IPv6 literal; "" for every address).
+  static func listenTCP(host: String, port: UInt16, backlog: Int32) throws -> Int32 {
+    var hints = addrinfo()
+    hints.ai_family = AF_UNSPEC
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    hints.ai_flags = AI_PASSIVE
+    var list: UnsafeMutablePointer<addrinfo>?
+    let r = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &list)
+    guard r == 0, let first = list else {
+      throw StrataError(.invalidArgument, "cannot resolve \(host):\(port): \(String(cString: gai_strerror(r)))")
+    }
+    defer { freeaddrinfo(list) }
+    var lastErrno: Int32 = EADDRNOTAVAIL
+    var candidate: UnsafeMutablePointer<addrinfo>? = first
+    while let ai = candidate {
+      candidate = ai.pointee.ai_next
+      let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), 0)
+      guard fd >= 0 else {
+        lastErrno = errno
+        continue
+      }
+      var one: Int32 = 1
+      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+      if bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 && listen(fd, backlog) == 0 { return fd }
+      lastErrno = errno
+      close(fd)
+    }
+    throw StrataError.system("bind", "\(host):\(port)", errno: lastErrno)
   }
 }
 

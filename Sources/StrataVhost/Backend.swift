@@ -75,7 +75,30 @@ final class VhostBlkBackend {
 
   deinit { reset() }
 
-  var completedRequests: [UInt64] { rings.map { $0.worker?.completed ?? 0 } }
+  var queueStats: [VhostBlkServer.QueueStats] {
+    rings.indices.map { i in
+      let w = rings[i].worker
+      return .init(
+        index: i, completed: w?.completed ?? 0, inFlight: w?.readsInFlight ?? 0, broken: w?.isBroken ?? false)
+    }
+  }
+
+  /// Sends CONFIG_CHANGE_MSG on the BACKEND_REQ channel (no reply asked: the front-end answers
+  /// by sending GET_CONFIG on the main channel, which this thread must stay free to serve).
+  func notifyConfigChange() -> Bool {
+    guard backendReqFd >= 0, protocolFeatures & VhostProtocolFeature.config.bit != 0 else { return false }
+    let message = VhostHeader(
+      request: VhostBackendRequest.configChangeMsg.rawValue, flags: VhostHeader.version, size: 0
+    )
+    .encode()
+    let sent = message.withUnsafeBytes { strata_send_with_fds(backendReqFd, $0.baseAddress, $0.count, nil, 0) }
+    guard sent == message.count else {
+      logger.warning("config-change notification failed: \(String(cString: strerror(errno)))")
+      return false
+    }
+    logger.info("front-end notified of a configuration change")
+    return true
+  }
 
   /// Stops every queue and forgets the connection's state (a disconnect or RESET_DEVICE).
   func reset() {
@@ -283,6 +306,9 @@ final class VhostBlkBackend {
       try expectFds(1)
       // Mapped, the area needs no descriptor: fds[0] is closed on return.
       let area = try InflightArea.map(fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit)
+      if strata_size_sealed(fds[0]) == 0 {
+        logger.notice("the inflight area is not size-sealed: a front-end that truncated it would crash this back-end")
+      }
       logger.debug(
         "inflight area set: \(d.mmapSize) bytes at offset \(d.mmapOffset) for \(d.numQueues) x \(d.queueSize) entries")
       let running = stopAll()
@@ -357,7 +383,7 @@ final class VhostBlkBackend {
       size: r.size, desc: desc, avail: avail, used: used, base: r.base,
       eventIdx: features & VirtioFeature.eventIdx != 0,
       indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
-    let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial)
+    let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial, maxSegments: queue.maxSegments)
     let worker = QueueWorker(
       index: i, queue: queue, memory: memory, handler: handler, kickFd: r.kickFd, callFd: r.callFd, logger: logger)
     r.worker = worker

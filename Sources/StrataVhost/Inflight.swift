@@ -71,10 +71,12 @@ final class InflightArea: @unchecked Sendable {
       throw .invalid("memfd_create for the inflight area failed: \(String(cString: strerror(errno)))")
     }
     // A new memfd reads as zeroes: every region starts with version 0 (not initialized).
-    guard ftruncate(fd, off_t(size)) == 0 else {
+    // Sealed: the front-end holds the fd and hands it to the next back-end, which maps it; a
+    // front-end that shrank it would make both fault (SIGBUS) on their next access.
+    guard ftruncate(fd, off_t(size)) == 0, strata_seal_size(fd) == 0 else {
       let e = errno
       close(fd)
-      throw .invalid("ftruncate of the inflight area to \(size) bytes failed: \(String(cString: strerror(e)))")
+      throw .invalid("sizing the \(size)-byte inflight area failed: \(String(cString: strerror(e)))")
     }
     guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
       let e = errno
@@ -86,7 +88,8 @@ final class InflightArea: @unchecked Sendable {
 
   /// SET_INFLIGHT_FD: maps the front-end's area after checking its description against the
   /// limits and against the file (a mapping past the end of a file raises SIGBUS when touched).
-  /// Does not keep `fd` (the caller closes it).
+  /// Areas a Strata back-end made are size-sealed, so the check stays true. Does not keep `fd`
+  /// (the caller closes it).
   static func map(fd: Int32, _ d: InflightDescription, maxQueues: Int, maxQueueSize: Int) throws(VhostError)
     -> InflightArea
   {

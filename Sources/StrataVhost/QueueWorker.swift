@@ -1,13 +1,17 @@
 import CStrataLinux
 import Logging
+import StrataCore
 import VhostProtocol
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-/// One thread per virtqueue: waits for kicks, runs every available chain, signals the call
-/// eventfd once per batch (when the guest asked for it). Stopped through its own eventfd.
+/// One thread per virtqueue: waits for kicks and read completions, runs every available chain,
+/// signals the call eventfd once per batch (when the guest asked for it). Reads go through the
+/// worker's own `ImageQueue` (its own io_uring), so many are in flight and none holds the image
+/// lock during its I/O; writes, flushes and discards run at once under the lock. Stopped
+/// through its own eventfd, after every request in flight has completed.
 final class QueueWorker: @unchecked Sendable {
   let index: Int
   let queue: SplitQueue
@@ -17,13 +21,30 @@ final class QueueWorker: @unchecked Sendable {
   let callFd: Int32
   let logger: Logger
   private let stopFd: Int32
+  /// Signalled by the image queue's engine when reads complete.
+  private let completionFd: Int32
   private var thread: pthread_t?
-  /// Requests completed, for the control socket and tests.
-  private(set) var completed: UInt64 = 0
-  /// Chains run but not yet returned to the guest (see `publishBatch`).
+  /// Requests completed, reads in flight and whether the ring is broken: written by the
+  /// worker, read by the control socket.
+  private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: 3)
+  var completed: UInt64 { strata_load_acquire_u64(counters) }
+  var readsInFlight: UInt64 { strata_load_acquire_u64(counters + 1) }
+  private var completedCount: UInt64 = 0 {
+    didSet { strata_store_release_u64(counters, completedCount) }
+  }
+  private var readCount: UInt64 = 0 {
+    didSet { strata_store_release_u64(counters + 1, readCount) }
+  }
+  /// Chains finished but not yet returned to the guest (see `publishBatch`).
   private var done: [(head: UInt16, written: UInt32)] = []
+  /// Reads in flight, by head: where their status byte goes and how many data bytes they carry.
+  private var pendingStatus: [UnsafeMutableRawPointer?]
+  private var pendingBytes: [Int]
   /// Set when the guest broke the ring; the queue stops until it is reset.
-  private(set) var broken = false
+  private(set) var broken = false {
+    didSet { strata_store_release_u64(counters + 2, broken ? 1 : 0) }
+  }
+  var isBroken: Bool { strata_load_acquire_u64(counters + 2) != 0 }
 
   init(
     index: Int, queue: SplitQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32,
@@ -36,10 +57,19 @@ final class QueueWorker: @unchecked Sendable {
     self.kickFd = kickFd
     self.callFd = callFd
     self.logger = logger
+    counters.initialize(repeating: 0, count: 3)
     stopFd = strata_eventfd(0, 0)
+    completionFd = strata_eventfd(0, 0)
+    pendingStatus = Array(repeating: nil, count: queue.size)
+    pendingBytes = Array(repeating: 0, count: queue.size)
+    done.reserveCapacity(queue.size)
   }
 
-  deinit { close(stopFd) }
+  deinit {
+    close(stopFd)
+    close(completionFd)
+    counters.deallocate()
+  }
 
   func start() {
     let box = Unmanaged.passRetained(self)
@@ -55,7 +85,7 @@ final class QueueWorker: @unchecked Sendable {
     thread = t
   }
 
-  /// Stops the thread and waits for it; the chain being processed completes first.
+  /// Stops the thread and waits for it; requests in flight complete first.
   func stop() {
     guard let t = thread else { return }
     var one: UInt64 = 1
@@ -65,69 +95,78 @@ final class QueueWorker: @unchecked Sendable {
   }
 
   private func run() {
+    // Created here: the queue's io_uring then belongs to this thread alone (SINGLE_ISSUER).
+    var reads: ImageQueue?
+    do {
+      reads = try ImageQueue(
+        shared: handler.image, depth: min(queue.size, 1024), ownerThreadOnly: true, completionEventFD: completionFd)
+    } catch {
+      logger.error("queue \(index): no I/O queue (\(error)); reads run synchronously")
+    }
+    var completions = [QueueCompletion](repeating: QueueCompletion(tag: 0, error: nil), count: reads?.depth ?? 1)
     var fds = [
       pollfd(fd: kickFd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0),
+      pollfd(fd: completionFd, events: Int16(POLLIN), revents: 0),
     ]
     var segments: [GuestSegment] = []
     segments.reserveCapacity(queue.maxSegments)
     // Requests may be waiting from before a restart or before the kick fd was set.
-    process(&segments)
+    process(&segments, reads, &completions)
     while true {
-      let r = poll(&fds, 2, -1)
+      let r = poll(&fds, 3, -1)
       if r < 0 {
         if errno == EINTR { continue }
         logger.error("queue \(index): poll failed: \(String(cString: strerror(errno)))")
-        return
+        break
       }
-      if fds[1].revents != 0 { return }
-      if fds[0].revents != 0 {
-        var value: UInt64 = 0
-        _ = read(kickFd, &value, 8)
-        process(&segments)
-      }
+      if fds[1].revents != 0 { break }
+      var value: UInt64 = 0
+      if fds[0].revents != 0 { _ = read(kickFd, &value, 8) }
+      if fds[2].revents != 0 { _ = read(completionFd, &value, 8) }
+      process(&segments, reads, &completions)
+    }
+    if let reads {
+      while reads.inFlight > 0 { complete(reads, &completions, wait: true) }
+      publishBatch()
+      notify(force: true)
+      reads.close()
     }
   }
 
-  private func process(_ segments: inout [GuestSegment]) {
-    guard !broken else { return }
-    var pushed = false
+  private func process(_ segments: inout [GuestSegment], _ reads: ImageQueue?, _ completions: inout [QueueCompletion]) {
     var forceNotify = false
-    if let inflight = queue.inflight {
-      // Chains the previous back-end popped and never returned go first, oldest pop first;
-      // they are still marked in flight (with their counters) until their used entries go out.
-      if !inflight.resubmit.isEmpty {
-        logger.info("queue \(index): resubmitting \(inflight.resubmit.count) request(s) in flight before the restart")
+    if !broken {
+      let hasRoom = { reads.map { $0.inFlight < $0.depth } ?? true }
+      if let inflight = queue.inflight {
+        // Chains the previous back-end popped and never returned go first, oldest pop first;
+        // they are still marked in flight (with their counters) until their used entries go out.
+        if !inflight.resubmit.isEmpty {
+          logger.info("queue \(index): resubmitting \(inflight.resubmit.count) request(s) in flight before the restart")
+        }
+        while !inflight.resubmit.isEmpty && hasRoom() {
+          execute(inflight.resubmit.removeFirst(), &segments, reads)
+        }
+        if inflight.resumed {
+          inflight.resumed = false
+          forceNotify = true
+        }
       }
-      while !inflight.resubmit.isEmpty {
-        let head = inflight.resubmit.removeFirst()
-        execute(head, &segments)
-        pushed = true
-      }
-      if inflight.resumed {
-        inflight.resumed = false
-        forceNotify = true
+      do {
+        while queue.inflight?.resubmit.isEmpty ?? true, hasRoom(), let head = try queue.popAvailable() {
+          execute(head, &segments, reads)
+        }
+      } catch {
+        broken = true
+        logger.error("queue \(index): the guest broke the ring (\(error)); the queue is stopped until it is reset")
       }
     }
-    do {
-      while let head = try queue.popAvailable() {
-        execute(head, &segments)
-        pushed = true
-      }
-    } catch {
-      broken = true
-      logger.error("queue \(index): the guest broke the ring (\(error)); the queue is stopped until it is reset")
-    }
+    if let reads { complete(reads, &completions, wait: false) }
     publishBatch()
-    let wanted = pushed && queue.shouldNotify()
-    if wanted || forceNotify {
-      var one: UInt64 = 1
-      _ = write(callFd, &one, 8)
-    }
+    notify(force: forceNotify)
   }
 
-  /// Runs one chain and returns it to the used ring.
-  /// Runs one chain; its used entry waits in `done` until the batch's writes reached the file.
-  private func execute(_ head: UInt16, _ segments: inout [GuestSegment]) {
+  /// Runs one chain; its used entry waits in `done` (or the read's completion) until published.
+  private func execute(_ head: UInt16, _ segments: inout [GuestSegment], _ reads: ImageQueue?) {
     do {
       try queue.walk(head: head, memory: memory, into: &segments)
     } catch {
@@ -136,10 +175,43 @@ final class QueueWorker: @unchecked Sendable {
       done.append((head, 0))
       return
     }
-    let written = handler.handle(segments)
-    if written == nil { logger.warning("queue \(index): request without a status byte at head \(head)") }
-    done.append((head, written ?? 0))
-    completed += 1
+    switch handler.handle(segments, head: head, queue: reads) {
+    case .done(let written):
+      done.append((head, written))
+      completedCount += 1
+    case .reading(let status, let dataBytes):
+      pendingStatus[Int(head)] = status
+      pendingBytes[Int(head)] = dataBytes
+      readCount += 1
+    case .noStatus:
+      logger.warning("queue \(index): request without a status byte at head \(head)")
+      done.append((head, 0))
+    }
+  }
+
+  /// Takes the reads that finished (waiting for at least one when `wait`) into `done`.
+  private func complete(_ reads: ImageQueue, _ completions: inout [QueueCompletion], wait: Bool) {
+    while true {
+      let n: Int
+      do {
+        n = try completions.withUnsafeMutableBufferPointer { try reads.reap($0, minimum: wait ? 1 : 0) }
+      } catch {
+        // The engine itself failed; what is in flight stays so and is reaped on the next try.
+        logger.error("queue \(index): reaping reads failed: \(error)")
+        return
+      }
+      for c in completions[..<n] {
+        let head = Int(c.tag)
+        guard let status = pendingStatus[head] else { preconditionFailure("completion for head \(head) not in flight") }
+        if let e = c.error { logger.warning("queue \(index): read failed: \(e)") }
+        done.append(
+          (UInt16(head), BlockHandler.complete(status: status, dataBytes: pendingBytes[head], ok: c.error == nil)))
+        pendingStatus[head] = nil
+        completedCount += 1
+        readCount -= 1
+      }
+      if n < completions.count { return }
+    }
   }
 
   /// Completes the batch: first the log the batch appended goes to the file (no sync), so an
@@ -147,14 +219,22 @@ final class QueueWorker: @unchecked Sendable {
   /// is for); then the used entries are published.
   private func publishBatch() {
     guard !done.isEmpty else { return }
-    do {
-      try handler.image.with { try $0.writeOutLog() }
-    } catch {
-      // The data stays in the log buffer and the next flush retries it (or reports IOERR).
-      logger.error("queue \(index): writing the log out failed: \(error)")
+    if handler.takeAppended() {
+      do {
+        try handler.image.with { try $0.writeOutLog() }
+      } catch {
+        // The data stays in the log buffer and the next flush retries it (or reports IOERR).
+        logger.error("queue \(index): writing the log out failed: \(error)")
+      }
     }
     for (head, written) in done { queue.pushUsed(head: head, written: written) }
     done.removeAll(keepingCapacity: true)
   }
 
+  private func notify(force: Bool) {
+    if queue.shouldNotify() || force {
+      var one: UInt64 = 1
+      _ = write(callFd, &one, 8)
+    }
+  }
 }

@@ -9,8 +9,9 @@ import VhostProtocol
 
 /// `strata serve`: a vhost-user-blk back-end on a Unix socket. Serves one front-end at a time
 /// and waits for the next when it disconnects (QEMU's `reconnect=`); SIGINT/SIGTERM stop the
-/// queues, flush and close the image and remove the socket.
-public final class VhostBlkServer {
+/// queues, flush and close the image and remove the socket. `run` belongs to one thread;
+/// `status` and `configurationChanged` may be called from any (they take the state lock).
+public final class VhostBlkServer: @unchecked Sendable {
   public struct Options: Sendable {
     public var socketPath: String
     public var numQueues: Int = 1
@@ -19,11 +20,24 @@ public final class VhostBlkServer {
     public init(socketPath: String) { self.socketPath = socketPath }
   }
 
+  /// One virtqueue's counters, for the control socket.
+  public struct QueueStats: Sendable, Equatable {
+    public var index: Int
+    public var completed: UInt64
+    public var inFlight: UInt64
+    public var broken: Bool
+  }
+
   let options: Options
   let logger: Logger
   let image: SharedImage
   private var listenFd: Int32 = -1
   private let signalFd: Int32
+  /// The connected front-end's back-end. Guarded by `stateLock`, which the connection thread
+  /// holds while it handles a message and other threads (the control socket) take to look at
+  /// the queues or to notify the front-end.
+  private var backend: VhostBlkBackend?
+  private let stateLock = Lock()
 
   /// Blocks the termination signals in this thread (call before any other thread starts) and
   /// binds the socket.
@@ -34,7 +48,7 @@ public final class VhostBlkServer {
     self.image = image
     signalFd = strata_termination_signalfd()
     guard signalFd >= 0 else { throw StrataError.system("signalfd", options.socketPath, errno: errno) }
-    listenFd = try ServerSocket.listenUnix(options.socketPath, backlog: 1)
+    listenFd = try UnixSocket.listen(path: options.socketPath, backlog: 1)
   }
 
   deinit {
@@ -85,12 +99,31 @@ public final class VhostBlkServer {
     }
   }
 
+  /// Whether a front-end is connected, and its queues' counters.
+  public func status() -> (connected: Bool, queues: [QueueStats]) {
+    stateLock.with {
+      guard let backend else { return (false, []) }
+      return (true, backend.queueStats)
+    }
+  }
+
+  /// Tells the connected front-end that the configuration space changed (after a resize), so
+  /// the guest rereads the capacity. Returns false when no front-end can be told.
+  @discardableResult
+  public func configurationChanged() -> Bool {
+    stateLock.with { backend?.notifyConfigChange() ?? false }
+  }
+
   /// Runs one connection; returns true when the server must stop (a signal).
   private func serve(_ connection: Int32) -> Bool {
     let backend = VhostBlkBackend(
       image: image, readOnly: options.readOnly, serial: options.serial, numQueues: options.numQueues, logger: logger)
+    stateLock.with { self.backend = backend }
     defer {
-      backend.reset()
+      stateLock.with {
+        backend.reset()
+        self.backend = nil
+      }
       do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
     }
     var fds = [
@@ -135,8 +168,8 @@ public final class VhostBlkServer {
         logger.warning("connection closed in the middle of a message")
         return false
       }
-      let reply = payload.withUnsafeBytes {
-        backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn)
+      let reply = stateLock.with {
+        payload.withUnsafeBytes { backend.handle(header, UnsafeRawBufferPointer(rebasing: $0[..<size]), fds: fdsIn) }
       }
       if let reply {
         let h = VhostHeader(

@@ -791,7 +791,9 @@ func kernelHandles() -> (uring: Int, aio: Int) {
       }
       var target = [CChar](repeating: 0, count: 256)
       let n = readlink("/proc/self/fd/" + name, &target, 255)
-      if n > 0 && String(cString: target).contains("io_uring") { uring += 1 }
+      if n > 0 && String(decoding: target[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self).contains("io_uring") {
+        uring += 1
+      }
     }
     closedir(dir)
   }

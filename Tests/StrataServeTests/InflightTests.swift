@@ -201,6 +201,9 @@ struct StrataServeInflightTests {
       let fd = got.fds[0]
       var st = stat()
       #expect(fstat(fd, &st) == 0 && UInt64(st.st_size) >= g.mmapSize, "the inflight memfd has \(st.st_size) bytes")
+      // Its size is sealed: a front-end cannot truncate it under the back-end's mapping.
+      #expect(ftruncate(fd, 4096) == -1 && errno == EPERM, "the inflight memfd can be shrunk")
+      #expect(ftruncate(fd, off_t(st.st_size) * 2) == -1 && errno == EPERM, "the inflight memfd can be grown")
       if let p = mmap(nil, Int(g.mmapSize), PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
         let zero = UnsafeRawBufferPointer(start: p, count: Int(g.mmapSize)).allSatisfy { $0 == 0 }
         #expect(zero, "a new inflight area is not zeroed")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Real-guest test of `strata serve`: boots a Linux guest in QEMU (TCG) on a vhost-user-blk
 # socket served by strata, runs fio with verification, writes a marker and exercises discard and
-# write-zeroes inside the guest; boots a second guest on the same server (reconnect) that reads
-# everything back; then stops the server and checks the image from the host.
+# write-zeroes inside the guest; meanwhile the host takes a snapshot and grows the disk through
+# the control socket, and the guest must see the new capacity live and use it; boots a second
+# guest on the same server (reconnect) that reads everything back; then stops the server and
+# checks the image (and the snapshot) from the host.
 # See tests/guest/README.md.
 #
 # Usage (as root, or with sudo available, on Debian 12):  bash tests/guest/run.sh
@@ -22,12 +24,14 @@ FIO_QD=${FIO_QD:-32}                     # iodepth of the second (libaio) phase
 GUEST_CPUS=${GUEST_CPUS:-2}
 NUM_QUEUES=${NUM_QUEUES:-2}
 IMAGE_BYTES=$((1 << 30))                 # 1 GiB image
+RESIZED_BYTES=$((IMAGE_BYTES + (64 << 20))) # grown live, through the control socket
 MARKER_OFFSET=$((700 * 1024 * 1024 + 3 * 4096)) # past the fio area, 4 KiB aligned (O_DIRECT)
 MARKER_LEN=$((1024 * 1024))
 ZERO_OFFSET=$((800 * 1024 * 1024))       # 3 MiB: discard, write-zeroes and write-zeroes+unmap
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-3600}
 # STRATA_SCRATCH_PATH: optional `swift build --scratch-path` (default: the package's .build).
 # KEEP_WORK=1: keep the temporary directory (image, logs) even on success.
+# SHOW_IMAGE=1: print the image's info, snapshots and map at the end (scripts/demo.sh).
 
 # ---- Bookkeeping -----------------------------------------------------------------------------
 T0=$SECONDS
@@ -241,6 +245,22 @@ if [ "$MODE" = write ]; then
   else
     say "ZERO_OPS_BAD $(cmp /expect-zero.bin /tmp/zread 2>&1) $(cat /tmp/z.err | tr '\n' ' ')"
   fi
+
+  # Live resize: the host snapshots and grows the disk through strata's control socket when it
+  # sees this line; the new capacity must show up here without a reboot, and its end be usable.
+  say "READY_FOR_RESIZE"
+  i=0
+  while [ "$(cat /sys/block/vda/size)" != "$RESIZED_SECTORS" ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
+  now=$(cat /sys/block/vda/size)
+  if [ "$now" = "$RESIZED_SECTORS" ]; then
+    say "RESIZE_SEEN sectors=$now"
+    tail_offset=$((RESIZED_SECTORS * 512 - MARKER_LEN))
+    dd if=/marker.bin of=/dev/vda bs=$bs seek=$((tail_offset / bs)) oflag=direct conv=notrunc,fsync 2>/tmp/dd.err
+    read_back "$tail_offset" "$MARKER_LEN" /tmp/tailread
+    if cmp -s /marker.bin /tmp/tailread; then say "RESIZE_WRITE_OK"; else say "RESIZE_WRITE_BAD $(cat /tmp/dd.err)"; fi
+  else
+    say "RESIZE_BAD sectors=$now expected=$RESIZED_SECTORS"
+  fi
 else
   # Second boot, after the front-end reconnected: everything the first boot wrote reads back.
   say "fio re-verify (read only)"
@@ -351,8 +371,10 @@ pass "guest kernel + initrd ($KPKG $KVER; $(du -h "$GUEST_DIR/initrd.zst" | cut 
 WORK=$(mktemp -d /tmp/strata-guest.XXXXXX)
 IMG="$WORK/disk.strata"
 SOCK="$WORK/vhost.sock"
+CONTROL="$WORK/control.sock"
+DISK_BYTES=$IMAGE_BYTES # what the guest must see at boot; RESIZED_BYTES after the live resize
 timeout 60 "$STRATA" create "$IMG" --size "$IMAGE_BYTES" >/dev/null || die "strata create failed"
-"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" >"$WORK/serve.log" 2>&1 &
+"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" --control "$CONTROL" >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 log "strata serve started (pid $SERVE_PID), log $WORK/serve.log"
 for _ in $(seq 1 300); do
@@ -391,7 +413,8 @@ make_initrd() { # make_initrd MODE: the cached initrd plus a cpio with run.conf 
   cat >"$WORK/run-cpio/run.conf" <<EOF
 MODE=$1
 MODULES="$MODULES"
-EXPECT_SECTORS=$((IMAGE_BYTES / 512))
+EXPECT_SECTORS=$((DISK_BYTES / 512))
+RESIZED_SECTORS=$((RESIZED_BYTES / 512))
 FIO_JOBS=$FIO_JOBS
 FIO_PSYNC="$FIO_PSYNC"
 FIO_QDEPTH="$FIO_QDEPTH"
@@ -407,6 +430,22 @@ EOF
 # A dead back-end leaves the guest hanging rather than failing: watch for it.
 VHOST_ERR='vhost|Unexpected end-of-file|Failed to set msg fds|Failed to read msg header'
 console=""
+RESIZED=0
+on_console() { # on_console NAME CONSOLE_FILE: what the host does when the guest asks for it
+  [ "$1" = first ] && [ "$RESIZED" = 0 ] && grep -q 'GUEST: READY_FOR_RESIZE' "$2" || return 0
+  RESIZED=1
+  if "$STRATA" snapshot create "$IMG" guest-wrote --control "$CONTROL" >"$WORK/control.log" 2>&1; then
+    pass "control socket: snapshot 'guest-wrote' taken while the guest runs"
+  else
+    fail "control socket: snapshot failed: $(tail -n 2 "$WORK/control.log" | tr '\n' ' ')"
+  fi
+  if "$STRATA" resize "$IMG" "$RESIZED_BYTES" --control "$CONTROL" >>"$WORK/control.log" 2>&1; then
+    DISK_BYTES=$RESIZED_BYTES
+    pass "control socket: disk grown to $RESIZED_BYTES bytes while the guest runs"
+  else
+    fail "control socket: resize failed: $(tail -n 2 "$WORK/control.log" | tr '\n' ' ')"
+  fi
+}
 boot_guest() { # boot_guest NAME MODE: runs QEMU to completion; sets $console to what the guest printed
   local name=$1 mode=$2 t0=$SECONDS rc=0 abort_reason="" out="$WORK/console-$1.log" err="$WORK/qemu-$1.err"
   make_initrd "$mode"
@@ -435,6 +474,7 @@ boot_guest() { # boot_guest NAME MODE: runs QEMU to completion; sets $console to
       stop_qemu
       break
     fi
+    on_console "$name" "$out"
     sleep 1
   done
   wait "$QEMU_PID" || rc=$?
@@ -477,13 +517,15 @@ check_guest FIO_QD_VERIFY_OK "boot 1: fio libaio iodepth $FIO_QD randwrite 4-256
 check_vqs "boot 1"
 check_guest MARKER_READBACK_OK "boot 1: marker ($MARKER_LEN bytes at $MARKER_OFFSET) written and read back"
 check_guest ZERO_OPS_OK "boot 1: discard, write-zeroes, write-zeroes+unmap (3 x 512 KiB) read back as zeros"
+check_guest RESIZE_SEEN "boot 1: the guest saw the live resize ($((RESIZED_BYTES / 512)) sectors, CONFIG_CHANGE_MSG)"
+check_guest RESIZE_WRITE_OK "boot 1: the guest wrote and read back the last MiB of the grown disk"
 check_guest GUEST_DONE "boot 1: guest finished and powered off (${BOOT_SECS}s in QEMU)"
 
 # The server must survive the front-end's disconnect and serve the next connection.
 if kill -0 "$SERVE_PID" 2>/dev/null && [ -S "$SOCK" ]; then
   pass "strata serve still running and listening after the guest disconnected"
   boot_guest second verify
-  check_guest CAPACITY_OK "boot 2 (reconnect): capacity = image size"
+  check_guest CAPACITY_OK "boot 2 (reconnect): capacity = the grown image size"
   check_guest FIO_REVERIFY_OK "boot 2 (reconnect): fio --verify_only of both boot-1 phases"
   check_vqs "boot 2 (reconnect)"
   check_guest MARKER_REREAD_OK "boot 2 (reconnect): marker reads back"
@@ -506,7 +548,7 @@ serve_rc=0
 wait "$SERVE_PID" || serve_rc=$?
 SERVE_PID=""
 if [ "$serve_rc" -eq 0 ]; then pass "strata serve exited 0 on SIGTERM"; else fail "strata serve exit status $serve_rc (expected 0)"; fi
-if [ -e "$SOCK" ]; then fail "strata serve left its socket $SOCK behind"; else pass "strata serve removed its socket"; fi
+if [ -e "$SOCK" ] || [ -e "$CONTROL" ]; then fail "strata serve left a socket behind"; else pass "strata serve removed its sockets"; fi
 if grep -qE '(^| )(error|critical)( |:)' "$WORK/serve.log"; then
   fail "strata serve logged errors: $(grep -E '(^| )(error|critical)( |:)' "$WORK/serve.log" | head -n 3 | tr '\n' ' ')"
 fi
@@ -530,6 +572,18 @@ if timeout 120 "$STRATA" read "$IMG" --offset "$ZERO_OFFSET" --length $((3 * MAR
 else
   fail "host: strata read of the zero-ops area failed: $(head -n 3 "$WORK/host-read.err" | tr '\n' ' ')"
 fi
+if timeout 120 "$STRATA" read "$IMG" --snapshot guest-wrote --offset "$MARKER_OFFSET" --length "$MARKER_LEN" --output "$WORK/snap-read.bin" 2>"$WORK/host-read.err" \
+  && cmp -s "$WORK/marker.bin" "$WORK/snap-read.bin"; then
+  pass "host: snapshot 'guest-wrote' holds the marker the guest wrote before it"
+else
+  fail "host: snapshot 'guest-wrote' does not hold the marker: $(head -n 2 "$WORK/host-read.err" | tr '\n' ' ')"
+fi
+if timeout 120 "$STRATA" read "$IMG" --offset $((RESIZED_BYTES - MARKER_LEN)) --length "$MARKER_LEN" --output "$WORK/tail-read.bin" 2>"$WORK/host-read.err" \
+  && cmp -s "$WORK/marker.bin" "$WORK/tail-read.bin"; then
+  pass "host: the last MiB of the grown disk holds what the guest wrote there"
+else
+  fail "host: the grown disk's last MiB differs: $(head -n 2 "$WORK/host-read.err" | tr '\n' ' ')"
+fi
 check_rc=0
 timeout 300 "$STRATA" check "$IMG" >"$WORK/check.log" 2>&1 || check_rc=$?
 if [ "$check_rc" -eq 0 ]; then pass "host: strata check exits 0"; else fail "host: strata check exit status $check_rc: $(tail -n 5 "$WORK/check.log" | tr '\n' ' ')"; fi
@@ -547,5 +601,11 @@ if timeout 300 "$STRATA" convert "$IMG" "$WORK/disk.raw" >"$WORK/convert.log" 2>
   rm -f "$WORK/disk.raw"
 else
   fail "host: strata convert to raw failed: $(tail -n 3 "$WORK/convert.log" | tr '\n' ' ')"
+fi
+if [ "${SHOW_IMAGE:-0}" = 1 ]; then
+  echo "==================== the image the guest used ====================" >&2
+  "$STRATA" info "$IMG" >&2
+  "$STRATA" snapshot list "$IMG" >&2
+  "$STRATA" map "$IMG" >"$WORK/map.txt" && head -n 20 "$WORK/map.txt" >&2
 fi
 log "done"

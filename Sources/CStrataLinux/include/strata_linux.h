@@ -32,8 +32,15 @@ long strata_send_with_fds(int sock, const void *buffer, size_t length, const int
 int strata_eventfd(unsigned int initval, int extra_flags);
 int strata_efd_nonblock(void);
 
-/// memfd_create(name, MFD_CLOEXEC).
+/// memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING).
 int strata_memfd(const char *name);
+
+/// Seals a memfd's size (no shrinking, no growing, no more seals): whoever else maps it can no
+/// longer truncate it under a mapping and make its users fault with SIGBUS. 0 or -1 with errno.
+int strata_seal_size(int fd);
+
+/// Whether `fd` can no longer shrink (F_SEAL_SHRINK).
+int strata_size_sealed(int fd);
 
 #include <stdint.h>
 
@@ -43,6 +50,9 @@ void strata_store_release_u16(volatile uint16_t *p, uint16_t v);
 uint16_t strata_load_acquire_u16(const volatile uint16_t *p);
 void strata_store_release_u32(volatile uint32_t *p, uint32_t v);
 uint32_t strata_load_acquire_u32(const volatile uint32_t *p);
+/// Counters one thread writes and others read (queue statistics).
+void strata_store_release_u64(volatile uint64_t *p, uint64_t v);
+uint64_t strata_load_acquire_u64(const volatile uint64_t *p);
 /// A full memory barrier (EVENT_IDX: publish the used index, then read avail_event).
 void strata_fence_seq_cst(void);
 

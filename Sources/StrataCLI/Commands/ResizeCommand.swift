@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import StrataControl
 import StrataCore
 
 struct ResizeCommand: ParsableCommand {
@@ -13,6 +15,10 @@ struct ResizeCommand: ParsableCommand {
 
       Put '--' before a negative change so that it is not taken for an option:
         strata resize --shrink vm.strata -- -1G
+
+      An image that `strata serve` is serving is resized through its control socket, and the \
+      guest sees the new capacity at once (only growing is allowed then):
+        strata resize vm.strata +10G --control /run/vm1.control
       """
   )
 
@@ -27,8 +33,19 @@ struct ResizeCommand: ParsableCommand {
   @Flag(help: "Allow the disk to become smaller, discarding the data past the new end.")
   var shrink = false
 
+  @OptionGroup var control: ControlOption
+
   func run() throws {
     try runReportingErrors {
+      if let socket = control.control {
+        let status = try ControlClient.request(["command": "status"], path: socket)
+        let old = ((status["image"] as? [String: Any])?["size"] as? NSNumber)?.uint64Value ?? 0
+        let new = try size.apply(to: old)
+        try ByteCount.checkDiskSize(new)
+        _ = try ControlClient.request(["command": "resize", "size": new], path: socket)
+        print(old == new ? "Image size unchanged (\(new) bytes)." : "Served image resized from \(old) to \(new) bytes.")
+        return
+      }
       let (old, new) = try ImageAccess.with(image, readOnly: false) { opened in
         let old = opened.size
         let new = try size.apply(to: old)

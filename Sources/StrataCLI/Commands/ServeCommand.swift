@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import StrataControl
 import StrataCore
 import StrataIO
 import StrataNBD
@@ -56,6 +57,12 @@ struct ServeCommand: ParsableCommand {
   @Option(name: .customLong("aio"), help: "I/O engine: io_uring, native or threads (default: the best available).")
   var engine: IOEngineKind?
 
+  @Option(
+    help: ArgumentHelp(
+      "Control socket (JSON lines: status, snapshot, resize, flush) for `strata ... --control PATH`.",
+      valueName: "path"))
+  var control: String?
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
   var logLevel = Logger.Level.info
 
@@ -88,25 +95,54 @@ struct ServeCommand: ParsableCommand {
         let shared = SharedImage(img)
         var nbdOptions = try nbdAddress().map { NBDServer.Options(address: $0) }
         nbdOptions?.readOnly = readOnly
-        guard let socket else {
-          if let nbdOptions { try NBDServer(image: shared, options: nbdOptions, logger: logger).run() }
-          return
+        // The server whose loop runs in this thread comes first: it blocks the termination
+        // signals before any other thread starts (threads inherit that).
+        let vhost = try socket.map { path in
+          var serverOptions = VhostBlkServer.Options(socketPath: path)
+          serverOptions.numQueues = numQueues
+          serverOptions.readOnly = readOnly
+          serverOptions.serial = serial
+          return try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
         }
-        var serverOptions = VhostBlkServer.Options(socketPath: socket)
-        serverOptions.numQueues = numQueues
-        serverOptions.readOnly = readOnly
-        serverOptions.serial = serial
-        // The vhost server first: it blocks the termination signals before any thread starts.
-        let vhost = try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
-        let nbdServer = try nbdOptions.map { try NBDServer(image: shared, options: $0, logger: logger) }
-        nbdServer?.start()
-        defer { nbdServer?.stop() }
-        try vhost.run()
+        let nbdServer = try nbdOptions.map {
+          try NBDServer(image: shared, options: $0, logger: logger, stopOnSignals: vhost == nil)
+        }
+        let controlServer = try control.map { path in
+          try ControlServer(
+            path: path, image: shared,
+            hooks: ControlServer.Hooks(
+              status: {
+                var status: [String: any Sendable] = [:]
+                if let vhost { status["vhost"] = Self.status(of: vhost) }
+                if let nbdServer { status["nbd"] = ["connections": nbdServer.connectionCount] }
+                return status
+              },
+              // NBD has no way to tell a connected client; new connections see the new size.
+              resized: { _ in vhost?.configurationChanged() }),
+            logger: logger)
+        }
+        controlServer?.start()
+        defer { controlServer?.stop() }
+        if let vhost {
+          nbdServer?.start()
+          defer { nbdServer?.stop() }
+          try vhost.run()
+        } else {
+          try nbdServer?.run()
+        }
       }
     }
   }
 
   private func nbdAddress() throws -> NBDAddress? {
     do { return try nbd.map { try NBDAddress(parsing: $0) } } catch { throw ValidationError("--nbd: \(error)") }
+  }
+
+  private static func status(of server: VhostBlkServer) -> [String: any Sendable] {
+    let (connected, queues) = server.status()
+    let list: [[String: any Sendable]] = queues.map {
+      ["index": $0.index, "completed": $0.completed, "in_flight": $0.inFlight, "broken": $0.broken]
+    }
+    return ["connected": connected, "queues": list]
   }
 }

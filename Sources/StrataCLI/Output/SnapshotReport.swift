@@ -14,10 +14,14 @@ struct SnapshotEntry: Encodable {
   }
 
   init(_ info: SnapshotInfo) {
-    name = info.name
-    seq = info.seq
-    time = rfc3339(nanoseconds: info.timestampNanoseconds)
-    timestampNanoseconds = info.timestampNanoseconds
+    self.init(name: info.name, seq: info.seq, timestampNanoseconds: info.timestampNanoseconds)
+  }
+
+  init(name: String, seq: UInt64, timestampNanoseconds: UInt64) {
+    self.name = name
+    self.seq = seq
+    time = rfc3339(nanoseconds: timestampNanoseconds)
+    self.timestampNanoseconds = timestampNanoseconds
   }
 
   static func table(_ entries: [SnapshotEntry]) -> String {

@@ -60,3 +60,14 @@ func rfc3339(nanoseconds: UInt64) -> String {
 
 /// `0x` and lower-case hex, as qemu-img map prints offsets.
 func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+
+/// The shared `--control PATH` option: act on a served image through its server.
+struct ControlOption: ParsableArguments {
+  @Option(
+    help: ArgumentHelp(
+      "Control socket of the `strata serve` serving the image (its --control); the server does the work.",
+      valueName: "path"))
+  var control: String?
+
+  init() {}
+}

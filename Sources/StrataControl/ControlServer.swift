@@ -1,0 +1,218 @@
+import CStrataLinux
+import Foundation
+import Logging
+import StrataCore
+
+/// `strata serve --control PATH`: a Unix socket that takes one JSON object per line and answers
+/// each with one JSON object on a line, for the tools that manage a served image (the `strata`
+/// command's `--control` options, scripts with `socat`):
+///
+///     {"command":"status"}                 -> {"ok":true,"image":{...},"queues":[...],...}
+///     {"command":"snapshot","name":"x"}    -> {"ok":true,"snapshot":{"name":"x","seq":N,...}}
+///     {"command":"resize","size":BYTES}    -> {"ok":true,"size":BYTES}   (grow only)
+///     {"command":"flush"}                  -> {"ok":true}
+///
+/// A failure is `{"ok":false,"error":"...","code":"..."}`; a malformed line gets one too and the
+/// connection stays open. Clients are served one at a time, in a thread of their own.
+public final class ControlServer: @unchecked Sendable {
+  /// What the servers in the process add to the control commands.
+  public struct Hooks: Sendable {
+    /// Extra members of the `status` reply (e.g. the vhost-user queues).
+    public var status: @Sendable () -> [String: any Sendable]
+    /// Called after the image grew, to tell the clients (the guest) about it.
+    public var resized: @Sendable (UInt64) -> Void
+
+    public init(
+      status: @escaping @Sendable () -> [String: any Sendable] = { [:] },
+      resized: @escaping @Sendable (UInt64) -> Void = { _ in }
+    ) {
+      self.status = status
+      self.resized = resized
+    }
+  }
+
+  /// Longest request line accepted.
+  static let maxLine = 64 << 10
+
+  let path: String
+  let image: SharedImage
+  let hooks: Hooks
+  let logger: Logger
+  private let listenFd: Int32
+  private let stopFd: Int32
+  private var thread: pthread_t?
+
+  public init(path: String, image: SharedImage, hooks: Hooks, logger: Logger) throws {
+    self.path = path
+    self.image = image
+    self.hooks = hooks
+    self.logger = logger
+    listenFd = try UnixSocket.listen(path: path, backlog: 4)
+    stopFd = strata_eventfd(0, 0)
+  }
+
+  deinit {
+    close(listenFd)
+    close(stopFd)
+  }
+
+  public func start() {
+    let box = Unmanaged.passRetained(self)
+    var t = pthread_t()
+    let r = pthread_create(
+      &t, nil,
+      { arg in
+        Unmanaged<ControlServer>.fromOpaque(arg!).takeRetainedValue().run()
+        return nil
+      }, box.toOpaque())
+    precondition(r == 0, "pthread_create failed: \(r)")
+    thread = t
+    logger.info("control socket on \(path)")
+  }
+
+  /// Stops serving (a command being handled finishes first) and removes the socket file.
+  public func stop() {
+    guard let t = thread else { return }
+    var one: UInt64 = 1
+    _ = write(stopFd, &one, 8)
+    pthread_join(t, nil)
+    thread = nil
+    unlink(path)
+  }
+
+  private func run() {
+    while let connection = next(listenFd, accepting: true) {
+      serve(connection)
+      close(connection)
+    }
+  }
+
+  /// Waits until `fd` is readable (accepting a connection on it when `accepting`); nil once
+  /// the server is stopping.
+  private func next(_ fd: Int32, accepting: Bool) -> Int32? {
+    var fds = [
+      pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0),
+    ]
+    while true {
+      if poll(&fds, 2, -1) < 0 {
+        if errno == EINTR { continue }
+        logger.error("control socket: poll failed: \(String(cString: strerror(errno)))")
+        return nil
+      }
+      if fds[1].revents != 0 { return nil }
+      guard accepting else { return fd }
+      let c = accept(fd, nil, nil)
+      if c >= 0 {
+        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        return c
+      }
+      if errno != EINTR && errno != EAGAIN && errno != ECONNABORTED {
+        logger.error("control socket: accept failed: \(String(cString: strerror(errno)))")
+        return nil
+      }
+    }
+  }
+
+  private func serve(_ connection: Int32) {
+    var pending: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    while next(connection, accepting: false) != nil {
+      let n = chunk.withUnsafeMutableBytes { read(connection, $0.baseAddress, $0.count) }
+      if n < 0 && errno == EINTR { continue }
+      if n <= 0 { return }
+      pending += chunk[..<n]
+      while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+        let line = Array(pending[..<newline])
+        pending.removeSubrange(...newline)
+        guard send(reply(to: line), to: connection) else { return }
+      }
+      if pending.count > Self.maxLine {
+        _ = send(failure(StrataError(.invalidArgument, "request longer than \(Self.maxLine) bytes")), to: connection)
+        return
+      }
+    }
+  }
+
+  private func send(_ object: [String: Any], to connection: Int32) -> Bool {
+    guard var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return false }
+    data.append(UInt8(ascii: "\n"))
+    return data.withUnsafeBytes { raw in
+      var done = 0
+      while done < raw.count {
+        let n = Glibc.send(connection, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return false }
+        done += n
+      }
+      return true
+    }
+  }
+
+  /// Runs one request line.
+  func reply(to line: [UInt8]) -> [String: Any] {
+    guard let object = try? JSONSerialization.jsonObject(with: Data(line)), let request = object as? [String: Any],
+      let command = request["command"] as? String
+    else {
+      return failure(StrataError(.invalidArgument, "expected a JSON object with a \"command\" string"))
+    }
+    do {
+      switch command {
+      case "status":
+        var reply = hooks.status().reduce(into: [String: Any]()) { $0[$1.key] = $1.value }
+        reply["ok"] = true
+        reply["image"] = image.with { img -> [String: Any] in
+          ["size": img.size, "block_size": img.blockSize, "snapshots": img.snapshots.count, "read_only": img.readOnly]
+        }
+        return reply
+      case "snapshot":
+        guard let name = request["name"] as? String else {
+          throw StrataError(.invalidArgument, "snapshot needs a \"name\" string")
+        }
+        // Every write acknowledged to a client is in the log before this record, so the
+        // snapshot holds all of them; the flush makes it durable before the reply.
+        let info = try image.with { img in
+          let info = try img.createSnapshot(name: name)
+          try img.flush()
+          return info
+        }
+        logger.info("control: snapshot '\(name)' created (seq \(info.seq))")
+        return [
+          "ok": true, "snapshot": ["name": info.name, "seq": info.seq, "timestamp_ns": info.timestampNanoseconds],
+        ]
+      case "resize":
+        guard let size = (request["size"] as? NSNumber)?.uint64Value else {
+          throw StrataError(.invalidArgument, "resize needs a \"size\" in bytes")
+        }
+        let grown = try image.with { img -> Bool in
+          guard size >= img.size else {
+            throw StrataError(
+              .invalidArgument,
+              "a served disk can only grow (it is \(img.size) bytes): shrinking would take blocks away from the guest")
+          }
+          guard size > img.size else { return false }
+          try img.resize(to: size)
+          try img.flush()
+          return true
+        }
+        if grown {
+          logger.info("control: disk grown to \(size) bytes")
+          hooks.resized(size)
+        }
+        return ["ok": true, "size": size]
+      case "flush":
+        try image.with { try $0.flush() }
+        return ["ok": true]
+      default:
+        throw StrataError(.invalidArgument, "unknown command \"\(command)\" (status, snapshot, resize, flush)")
+      }
+    } catch let e as StrataError {
+      return failure(e)
+    } catch {
+      return failure(StrataError(.io, "\(error)"))
+    }
+  }
+
+  private func failure(_ error: StrataError) -> [String: Any] {
+    ["ok": false, "error": error.message, "code": "\(error.code)"]
+  }
+}

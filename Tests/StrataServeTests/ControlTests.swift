@@ -1,0 +1,105 @@
+// `strata serve --control`: snapshots, live resize with the config-change message, status, and
+// bad requests, driven through the `strata` command's --control options and a raw socket.
+
+import Foundation
+import Glibc
+import StrataControl
+import StrataCore
+import Testing
+import VhostClient
+import VhostProtocol
+
+@Suite struct StrataServeControlTests {
+  /// Reads one back-end request from the BACKEND_REQ channel, waiting up to 10 s.
+  private func backendRequest(_ fd: Int32) throws -> VhostHeader {
+    var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
+    guard poll(&fds, 1, 10_000) == 1 else { throw ServeTestError("no message on the BACKEND_REQ channel") }
+    var bytes = [UInt8](repeating: 0, count: VhostHeader.size)
+    guard read(fd, &bytes, bytes.count) == bytes.count else { throw ServeTestError("short BACKEND_REQ message") }
+    return try bytes.withUnsafeBytes { (b) throws(VhostError) in try VhostHeader.decode(b) }
+  }
+
+  /// Sends raw request lines on one connection and returns one reply per line.
+  private func rawExchange(_ path: String, _ lines: [String]) throws -> [[String: Any]] {
+    let fd = try UnixSocket.connect(path: path)
+    defer { close(fd) }
+    var replies: [[String: Any]] = []
+    var pending: [UInt8] = []
+    for line in lines {
+      let bytes = Array((line + "\n").utf8)
+      guard write(fd, bytes, bytes.count) == bytes.count else { throw ServeTestError("write to the control socket") }
+      while !pending.contains(UInt8(ascii: "\n")) {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &chunk, chunk.count)
+        guard n > 0 else { throw ServeTestError("the control socket closed") }
+        pending += chunk[..<n]
+      }
+      let end = pending.firstIndex(of: UInt8(ascii: "\n"))!
+      let object = try JSONSerialization.jsonObject(with: Data(pending[..<end])) as? [String: Any]
+      replies.append(try #require(object))
+      pending.removeSubrange(...end)
+    }
+    return replies
+  }
+
+  @Test func snapshotResizeStatusAndBadRequests() throws {
+    let control = "/tmp/strata-control-\(UUID().uuidString.prefix(8)).sock"
+    defer { unlink(control) }
+    try withServer(size: 32 << 20, arguments: ["--control", control]) { s in
+      var options = ServeProcess.options(queues: 1)
+      options.protocolFeatures |= VhostProtocolFeature.backendReq.bit
+      let c = try s.client(options, start: false)
+      defer { c.shutdown() }
+      try c.negotiate()
+      var pair: [Int32] = [-1, -1]
+      #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+      defer { close(pair[0]) }
+      _ = try c.send(.setBackendReqFd, fds: [pair[1]])
+      close(pair[1])
+      try c.start()
+
+      let before = pattern(8192, seed: 1)
+      #expect(try c.perform(.write(sector: 0, data: before)).isOK)
+      // The snapshot holds every write acknowledged before it, without a flush from the guest.
+      let snap = try s.strata(["snapshot", "create", s.image, "before", "--control", control, "--output", "json"])
+      #expect(snap.succeeded, "snapshot create: \(snap.stderr)")
+      let after = pattern(8192, seed: 2)
+      #expect(try c.perform(.write(sector: 0, data: after)).isOK)
+
+      let grown = try s.strata(["resize", s.image, "+16M", "--control", control])
+      #expect(grown.succeeded, "resize: \(grown.stderr)")
+      let message = try backendRequest(pair[0])
+      #expect(message.request == VhostBackendRequest.configChangeMsg.rawValue)
+      #expect(try c.getConfig()?.capacitySectors == (48 << 20) / 512)
+      let tail = try c.perform(.read(sector: (44 << 20) / 512, length: 4096))
+      #expect(tail.isOK && tail.data == [UInt8](repeating: 0, count: 4096), "the new space reads as zeros")
+
+      let shrink = try s.strata(["resize", s.image, "--control", control, "--", "-1M"])
+      #expect(!shrink.succeeded && shrink.stderr.contains("only grow"), "shrink: \(shrink.stderr)")
+
+      let status = try ControlClient.request(["command": "status"], path: control)
+      #expect((status["image"] as? [String: Any])?["size"] as? Int == 48 << 20)
+      #expect((status["image"] as? [String: Any])?["snapshots"] as? Int == 1)
+      let vhost = try #require(status["vhost"] as? [String: Any])
+      #expect(vhost["connected"] as? Bool == true)
+      let queues = try #require(vhost["queues"] as? [[String: Any]])
+      #expect(queues.count == 1 && queues[0]["completed"] as? Int == 3, "\(queues)")
+
+      let replies = try rawExchange(
+        control, ["not json", "{\"command\":\"explode\"}", "{\"command\":\"snapshot\"}", "{\"command\":\"flush\"}"])
+      #expect(replies.map { $0["ok"] as? Bool } == [false, false, false, true])
+      #expect((replies[1]["error"] as? String ?? "").contains("unknown command"))
+      #expect(throws: StrataError.self) {
+        try ControlClient.request(["command": "snapshot", "name": "before"], path: control)
+      }
+      #expect(try c.perform(.read(sector: 0, length: 8192)).data == after, "the guest's disk is intact")
+      s.stop()
+      let kept = try s.strata(["read", s.image, "--offset", "0", "--length", "8192", "--snapshot", "before"])
+      #expect(kept.succeeded && kept.stdout == before, "snapshot contents: \(kept.stderr)")
+      let info = try s.strata(["info", s.image, "--output", "json"])
+      #expect(String(decoding: info.stdout, as: UTF8.self).contains("\(48 << 20)"), "size after restart")
+    }
+    // The socket goes away with the server; the snapshot and the new size stay in the image.
+    #expect(access(control, F_OK) != 0)
+  }
+}
