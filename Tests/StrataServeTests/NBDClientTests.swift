@@ -239,3 +239,31 @@ func nbdOverTCP() throws {
     #expect(try s.read(copy) == NBDLayout.snapshot)
   }
 }
+
+/// A snapshot taken through the control socket while the server runs is exported at once, frozen,
+/// and the changed-blocks context sees what was written after it.
+@Test(.enabled(if: nbdClientsPresent, Comment(rawValue: nbdClientsMissing)))
+func snapshotThroughTheControlSocketIsExportedLive() throws {
+  let control = "/tmp/strata-nbd-control-\(UUID().uuidString.prefix(8)).sock"
+  defer { unlink(control) }
+  try withServer(size: 16 << 20, arguments: ["--control", control], vhost: false, nbd: true) { s in
+    try s.waitForNBD()
+    let first = s.directory + "/first.raw"
+    let second = s.directory + "/second.raw"
+    try Data(pattern(1 << 20, seed: 21)).write(to: URL(fileURLWithPath: first))
+    try Data(pattern(256 << 10, seed: 22)).write(to: URL(fileURLWithPath: second))
+    #expect(try s.client(qemuImg, ["convert", "-n", "-f", "raw", "-O", "raw", first, s.nbdURI("head")]).succeeded)
+    let snap = try s.strata(["snapshot", "create", s.image, "live", "--control", control])
+    #expect(snap.succeeded, "\(snap.stderr)")
+    // Overwrites the first 256 KiB of the head after the snapshot.
+    #expect(try s.client(qemuImg, ["convert", "-n", "-f", "raw", "-O", "raw", second, s.nbdURI("head")]).succeeded)
+
+    let copy = s.directory + "/live.raw"
+    let r = try s.client(nbdcopy, [s.nbdURI("snapshot/live"), copy])
+    #expect(r.succeeded, "\(r.stderr)")
+    #expect(try s.read(copy) == pattern(1 << 20, seed: 21) + [UInt8](repeating: 0, count: 15 << 20))
+    let changed = try s.client(nbdinfo, ["--map=strata:changed:live", s.nbdURI("head")])
+    let k: UInt64 = 1024
+    #expect(parseMap(changed.stdout) == [[0, 256 * k, 1], [256 * k, 16 * k * k - 256 * k, 0]])
+  }
+}
