@@ -80,9 +80,11 @@ final class NBDConnection: @unchecked Sendable {
   /// for map lookups), their replies filled in place in `output`.
   private var queue: ImageQueue?
   private var pendingReads: [PendingRead] = []
-  /// Where in `output` the first batched reply goes (regions after it may start later).
+  /// Where in `output` the first batched reply goes (replies before it are sent first).
   private var batchStart = 0
   private let completions: UnsafeMutableBufferPointer<QueueCompletion>
+  /// What a batch sends: the replies before it, then each read's reply (reused, no allocation).
+  private var vectors: [iovec] = []
   private var wroteAnything = false
 
   static let inputSize = 256 << 10
@@ -109,6 +111,7 @@ final class NBDConnection: @unchecked Sendable {
     completions = .allocate(capacity: Self.queueDepth)
     completions.initialize(repeating: QueueCompletion(tag: 0, error: nil))
     pendingReads.reserveCapacity(Self.queueDepth)
+    vectors.reserveCapacity(Self.queueDepth + 1)
   }
 
   deinit {
@@ -503,8 +506,8 @@ final class NBDConnection: @unchecked Sendable {
     let head = structured ? NBDReplyHeader.chunkSize + 8 : NBDReplyHeader.simpleSize
     let total = head + length
     if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes {
-      // The data goes at the next aligned address, its header just before; the gaps are closed
-      // once the batch is read.
+      // The data goes at the next aligned address, its header just before; the send skips the
+      // gaps.
       func dataStart() -> Int { (outCount + head + Self.dataAlignment - 1) / Self.dataAlignment * Self.dataAlignment }
       if dataStart() + length > output.count { try flushOutput() }
       precondition(dataStart() + length <= output.count, "output buffer smaller than one queued read")
@@ -671,18 +674,22 @@ final class NBDConnection: @unchecked Sendable {
 
   /// Sends the waiting replies; write replies only once the log holding the writes is in the file.
   private func flushOutput() throws {
-    try runPendingReads()
-    if logPending {
-      do { try image.with { try $0.writeOutLog() } } catch {
-        // The writes are not acknowledged: the client sees the connection end instead.
-        throw Hangup("writing the log out failed: \(error)")
-      }
-      logPending = false
-    }
+    guard pendingReads.isEmpty else { return try runPendingReads() }
+    try writeOutLogIfPending()
     if outCount > 0 {
       try sendAll(UnsafeRawBufferPointer(rebasing: output[0..<outCount]))
       outCount = 0
     }
+  }
+
+  /// Write replies go out only once the log holding the writes is in the file.
+  private func writeOutLogIfPending() throws {
+    guard logPending else { return }
+    do { try image.with { try $0.writeOutLog() } } catch {
+      // The writes are not acknowledged: the client sees the connection end instead.
+      throw Hangup("writing the log out failed: \(error)")
+    }
+    logPending = false
   }
 
   private struct PendingRead {
@@ -693,9 +700,9 @@ final class NBDConnection: @unchecked Sendable {
     var head: Int
   }
 
-  /// Reads every batched request into its reply's place in `output` and writes the headers. A
-  /// failed read's reply is an error without data (no longer than the room it had), and the
-  /// replies after it move down to close the gap.
+  /// Reads every batched request into its reply's place in `output`, writes the headers and
+  /// sends everything in `output` with one vectored send that skips the alignment gaps. A failed
+  /// read's reply is an error without data (no longer than the room it had).
   private func runPendingReads() throws {
     guard !pendingReads.isEmpty, let queue else { return }
     var failed: [Int: UInt32] = [:]
@@ -723,20 +730,49 @@ final class NBDConnection: @unchecked Sendable {
       // The queue's engine failed: nothing can be said about the reads in flight.
       throw Hangup("image queue failed: \(error)")
     }
-    var end = batchStart
+    vectors.removeAll(keepingCapacity: true)
+    if batchStart > 0 { vectors.append(iovec(iov_base: output.baseAddress!, iov_len: batchStart)) }
     for (i, p) in pendingReads.enumerated() {
-      let at = UnsafeMutableRawBufferPointer(rebasing: output[end..<(p.start + p.size)])
+      let at = UnsafeMutableRawBufferPointer(rebasing: output[p.start..<(p.start + p.size)])
+      var length = p.size
       if let code = failed[i] {
         logger.warning("read at \(p.request.offset)+\(p.request.length) failed: errno \(code)")
-        end += storeError(into: at, p.request, code, text: [])
-        continue
+        length = storeError(into: at, p.request, code, text: [])
+      } else {
+        storeReadHeader(into: at, p.request)
       }
-      if end != p.start { memmove(at.baseAddress!, output.baseAddress! + p.start, p.size) }
-      storeReadHeader(into: at, p.request)
-      end += p.size
+      vectors.append(iovec(iov_base: at.baseAddress!, iov_len: length))
     }
-    outCount = end
     pendingReads.removeAll(keepingCapacity: true)
+    try writeOutLogIfPending()
+    try sendVectors()
+    outCount = 0
+  }
+
+  /// Sends `vectors` (sendmsg until all is gone).
+  private func sendVectors() throws {
+    var first = 0
+    while first < vectors.count {
+      let sent = vectors.withUnsafeMutableBufferPointer { v in
+        var message = msghdr()
+        message.msg_iov = v.baseAddress! + first
+        message.msg_iovlen = min(v.count - first, Int(UIO_MAXIOV))
+        return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+      }
+      if sent < 0 && errno == EINTR { continue }
+      guard sent > 0 else { throw Hangup("send failed: \(String(cString: strerror(errno)))") }
+      var left = sent
+      while left > 0 {
+        if left >= vectors[first].iov_len {
+          left -= vectors[first].iov_len
+          first += 1
+        } else {
+          vectors[first].iov_base += left
+          vectors[first].iov_len -= left
+          left = 0
+        }
+      }
+    }
   }
 
   private func largeBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
