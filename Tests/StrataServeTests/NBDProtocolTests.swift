@@ -393,6 +393,20 @@ struct NBDProtocolTests {
 }
 
 @Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
+func readOnlyServerRefusesChangesToTheHead() throws {
+  try withServer(size: 8 << 20, arguments: ["--read-only"], vhost: false, nbd: true) { s in
+    try s.waitForNBD()
+    let c = try RawNBDClient(path: s.nbdPath)
+    let (_, flags) = try c.open("head")
+    #expect(NBDTransmissionFlags(rawValue: flags).contains(.readOnly))
+    try c.send(c.request(NBDCommand.write.rawValue, offset: 0, length: 512, payload: pattern(512, seed: 1)))
+    #expect(try c.simpleReply().error == NBDErrno.perm)
+    try c.send(c.request(NBDCommand.read.rawValue, offset: 0, length: 512))
+    #expect(try c.simpleReply(dataLength: 512).data == [UInt8](repeating: 0, count: 512))
+  }
+}
+
+@Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
 func serveValidatesItsAddresses() throws {
   var template = Array("/tmp/strata-nbd-args-XXXXXX".utf8CString)
   guard let d = mkdtemp(&template) else { throw ServeTestError("mkdtemp failed") }
