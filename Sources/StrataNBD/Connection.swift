@@ -530,7 +530,11 @@ final class NBDConnection: @unchecked Sendable {
     let data = UnsafeMutableRawBufferPointer(rebasing: reply[head..<total])
     do {
       try image.with { img in
-        if let view = export.view { try view.read(into: data, at: r.offset) } else { try img.read(into: data, at: r.offset) }
+        if let view = export.view {
+          try view.read(into: data, at: r.offset)
+        } else {
+          try img.read(into: data, at: r.offset)
+        }
       }
     } catch {
       return try replyError(r, error)
@@ -561,7 +565,8 @@ final class NBDConnection: @unchecked Sendable {
           }
           switch c.context {
           case .allocation:
-            let map = try export.view?.extents(from: offset, length: length) ?? img.extents(from: offset, length: length)
+            let map =
+              try export.view?.extents(from: offset, length: length) ?? img.extents(from: offset, length: length)
             for e in map {
               switch e.state {
               case .unallocated: add(e.length, NBDAllocation.hole | NBDAllocation.zero)
@@ -630,7 +635,8 @@ final class NBDConnection: @unchecked Sendable {
   }
 
   /// A simple reply, or a structured error chunk carrying `text`; returns its size.
-  private func storeError(into b: UnsafeMutableRawBufferPointer, _ r: NBDRequest, _ code: UInt32, text: [UInt8]) -> Int {
+  private func storeError(into b: UnsafeMutableRawBufferPointer, _ r: NBDRequest, _ code: UInt32, text: [UInt8]) -> Int
+  {
     guard structured else {
       NBDReplyHeader.storeSimple(into: b, error: code, cookie: r.cookie)
       return NBDReplyHeader.simpleSize
@@ -778,7 +784,8 @@ final class NBDConnection: @unchecked Sendable {
   private func largeBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
     if let l = large, l.count >= count { return UnsafeMutableRawBufferPointer(rebasing: l[0..<count]) }
     large?.deallocate()
-    let l = UnsafeMutableRawBufferPointer.allocate(byteCount: NBDLimits.maxPayload + Self.readHeaderRoom, alignment: 4096)
+    let l = UnsafeMutableRawBufferPointer.allocate(
+      byteCount: NBDLimits.maxPayload + Self.readHeaderRoom, alignment: 4096)
     precondition(l.count >= count)
     large = l
     return UnsafeMutableRawBufferPointer(rebasing: l[0..<count])

@@ -199,7 +199,6 @@ public final class NBDServer: @unchecked Sendable {
   }
 }
 
-
 extension NBDServer {
   /// Binds and listens on a TCP address (a host name or IPv4/IPv6 literal; "" for every address).
   static func listenTCP(host: String, port: UInt16, backlog: Int32) throws -> Int32 {

@@ -46,9 +46,11 @@ private func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws
   }
   #expect(throws: NBDWireError.self) { try decode(w.bytes + [0]) { try NBDExportRequest.decode($0) } }
   // A name length beyond the limit, or beyond the payload.
-  #expect(throws: NBDWireError.self) { try decode([0, 0, 0x10, 1] + [UInt8](repeating: 65, count: 4097) + [0, 0]) {
-    try NBDExportRequest.decode($0)
-  } }
+  #expect(throws: NBDWireError.self) {
+    try decode([0, 0, 0x10, 1] + [UInt8](repeating: 65, count: 4097) + [0, 0]) {
+      try NBDExportRequest.decode($0)
+    }
+  }
   #expect(throws: NBDWireError.self) { try decode([0xFF, 0xFF, 0xFF, 0xFF, 0, 0]) { try NBDExportRequest.decode($0) } }
 }
 
@@ -65,9 +67,11 @@ private func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws
   }
   #expect(throws: NBDWireError.self) { try decode(w.bytes + [1]) { try NBDMetaContextRequest.decode($0) } }
   // A query count far beyond what the payload could hold is refused before anything is allocated.
-  #expect(throws: NBDWireError.self) { try decode([0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]) {
-    try NBDMetaContextRequest.decode($0)
-  } }
+  #expect(throws: NBDWireError.self) {
+    try decode([0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]) {
+      try NBDMetaContextRequest.decode($0)
+    }
+  }
 }
 
 @Test func exportNamesContextsAndAddresses() throws {
@@ -83,7 +87,8 @@ private func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws
   #expect(NBDMetaContext.matching("base:allocation", snapshots: snaps, listing: false) == [.allocation])
   #expect(NBDMetaContext.matching("base:", snapshots: snaps, listing: false) == [])
   #expect(NBDMetaContext.matching("base:", snapshots: snaps, listing: true) == [.allocation])
-  #expect(NBDMetaContext.matching("strata:", snapshots: snaps, listing: true) == [.changed(since: "a"), .changed(since: "b")])
+  #expect(
+    NBDMetaContext.matching("strata:", snapshots: snaps, listing: true) == [.changed(since: "a"), .changed(since: "b")])
   #expect(NBDMetaContext.matching("strata:changed:b", snapshots: snaps, listing: false) == [.changed(since: "b")])
   #expect(NBDMetaContext.matching("strata:changed:c", snapshots: snaps, listing: false) == [])
   #expect(NBDMetaContext.changed(since: "b").name == "strata:changed:b")

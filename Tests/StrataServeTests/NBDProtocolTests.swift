@@ -20,7 +20,9 @@ final class RawNBDClient {
       for (i, b) in path.utf8.enumerated() { raw[i] = b }
     }
     let r = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
     }
     guard r == 0 else {
       close(fd)
@@ -251,7 +253,9 @@ struct NBDProtocolTests {
           write, offset: UInt64(i) * 8192 + 100, length: 5000, cookie: UInt64(i),
           flags: i % 8 == 0 ? NBDCommandFlags.fua.rawValue : 0, payload: pattern(5000, seed: UInt64(i)))
       }
-      for i in 0..<64 { burst += c.request(read, offset: UInt64(i) * 8192 + 100, length: 5000, cookie: UInt64(100 + i)) }
+      for i in 0..<64 {
+        burst += c.request(read, offset: UInt64(i) * 8192 + 100, length: 5000, cookie: UInt64(100 + i))
+      }
       try c.send(burst)
       for i in 0..<64 {
         let r = try c.simpleReply()
@@ -277,14 +281,16 @@ struct NBDProtocolTests {
 
       let st = try RawNBDClient(path: s.nbdPath)
       _ = try st.open("head", structured: true, contexts: ["base:allocation"])
-      try st.send(st.request(read, offset: 8192 + 100, length: 5000, cookie: 7, flags: NBDCommandFlags.dontFragment.rawValue))
+      try st.send(
+        st.request(read, offset: 8192 + 100, length: 5000, cookie: 7, flags: NBDCommandFlags.dontFragment.rawValue))
       let data = try st.chunk()
       #expect(data.flags == NBDChunk.done && data.type == NBDChunk.offsetData && data.cookie == 7)
       #expect(st.u64(data.payload, 0) == 8192 + 100)
       #expect(Array(data.payload[8...]) == pattern(5000, seed: 1))
       try st.send(st.request(read, offset: size, length: 1, cookie: 8))
       let error = try st.chunk()
-      #expect(error.type == NBDChunk.error && error.flags == NBDChunk.done && st.u32(error.payload, 0) == NBDErrno.invalid)
+      #expect(
+        error.type == NBDChunk.error && error.flags == NBDChunk.done && st.u32(error.payload, 0) == NBDErrno.invalid)
       try st.send(st.request(NBDCommand.blockStatus.rawValue, offset: 0, length: 65536, cookie: 9))
       let status = try st.chunk()
       #expect(status.type == NBDChunk.blockStatus && status.flags == NBDChunk.done)
@@ -340,7 +346,10 @@ struct NBDProtocolTests {
       for structured in [false, true] {
         let c = try RawNBDClient(path: s.nbdPath)
         _ = try c.open("", structured: structured)
-        try c.send((0..<3).flatMap { i in c.request(NBDCommand.read.rawValue, offset: UInt64(i) * 40960, length: 4096, cookie: UInt64(i)) })
+        try c.send(
+          (0..<3).flatMap { i in
+            c.request(NBDCommand.read.rawValue, offset: UInt64(i) * 40960, length: 4096, cookie: UInt64(i))
+          })
         for i in 0..<3 {
           if structured {
             let r = try c.chunk()
@@ -369,7 +378,8 @@ struct NBDProtocolTests {
       try s.waitForNBD()
       let head = try RawNBDClient(path: s.nbdPath)
       _ = try head.open("head")
-      try head.send(head.request(NBDCommand.write.rawValue, offset: 4096, length: 4096, payload: pattern(4096, seed: 3)))
+      try head.send(
+        head.request(NBDCommand.write.rawValue, offset: 4096, length: 4096, payload: pattern(4096, seed: 3)))
       #expect(try head.simpleReply().error == 0)
       let snap = try RawNBDClient(path: s.nbdPath)
       let (_, flags) = try snap.open("snapshot/empty")
