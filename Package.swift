@@ -5,6 +5,7 @@ import PackageDescription
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
 //   StrataCLI -> StrataVhost, StrataNBD, StrataControl (the servers of `strata serve`) -> StrataCore
+//   StrataCABI (libStrataC.so, the C ABI) -> StrataCore
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
 let package = Package(
   name: "Strata",
@@ -14,6 +15,8 @@ let package = Package(
     // For the fuzzers (fuzz/Package.swift) and other tools that decode the formats.
     .library(name: "StrataFormat", targets: ["StrataFormat"]),
     .library(name: "VhostProtocol", targets: ["VhostProtocol"]),
+    // The C ABI (Sources/StrataCABI/include/strata.h) as a shared library: libStrataC.so.
+    .library(name: "StrataC", type: .dynamic, targets: ["StrataCABI"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -67,6 +70,8 @@ let package = Package(
       name: "StrataControl",
       dependencies: ["StrataCore", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
     ),
+    // The C ABI for VMMs and tools in other languages: include/strata.h over StrataCore.
+    .target(name: "StrataCABI", dependencies: ["StrataCore"], exclude: ["include"]),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation"]),

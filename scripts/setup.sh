@@ -5,7 +5,7 @@ set -euo pipefail
 
 # qemu-system-common brings qemu-storage-daemon, the peer the vhost-user client tests run against;
 # libnbd-bin (nbdinfo, nbdcopy), qemu-utils (qemu-img) and fio (nbd engine) are the NBD clients.
-packages=(liburing-dev libaio-dev libzstd-dev pkg-config qemu-system-common qemu-utils fio libnbd-bin)
+packages=(liburing-dev libaio-dev libzstd-dev pkg-config gcc qemu-system-common qemu-utils fio libnbd-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 swift build --build-tests
 swift test --skip-build --parallel
+echo "== the C ABI from a C program"
+bash Tests/cabi/run.sh
 for engine in native threads; do
   echo "== again on the '$engine' engine"
   STRATA_AIO=$engine swift test --skip-build --parallel --filter "StrataCLITests|StrataCoreTests.smoke|StrataCoreTests.queue|StrataIOTests|StrataServeTests"

@@ -6,6 +6,10 @@ import StrataFormat
 /// runs: when a megabyte is pending, on flush, and when the segment is sealed. Every record
 /// starts on a page boundary, so a page that was synced is never rewritten: a torn write can
 /// only damage records that were never acknowledged as durable.
+///
+/// Two segment buffers alternate: when a segment is sealed its writes may still be in flight
+/// while the next segment fills the other buffer, so the disk never idles at a segment
+/// boundary; a buffer is reused only once the writes from it have landed.
 final class LogWriter {
   private enum OpenKind { case data, pages }
 
@@ -32,7 +36,12 @@ final class LogWriter {
   let clock: @Sendable () -> UInt64
   var sealHandler: SealHandler = { _, _, _ in preconditionFailure("seal handler not set") }
 
-  private let buffer: UnsafeMutableRawBufferPointer
+  private let buffers: [UnsafeMutableRawBufferPointer]
+  private var current = 0
+  private var buffer: UnsafeMutableRawBufferPointer { buffers[current] }
+  /// The segment sealed last, still in the other buffer (pages `from..<to`), and the write mark
+  /// that covers its writes: until the buffer is reused its pages are read from memory.
+  private var previous: (segment: Int, from: Int, to: Int, mark: UInt64)?
   private(set) var segment: Int
   private(set) var tailPage: Int
   private(set) var writtenPages: Int
@@ -71,8 +80,11 @@ final class LogWriter {
     self.nextSeq = nextSeq
     self.lastChecksum = lastChecksum
     self.clock = clock
-    buffer = .allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
-    buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    buffers = (0..<2).map { _ in
+      let b = UnsafeMutableRawBufferPointer.allocate(byteCount: geometry.segmentSize, alignment: Layout.pageSize)
+      b.initializeMemory(as: UInt8.self, repeating: 0)
+      return b
+    }
     maxBlocksPerWrite = Self.maxBlocksPerWrite(geometry)
   }
 
@@ -82,7 +94,7 @@ final class LogWriter {
     return min(1024, byHeader, bySegment)
   }
 
-  deinit { buffer.deallocate() }
+  deinit { buffers.forEach { $0.deallocate() } }
 
   var pendingPages: Int { tailPage - writtenPages }
   var pagesLeft: Int { geometry.pagesPerSegment - tailPage - 1 }  // one page stays for the SEAL
@@ -236,12 +248,15 @@ final class LogWriter {
     appendStandalone([.seal(nextSegment: UInt64(next))])
     do {
       try writeOut()
-      try storage.completeWrites()  // the buffer is reused for the next segment
+      // The next segment goes into the other buffer: the writes from it must have landed.
+      if let p = previous { try storage.completeWrites(through: p.mark) }
     } catch {
       // The in-memory log has moved on to a segment the file does not show yet.
       failure = "writing the end of segment \(segment) failed (\(error))"
       throw error
     }
+    previous = (segment, bufferedFrom, tailPage, storage.writeMark)
+    current ^= 1
     segment = next
     tailPage = 0
     writtenPages = 0
@@ -337,21 +352,26 @@ final class LogWriter {
     }
   }
 
-  /// Copies `page` if the buffer holds it (appended in this segment since the writer started:
-  /// written-out pages too, whose asynchronous writes may still be in flight); false if it must
-  /// be read from storage.
+  /// Copies `page` if a buffer holds it (appended in this segment or the one sealed before it
+  /// since the writer started: written-out pages too, whose asynchronous writes may still be in
+  /// flight); false if it must be read from storage.
   func copyPending(page: UInt64, into out: UnsafeMutableRawBufferPointer) -> Bool {
-    guard isPending(page: page) else { return false }
+    guard let source = bufferHolding(page) else { return false }
     let local = geometry.pageInSegment(page)
     out.copyMemory(
-      from: UnsafeRawBufferPointer(rebasing: buffer[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
+      from: UnsafeRawBufferPointer(rebasing: source[(local * Layout.pageSize)..<((local + 1) * Layout.pageSize)]))
     return true
   }
 
-  /// True when the buffer holds `page` (see `copyPending`).
-  func isPending(page: UInt64) -> Bool {
-    guard page >= geometry.firstDataPage, geometry.segment(ofPage: page) == segment else { return false }
+  /// True when a buffer holds `page` (see `copyPending`).
+  func isPending(page: UInt64) -> Bool { bufferHolding(page) != nil }
+
+  private func bufferHolding(_ page: UInt64) -> UnsafeMutableRawBufferPointer? {
+    guard page >= geometry.firstDataPage else { return nil }
+    let s = geometry.segment(ofPage: page)
     let local = geometry.pageInSegment(page)
-    return local >= bufferedFrom && local < tailPage
+    if s == segment { return local >= bufferedFrom && local < tailPage ? buffer : nil }
+    if let p = previous, s == p.segment, local >= p.from, local < p.to { return buffers[current ^ 1] }
+    return nil
   }
 }

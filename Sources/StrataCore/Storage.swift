@@ -27,6 +27,11 @@ public protocol ImageStorage: AnyObject {
   func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws
   /// Waits for every submitted write; throws the first error any of them met.
   func completeWrites() throws
+  /// Counts the writes submitted so far: a mark for `completeWrites(through:)`.
+  var writeMark: UInt64 { get }
+  /// Waits for the writes submitted up to `mark` (later ones may stay in flight); throws the
+  /// first error any write met.
+  func completeWrites(through mark: UInt64) throws
   /// Reserves space for a range about to be written (a new log segment), so that the writes
   /// neither extend the file nor fail half-way for lack of space.
   func preallocate(at offset: UInt64, length: UInt64) throws
@@ -35,6 +40,9 @@ public protocol ImageStorage: AnyObject {
 extension ImageStorage {
   public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
   public func completeWrites() throws {}
+  public var writeMark: UInt64 { 0 }
+  /// Storage that cannot wait selectively waits for everything.
+  public func completeWrites(through mark: UInt64) throws { try completeWrites() }
   public func preallocate(at offset: UInt64, length: UInt64) throws {}
 }
 
@@ -115,7 +123,7 @@ public final class FileStorage: ImageStorage {
       throw fail(StrataError.system("ftruncate", path, errno: Glibc.errno))
     }
     do {
-      let choice = try IOEngines.make(fd: fd, depth: 16, requested: requestedEngine)
+      let choice = try IOEngines.make(fd: fd, depth: 64, requested: requestedEngine)
       engine = choice.engine
       engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))\(isDirect ? ", O_DIRECT" : ", page cache")"
     } catch {
@@ -180,9 +188,13 @@ public final class FileStorage: ImageStorage {
 
   // MARK: Asynchronous writes (the log's write-out overlaps with appending)
 
-  private static let writeTag: UInt64 = 0x5752_4954  // completions of submitWrite
+  /// Completions of submitWrite carry this in their low 16 bits, the write's slot in the next
+  /// 16 and its length in the high 32.
+  private static let writeTag: UInt64 = 0x5749
   private static let syncTag: UInt64 = 0x5359_4e43  // the one synchronous request at a time
-  private var writesInFlight = 0
+  /// The mark of each write in flight, by slot (0: free); there are fewer than the engine depth.
+  private var inFlightMarks = [UInt64](repeating: 0, count: 64)
+  public private(set) var writeMark: UInt64 = 0
   private var writeError: StrataError?
   private var completions = [IOCompletion](repeating: IOCompletion(userData: 0, result: 0), count: 64)
 
@@ -193,9 +205,10 @@ public final class FileStorage: ImageStorage {
       return try write(bytes, at: offset)
     }
     while engine.inFlight >= engine.depth { try reapOne(waitingFor: nil) }
+    guard let slot = inFlightMarks.firstIndex(of: 0) else { preconditionFailure("more writes in flight than slots") }
     var request = IORequest(
       opcode: .write, buffer: UnsafeMutableRawPointer(mutating: bytes.baseAddress), length: bytes.count, offset: offset,
-      userData: Self.writeTag | UInt64(bytes.count) << 32)
+      userData: Self.writeTag | UInt64(slot) << 16 | UInt64(bytes.count) << 32)
     let accepted: Int
     do {
       accepted = try withUnsafePointer(to: &request) { try engine.submit(UnsafeBufferPointer(start: $0, count: 1)) }
@@ -204,11 +217,16 @@ public final class FileStorage: ImageStorage {
       throw StrataError.system(e.call, path, errno: e.errno)
     }
     precondition(accepted == 1)
-    writesInFlight += 1
+    writeMark += 1
+    inFlightMarks[slot] = writeMark
   }
 
   public func completeWrites() throws {
-    while writesInFlight > 0 { try reapOne(waitingFor: nil) }
+    try completeWrites(through: .max)
+  }
+
+  public func completeWrites(through mark: UInt64) throws {
+    while inFlightMarks.contains(where: { $0 != 0 && $0 <= mark }) { try reapOne(waitingFor: nil) }
     if let e = writeError {
       writeError = nil
       throw e
@@ -231,7 +249,7 @@ public final class FileStorage: ImageStorage {
         if c.userData == tag {
           found = c.result
         } else {
-          writesInFlight -= 1
+          inFlightMarks[Int((c.userData >> 16) & 0xFFFF)] = 0
           let expected = Int32(truncatingIfNeeded: c.userData >> 32)
           if c.result != expected && writeError == nil {
             writeError = StrataError.system("write", path, errno: c.result < 0 ? -c.result : EIO)

@@ -172,3 +172,47 @@ private final class Thread: @unchecked Sendable {
 
   func join() { pthread_join(handle, nil) }
 }
+
+/// Writes that fill several 1 MiB segments while a queue reads what was just written: blocks of
+/// the segment being filled and of the one sealed before it (whose writes may still be in
+/// flight) come from memory, older ones from the file; every read, and every block after a
+/// reopen, is the last version written.
+@Test func queueReadsAcrossSegmentSeals() throws {
+  let path = temporaryDirectory() + "/s.strata"
+  var options = ImageOptions()
+  options.segmentSize = 1 << 20
+  let img = try StrataImage.create(path: path, virtualSize: 4 << 20, options: options, overwrite: true)
+  let bs = img.blockSize
+  let blocks = 1024
+  var versions = [UInt8](repeating: 0, count: blocks)
+  let queue = try ImageQueue(image: img, depth: 8)
+  let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 * bs, alignment: 4096)
+  defer { buffer.deallocate() }
+  var random = SeededRandom(seed: 5)
+  for round in 0..<600 {
+    let b = Int.random(in: 0..<blocks, using: &random)
+    versions[b] &+= 1
+    try img.write(pattern(block: b, version: versions[b], blockSize: bs), at: UInt64(b * bs))
+    // Read back the block just written and seven random ones.
+    let targets = [b] + (0..<7).map { _ in Int.random(in: 0..<blocks, using: &random) }
+    for (slot, t) in targets.enumerated() {
+      try queue.submitRead(
+        into: UnsafeMutableRawBufferPointer(rebasing: buffer[(slot * bs)..<((slot + 1) * bs)]), at: UInt64(t * bs),
+        tag: UInt64(slot))
+    }
+    _ = try reapAll(queue, targets.count)
+    for (slot, t) in targets.enumerated() {
+      let expected =
+        versions[t] == 0 ? [UInt8](repeating: 0, count: bs) : pattern(block: t, version: versions[t], blockSize: bs)
+      #expect(Array(buffer[(slot * bs)..<((slot + 1) * bs)]) == expected, "round \(round) block \(t)")
+    }
+  }
+  queue.close()
+  try img.flush()
+  try img.close()
+  let reopened = try StrataImage.open(path: path)
+  for b in 0..<blocks where versions[b] != 0 {
+    #expect(try reopened.read(at: UInt64(b * bs), count: bs) == pattern(block: b, version: versions[b], blockSize: bs))
+  }
+  try reopened.close()
+}
