@@ -75,12 +75,6 @@ mkdir -p "$(dirname "$out")"
   echo "- $size disks filled first; fio --ioengine=nbd over a Unix socket, one connection, QD32,"
   echo "  ${runtime} s per case (after 1 s ramp), best of $reps; qsd: cache.direct=on, aio=io_uring"
   echo
-  echo "| workload | strata serve | qsd + qcow2 | qsd + raw | strata/qcow2 | strata/raw |"
-  echo "|---|---:|---:|---:|---:|---:|"
-  for r in "${rows[@]}"; do
-    IFS='|' read -r name a b c <<<"$r"
-    printf '| %s | %s | %s | %s | %.2fx | %.2fx |\n' "$name" "$a" "$b" "$c" \
-      "$(python3 -c "print($a/max($b,1))")" "$(python3 -c "print($a/max($c,1))")"
-  done
+  ratio_table "${rows[@]}"
 } >"$out"
 cat "$out"

@@ -1,5 +1,5 @@
-# Sourced by the server benchmarks (vhost.sh, nbd.sh): the strata binary, a private work directory
-# removed at exit together with every server started (`pids+=($!)`), and wait_socket.
+# Sourced by the server benchmarks (vhost.sh, nbd.sh): the strata binary, a private work directory,
+# removed at exit together with every server started (`pids+=($!)`), wait_socket and ratio_table.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 if [ -z "${STRATA_BIN:-}" ]; then
@@ -18,3 +18,14 @@ cleanup() {
 trap cleanup EXIT
 
 wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
+
+# The side-by-side table of "name|strata|qcow2|raw" rows, with the two ratios.
+ratio_table() {
+  echo "| workload | strata serve | qsd + qcow2 | qsd + raw | strata/qcow2 | strata/raw |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for r in "$@"; do
+    IFS='|' read -r name a b c <<<"$r"
+    printf '| %s | %s | %s | %s | %.2fx | %.2fx |\n' "$name" "$a" "$b" "$c" \
+      "$(python3 -c "print($a/max($b,1))")" "$(python3 -c "print($a/max($c,1))")"
+  done
+}

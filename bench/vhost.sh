@@ -59,12 +59,6 @@ mkdir -p bench/results
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; kernel $(uname -r); $(qemu-storage-daemon --version | head -1)"
   echo "- $size disks filled first; client: strata vhost-bench (the in-repo front-end), 4 KiB random requests"
   echo
-  echo "| workload | strata serve | qsd + qcow2 | qsd + raw | strata/qcow2 | strata/raw |"
-  echo "|---|---:|---:|---:|---:|---:|"
-  for r in "${rows[@]}"; do
-    IFS='|' read -r name a b c <<<"$r"
-    printf '| %s | %s | %s | %s | %.2fx | %.2fx |\n' "$name" "$a" "$b" "$c" \
-      "$(python3 -c "print($a/$b)")" "$(python3 -c "print($a/$c)")"
-  done
+  ratio_table "${rows[@]}"
 } >"$out"
 cat "$out"
