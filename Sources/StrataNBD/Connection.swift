@@ -506,9 +506,12 @@ final class NBDConnection: @unchecked Sendable {
     let head = structured ? NBDReplyHeader.chunkSize + 8 : NBDReplyHeader.simpleSize
     let total = head + length
     if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes {
-      // The data goes at the next aligned address, its header just before; the send skips the
-      // gaps.
-      func dataStart() -> Int { (outCount + head + Self.dataAlignment - 1) / Self.dataAlignment * Self.dataAlignment }
+      // The data goes where its whole blocks land page-aligned (the queue reads them O_DIRECT),
+      // its header just before; the send skips the gaps.
+      let skew = Int(r.offset % UInt64(Self.dataAlignment))
+      func dataStart() -> Int {
+        (outCount + head + Self.dataAlignment - 1) / Self.dataAlignment * Self.dataAlignment + skew
+      }
       if dataStart() + length > output.count { try flushOutput() }
       precondition(dataStart() + length <= output.count, "output buffer smaller than one queued read")
       if pendingReads.isEmpty { batchStart = outCount }

@@ -402,6 +402,36 @@ struct NBDProtocolTests {
   }
 }
 
+/// A write is acknowledged only once the log holding it reached the file: every acknowledged
+/// write of a pipelined burst survives a SIGKILL of the server right after the replies.
+@Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
+func acknowledgedWritesSurviveAKill() throws {
+  try withServer(size: 8 << 20, vhost: false, nbd: true) { s in
+    try s.waitForNBD()
+    let c = try RawNBDClient(path: s.nbdPath)
+    _ = try c.open("")
+    let burst = (0..<32).flatMap { i in
+      c.request(
+        NBDCommand.write.rawValue, offset: UInt64(i) * 12288 + 1000, length: 9000, cookie: UInt64(i),
+        payload: pattern(9000, seed: UInt64(40 + i)))
+    }
+    try c.send(burst)
+    for _ in 0..<32 { #expect(try c.simpleReply().error == 0) }
+    try c.send(c.request(NBDCommand.read.rawValue, offset: 1000, length: 9000))
+    #expect(try c.simpleReply(dataLength: 9000).data == pattern(9000, seed: 40), "before the kill")
+    s.crash()
+    try s.restart()
+    try s.waitForNBD()
+    let after = try RawNBDClient(path: s.nbdPath)
+    _ = try after.open("")
+    for i in 0..<32 {
+      try after.send(after.request(NBDCommand.read.rawValue, offset: UInt64(i) * 12288 + 1000, length: 9000))
+      let r = try after.simpleReply(dataLength: 9000)
+      #expect(r.error == 0 && r.data == pattern(9000, seed: UInt64(40 + i)), "write \(i)")
+    }
+  }
+}
+
 @Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
 func readOnlyServerRefusesChangesToTheHead() throws {
   try withServer(size: 8 << 20, arguments: ["--read-only"], vhost: false, nbd: true) { s in
