@@ -488,6 +488,9 @@ final class NBDConnection: @unchecked Sendable {
 
   /// A change to the head; FUA makes it durable before the reply.
   private func modify(_ r: NBDRequest, fua: Bool, _ change: (StrataImage) throws -> Void) throws {
+    // Reads batched before this request see the disk as it was before it: requests take effect
+    // in the order they came (NBD would allow reordering; keeping the order costs a batch cut).
+    try runPendingReads()
     do {
       try image.with { img in
         try change(img)

@@ -463,3 +463,72 @@ func serveValidatesItsAddresses() throws {
     #expect(r.stderr.contains(message), "\(r.stderr)")
   }
 }
+
+/// Random pipelined bursts of byte-granular writes, reads, trims and zeroes against an in-memory
+/// model of the disk, with a kill -9 and restart halfway: every read equals the model.
+@Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)), arguments: [0x5EED, 2, 3] as [UInt64])
+func randomPipelinedRequestsMatchAModel(seed: UInt64) throws {
+  let size = 4 << 20
+  let blockSize = 4096
+  var model = [UInt8](repeating: 0, count: size)
+  var state = seed
+  func next(_ bound: Int) -> Int {
+    state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+    return Int((state >> 33) % UInt64(bound))
+  }
+  try withServer(size: UInt64(size), vhost: false, nbd: true) { s in
+    try s.waitForNBD()
+    var c = try RawNBDClient(path: s.nbdPath)
+    _ = try c.open("")
+    for round in 0..<24 {
+      if round == 12 {
+        s.crash()
+        try s.restart()
+        try s.waitForNBD()
+        c = try RawNBDClient(path: s.nbdPath)
+        _ = try c.open("")
+      }
+      var burst: [UInt8] = []
+      var expected: [(cookie: UInt64, data: [UInt8]?)] = []
+      for i in 0..<16 {
+        let length = 1 + next(next(4) == 0 ? 200_000 : 9000)
+        let offset = next(size - length + 1)
+        let cookie = UInt64(round * 100 + i)
+        switch next(6) {
+        case 0, 1:
+          let data = pattern(length, seed: cookie)
+          model.replaceSubrange(offset..<(offset + length), with: data)
+          burst += c.request(
+            NBDCommand.write.rawValue, offset: UInt64(offset), length: UInt32(length), cookie: cookie, payload: data)
+          expected.append((cookie, nil))
+        case 2:
+          // A discard frees whole blocks only (they read as zeros); the partial edges stay.
+          let first = (offset + blockSize - 1) / blockSize * blockSize
+          let end = (offset + length) / blockSize * blockSize
+          if first < end { model.replaceSubrange(first..<end, with: repeatElement(0, count: end - first)) }
+          burst += c.request(NBDCommand.trim.rawValue, offset: UInt64(offset), length: UInt32(length), cookie: cookie)
+          expected.append((cookie, nil))
+        case 3:
+          model.replaceSubrange(offset..<(offset + length), with: repeatElement(0, count: length))
+          burst += c.request(
+            NBDCommand.writeZeroes.rawValue, offset: UInt64(offset), length: UInt32(length), cookie: cookie)
+          expected.append((cookie, nil))
+        default:
+          burst += c.request(NBDCommand.read.rawValue, offset: UInt64(offset), length: UInt32(length), cookie: cookie)
+          expected.append((cookie, Array(model[offset..<(offset + length)])))
+        }
+      }
+      try c.send(burst)
+      for e in expected {
+        let r = try c.simpleReply(dataLength: e.data?.count ?? 0)
+        #expect(r.error == 0 && r.cookie == e.cookie, "seed \(seed) round \(round) cookie \(e.cookie)")
+        if let want = e.data { #expect(r.data == want, "seed \(seed) round \(round) cookie \(e.cookie)") }
+      }
+    }
+    // Everything, in 1 MiB reads.
+    for offset in stride(from: 0, to: size, by: 1 << 20) {
+      try c.send(c.request(NBDCommand.read.rawValue, offset: UInt64(offset), length: 1 << 20))
+      #expect(try c.simpleReply(dataLength: 1 << 20).data == Array(model[offset..<(offset + (1 << 20))]))
+    }
+  }
+}
