@@ -78,6 +78,7 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
+    .testTarget(name: "StrataVhostTests", dependencies: ["StrataVhost", "VhostProtocol", "CStrataLinux"]),
     .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD"]),
     .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],

@@ -24,6 +24,8 @@ public struct StrataCommand: ParsableCommand {
       ReadCommand.self,
       WriteCommand.self,
       SnapshotCommand.self,
+      TimelineCommand.self,
+      RestoreCommand.self,
       ConvertCommand.self,
       ResizeCommand.self,
       InspectCommand.self,

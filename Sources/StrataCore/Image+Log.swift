@@ -373,6 +373,8 @@ extension StrataImage {
     var current = start
     while true {
       guard let next = try pages.next(after: current) else {
+        // A point at the very end of the log (the last flush point) holds everything.
+        if current.header.nextSeq == seq { return MapView(map: map, virtualSize: size) }
         throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
       }
       var payload = next.payloadPage

@@ -40,6 +40,14 @@ final class OpenExport {
     self.view = view
   }
 
+  var description: String {
+    switch name {
+    case .head: "image head"
+    case .snapshot(let s): "snapshot \(s), read-only"
+    case .pointInTime(let seq): "the image just before operation \(seq), read-only"
+    }
+  }
+
   var flags: NBDTransmissionFlags {
     var f: NBDTransmissionFlags = [.hasFlags, .sendFlush, .sendDF, .sendCache, .canMultiConn]
     if readOnly {
@@ -297,19 +305,16 @@ final class NBDConnection: @unchecked Sendable {
   private func resolve(_ text: String) -> Result<NBDExportName, Failure> {
     guard let name = NBDExportName(text) else {
       return .failure(
-        Failure(reply: NBDReply.errUnknown, message: "no export \"\(text)\": exports are head and snapshot/NAME"))
+        Failure(
+          reply: NBDReply.errUnknown, message: "no export \"\(text)\": exports are head, snapshot/NAME and at/SEQ"))
     }
     switch name {
     case .head: return .success(name)
+    // Whether the log still reaches that point shows when the view is made (`open`).
+    case .pointInTime: return .success(name)
     case .snapshot(let s):
       let exists = image.with { img in img.snapshots.contains { $0.name == s } }
       return exists ? .success(name) : .failure(Failure(reply: NBDReply.errUnknown, message: "no snapshot \"\(s)\""))
-    case .pointInTime:
-      // Retained points in time need the views of issue 7; until then only snapshots are served.
-      return .failure(
-        Failure(
-          reply: NBDReply.errUnknown,
-          message: "point-in-time exports (at/SEQ) are not available yet; use snapshot/NAME"))
     }
   }
 
@@ -324,8 +329,12 @@ final class NBDConnection: @unchecked Sendable {
     do {
       return .success(
         try image.with { img in
-          var view: SnapshotView?
-          if case .snapshot(let s) = name { view = try img.snapshotView(name: s) }
+          let view: SnapshotView? =
+            switch name {
+            case .head: nil
+            case .snapshot(let s): try img.snapshotView(name: s)
+            case .pointInTime(let seq): try img.view(atSeq: seq)
+            }
           let export = OpenExport(
             name: name, size: view?.size ?? img.size, readOnly: serverReadOnly || img.readOnly || view != nil,
             view: view)
@@ -370,7 +379,7 @@ final class NBDConnection: @unchecked Sendable {
     if requested.contains(NBDInfo.description) {
       w = NBDWriter()
       w.u16(NBDInfo.description)
-      w.raw((export.view.map { "snapshot \($0.info.name), read-only" } ?? "image head").utf8)
+      w.raw(export.description.utf8)
       try sendOptionReply(option, NBDReply.info, w.bytes)
     }
   }

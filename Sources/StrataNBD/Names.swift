@@ -6,7 +6,7 @@ public enum NBDExportName: Equatable, Sendable {
   case head
   /// "snapshot/NAME": a snapshot, read-only.
   case snapshot(String)
-  /// "at/SEQ": the image as of a log sequence number (recognized; not served yet).
+  /// "at/SEQ": the image just before log operation SEQ (a point of `strata timeline`), read-only.
   case pointInTime(UInt64)
 
   public init?(_ name: String) {

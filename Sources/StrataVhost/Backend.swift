@@ -20,7 +20,9 @@ final class VhostBlkBackend {
   private struct Ring {
     var size = 0
     var address: VringAddress?
-    var base: UInt16 = 0
+    /// SET/GET_VRING_BASE: the next available index (packed rings: bits 0-14 and the avail wrap
+    /// counter in bit 15, the used index and its wrap counter in bits 16-31, as QEMU sends).
+    var base: UInt32 = 0
     var kickFd: Int32 = -1
     var callFd: Int32 = -1
     var errFd: Int32 = -1
@@ -58,7 +60,7 @@ final class VhostBlkBackend {
   /// The area of SET_INFLIGHT_FD, which the rings record their in-flight chains in.
   private var inflightArea: InflightArea?
 
-  init(image: SharedImage, readOnly: Bool, serial: String, numQueues: Int, logger: Logger) {
+  init(image: SharedImage, readOnly: Bool, serial: String, numQueues: Int, packedRing: Bool = false, logger: Logger) {
     self.image = image
     self.readOnly = readOnly
     self.serial = Array(serial.utf8.prefix(20))
@@ -69,6 +71,7 @@ final class VhostBlkBackend {
       | VirtioBlkFeature.segMax | VirtioBlkFeature.blkSize | VirtioBlkFeature.flush | VirtioBlkFeature.mq
       | VirtioBlkFeature.sizeMax
     f |= readOnly ? VirtioBlkFeature.readOnly : VirtioBlkFeature.discard | VirtioBlkFeature.writeZeroes
+    if packedRing { f |= VirtioFeature.ringPacked }
     offeredFeatures = f
     rings = Array(repeating: Ring(), count: numQueues)
   }
@@ -116,6 +119,7 @@ final class VhostBlkBackend {
     protocolFeatures = 0
   }
 
+  private var packed: Bool { features & VirtioFeature.ringPacked != 0 }
   private var replyAck: Bool { protocolFeatures & VhostProtocolFeature.replyAck.bit != 0 }
   private var tracksInflight: Bool { protocolFeatures & VhostProtocolFeature.inflightShmfd.bit != 0 }
 
@@ -214,7 +218,8 @@ final class VhostBlkBackend {
     case .setVringNum:
       let s = try VringState.decode(p)
       let i = try ringIndex(s.index)
-      guard s.num >= 1, s.num <= UInt32(Self.queueSizeLimit), s.num & (s.num - 1) == 0 else {
+      // Split rings need a power of two (their indices wrap at 2^16); packed rings any size.
+      guard s.num >= 1, s.num <= UInt32(Self.queueSizeLimit), s.num & (s.num - 1) == 0 || packed else {
         throw VhostError.invalid("queue size \(s.num) is not a power of two up to \(Self.queueSizeLimit)")
       }
       guard rings[i].worker == nil else { throw VhostError.invalid("queue \(i) is running") }
@@ -227,8 +232,10 @@ final class VhostBlkBackend {
     case .setVringBase:
       let s = try VringState.decode(p)
       let i = try ringIndex(s.index)
-      guard s.num <= 0xFFFF, rings[i].worker == nil else { throw VhostError.invalid("bad base for queue \(i)") }
-      rings[i].base = UInt16(s.num)
+      guard s.num <= 0xFFFF || packed, rings[i].worker == nil else {
+        throw VhostError.invalid("bad base for queue \(i)")
+      }
+      rings[i].base = s.num
     case .getVringBase:
       let s = try VringState.decode(p)
       let i = try ringIndex(s.index)
@@ -237,7 +244,7 @@ final class VhostBlkBackend {
       rings[i].enabled = false
       if rings[i].kickFd >= 0 { close(rings[i].kickFd) }
       rings[i].kickFd = -1
-      return Reply(payload: VringState(index: s.index, num: UInt32(base)).encode())
+      return Reply(payload: VringState(index: s.index, num: base).encode())
     case .setVringKick, .setVringCall, .setVringErr:
       let v = try decodeU64(p, "\(request)")
       let i = try ringIndex(UInt32(v & VringFdPayload.indexMask))
@@ -348,6 +355,19 @@ final class VhostBlkBackend {
   private func startRing(_ i: Int) throws {
     var r = rings[i]
     guard r.worker == nil, r.enabled, r.kickFd >= 0, r.size > 0, let a = r.address, let memory else { return }
+    if packed {
+      guard let ring = memory.user(a.descUser, length: PackedQueue.ringBytes(r.size)),
+        let driverEvent = memory.user(a.availUser, length: PackedQueue.eventBytes),
+        let deviceEvent = memory.user(a.usedUser, length: PackedQueue.eventBytes)
+      else { throw VhostError.invalid("queue \(i): ring addresses lie outside guest memory") }
+      if tracksInflight { logger.notice("queue \(i): packed ring, so no inflight tracking (split rings only)") }
+      let queue = PackedQueue(
+        size: r.size, ring: ring, driverEvent: driverEvent, deviceEvent: deviceEvent, base: r.base,
+        eventIdx: features & VirtioFeature.eventIdx != 0, indirect: features & VirtioFeature.indirectDesc != 0,
+        maxSegments: Self.segMax + 2)
+      start(i, &r, .packed(queue), memory)
+      return
+    }
     guard let desc = memory.user(a.descUser, length: SplitQueue.descBytes(r.size)),
       let avail = memory.user(a.availUser, length: SplitQueue.availBytes(r.size)),
       let used = memory.user(a.usedUser, length: SplitQueue.usedBytes(r.size))
@@ -367,10 +387,10 @@ final class VhostBlkBackend {
             if recovery.discarded > 0 { notes += ", \(recovery.discarded) bogus mark(s) cleared" }
             let what =
               "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
-            let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
+            let level: Logger.Level = UInt32(base) != r.base || !notes.isEmpty ? .info : .debug
             logger.log(
               level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
-            r.base = base
+            r.base = UInt32(base)
           }
           r.inflightCheckPending = false
         }
@@ -380,26 +400,30 @@ final class VhostBlkBackend {
       }
     }
     let queue = SplitQueue(
-      size: r.size, desc: desc, avail: avail, used: used, base: r.base,
+      size: r.size, desc: desc, avail: avail, used: used, base: UInt16(truncatingIfNeeded: r.base),
       eventIdx: features & VirtioFeature.eventIdx != 0,
       indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
+    start(i, &r, .split(queue), memory)
+  }
+
+  private func start(_ i: Int, _ r: inout Ring, _ queue: DeviceQueue, _ memory: GuestMemory) {
     let handler = BlockHandler(image: image, readOnly: readOnly, serial: serial, maxSegments: queue.maxSegments)
     let worker = QueueWorker(
       index: i, queue: queue, memory: memory, handler: handler, kickFd: r.kickFd, callFd: r.callFd, logger: logger)
     r.worker = worker
     rings[i] = r
     worker.start()
-    logger.debug("queue \(i) started: \(r.size) entries, base \(r.base)")
+    logger.debug("queue \(i) started: \(r.size) entries, base \(r.base)\(packed ? ", packed" : "")")
   }
 
   /// Stops a running ring and returns its next available index (the base to resume from).
   @discardableResult
-  private func stopRing(_ i: Int) -> UInt16? {
+  private func stopRing(_ i: Int) -> UInt32? {
     guard let worker = rings[i].worker else { return nil }
     worker.stop()
     rings[i].worker = nil
-    rings[i].base = worker.queue.lastAvail
-    return worker.queue.lastAvail
+    rings[i].base = worker.queue.base
+    return worker.queue.base
   }
 
   private func stopAll() -> [Int] {

@@ -14,7 +14,7 @@ import VhostProtocol
 /// through its own eventfd, after every request in flight has completed.
 final class QueueWorker: @unchecked Sendable {
   let index: Int
-  let queue: SplitQueue
+  let queue: DeviceQueue
   let memory: GuestMemory
   let handler: BlockHandler
   let kickFd: Int32
@@ -47,7 +47,7 @@ final class QueueWorker: @unchecked Sendable {
   var isBroken: Bool { strata_load_acquire_u64(counters + 2) != 0 }
 
   init(
-    index: Int, queue: SplitQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32,
+    index: Int, queue: DeviceQueue, memory: GuestMemory, handler: BlockHandler, kickFd: Int32, callFd: Int32,
     logger: Logger
   ) {
     self.index = index
@@ -144,7 +144,15 @@ final class QueueWorker: @unchecked Sendable {
           logger.info("queue \(index): resubmitting \(inflight.resubmit.count) request(s) in flight before the restart")
         }
         while !inflight.resubmit.isEmpty && hasRoom() {
-          execute(inflight.resubmit.removeFirst(), &segments, reads)
+          let head = inflight.resubmit.removeFirst()
+          let walked: ChainError?
+          do throws(ChainError) {
+            try queue.walk(head: head, memory: memory, into: &segments)
+            walked = nil
+          } catch {
+            walked = error
+          }
+          execute(head, walked, &segments, reads)
         }
         if inflight.resumed {
           inflight.resumed = false
@@ -152,8 +160,10 @@ final class QueueWorker: @unchecked Sendable {
         }
       }
       do {
-        while queue.inflight?.resubmit.isEmpty ?? true, hasRoom(), let head = try queue.popAvailable() {
-          execute(head, &segments, reads)
+        while queue.inflight?.resubmit.isEmpty ?? true, hasRoom(),
+          let (head, walked) = try queue.next(into: &segments, memory: memory)
+        {
+          execute(head, walked, &segments, reads)
         }
       } catch {
         broken = true
@@ -165,13 +175,12 @@ final class QueueWorker: @unchecked Sendable {
     notify(force: forceNotify)
   }
 
-  /// Runs one chain; its used entry waits in `done` (or the read's completion) until published.
-  private func execute(_ head: UInt16, _ segments: inout [GuestSegment], _ reads: ImageQueue?) {
-    do {
-      try queue.walk(head: head, memory: memory, into: &segments)
-    } catch {
+  /// Runs one chain (walked into `segments`, unless `walked` says why it could not be); its used
+  /// entry waits in `done` (or the read's completion) until published.
+  private func execute(_ head: UInt16, _ walked: ChainError?, _ segments: inout [GuestSegment], _ reads: ImageQueue?) {
+    if let walked {
       // The chain cannot be trusted: complete it without touching it, as an error.
-      logger.warning("queue \(index): bad descriptor chain at head \(head): \(error); request failed")
+      logger.warning("queue \(index): bad descriptor chain at head \(head): \(walked); request failed")
       done.append((head, 0))
       return
     }
@@ -235,6 +244,79 @@ final class QueueWorker: @unchecked Sendable {
     if queue.shouldNotify() || force {
       var one: UInt64 = 1
       _ = write(callFd, &one, 8)
+    }
+  }
+}
+
+/// The virtqueue a worker drives: a split ring, or a packed ring (VIRTIO_F_RING_PACKED).
+enum DeviceQueue {
+  case split(SplitQueue)
+  case packed(PackedQueue)
+
+  var size: Int {
+    switch self {
+    case .split(let q): q.size
+    case .packed(let q): q.size
+    }
+  }
+
+  var maxSegments: Int {
+    switch self {
+    case .split(let q): q.maxSegments
+    case .packed(let q): q.maxSegments
+    }
+  }
+
+  /// INFLIGHT_SHMFD tracking (split rings only: its region layout is libvhost-user's split one).
+  var inflight: InflightRing? {
+    if case .split(let q) = self { return q.inflight }
+    return nil
+  }
+
+  /// Where the ring resumes (GET_VRING_BASE): the next available index (packed: with its wrap
+  /// counter, and the used position, as `PackedQueue.base`).
+  var base: UInt32 {
+    switch self {
+    case .split(let q): UInt32(q.lastAvail)
+    case .packed(let q): q.base
+    }
+  }
+
+  /// The next available chain: its head (the id its used entry carries) and, when the chain
+  /// itself is bad but the ring is not, why it could not be walked. Throws when the ring is broken.
+  func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> (UInt16, ChainError?)? {
+    switch self {
+    case .split(let q):
+      guard let head = try q.popAvailable() else { return nil }
+      do throws(ChainError) {
+        try q.walk(head: head, memory: memory, into: &segments)
+      } catch {
+        return (head, error)
+      }
+      return (head, nil)
+    case .packed(let q):
+      guard let id = try q.next(into: &segments, memory: memory) else { return nil }
+      return (id, nil)
+    }
+  }
+
+  /// Walks the chain at `head` again (split rings: requests resubmitted after a restart).
+  func walk(head: UInt16, memory: GuestMemory, into segments: inout [GuestSegment]) throws(ChainError) {
+    guard case .split(let q) = self else { preconditionFailure("only split rings resubmit") }
+    try q.walk(head: head, memory: memory, into: &segments)
+  }
+
+  func pushUsed(head: UInt16, written: UInt32) {
+    switch self {
+    case .split(let q): q.pushUsed(head: head, written: written)
+    case .packed(let q): q.pushUsed(head: head, written: written)
+    }
+  }
+
+  func shouldNotify() -> Bool {
+    switch self {
+    case .split(let q): q.shouldNotify()
+    case .packed(let q): q.shouldNotify()
     }
   }
 }

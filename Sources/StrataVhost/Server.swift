@@ -17,6 +17,8 @@ public final class VhostBlkServer: @unchecked Sendable {
     public var numQueues: Int = 1
     public var readOnly: Bool = false
     public var serial: String = "strata"
+    /// Offer VIRTIO_F_RING_PACKED (the front-end chooses: QEMU with `packed=on`).
+    public var packedRing: Bool = false
     public init(socketPath: String) { self.socketPath = socketPath }
   }
 
@@ -117,7 +119,8 @@ public final class VhostBlkServer: @unchecked Sendable {
   /// Runs one connection; returns true when the server must stop (a signal).
   private func serve(_ connection: Int32) -> Bool {
     let backend = VhostBlkBackend(
-      image: image, readOnly: options.readOnly, serial: options.serial, numQueues: options.numQueues, logger: logger)
+      image: image, readOnly: options.readOnly, serial: options.serial, numQueues: options.numQueues,
+      packedRing: options.packedRing, logger: logger)
     stateLock.with { self.backend = backend }
     defer {
       stateLock.with {

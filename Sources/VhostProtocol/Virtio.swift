@@ -37,11 +37,23 @@ public enum VirtioBlkStatus: UInt8, Sendable {
   case unsupported = 2
 }
 
-/// Split-virtqueue descriptor flags.
+/// Virtqueue descriptor flags (split and packed rings).
 public enum VirtqDescFlag {
   public static let next: UInt16 = 1
   public static let write: UInt16 = 2
   public static let indirect: UInt16 = 4
+  /// Packed ring (virtio 1.2, 2.8): a descriptor is available when its AVAIL bit equals the
+  /// driver's wrap counter and its USED bit does not; used when both equal the device's.
+  public static let packedAvail: UInt16 = 1 << 7
+  public static let packedUsed: UInt16 = 1 << 15
+}
+
+/// Packed-ring event suppression flags (virtio 1.2, 2.8.10).
+public enum VirtqEventFlag {
+  public static let enable: UInt16 = 0
+  public static let disable: UInt16 = 1
+  /// Notify when the ring passes the descriptor offset in `off_wrap` (with EVENT_IDX).
+  public static let desc: UInt16 = 2
 }
 
 /// The virtio-blk configuration space (60 bytes, little-endian).

@@ -304,6 +304,40 @@ struct CLITests {
     try box.fails(["snapshot", "delete", "disk.strata", "before"], status: 1, mentioning: ["before"])
   }
 
+  @Test func timelineAtAndRestore() throws {
+    let box = try Sandbox()
+    try box.ok(["create", "disk.strata", "--size", "1M"])
+    let first = randomBytes(8192, seed: 4)
+    let second = randomBytes(8192, seed: 5)
+    try box.write("first", first)
+    try box.write("second", second)
+    try box.ok(["write", "disk.strata", "--input", "first"])
+    try box.ok(["snapshot", "create", "disk.strata", "one"])
+    try box.ok(["write", "disk.strata", "--input", "second"])
+    let points = try #require(try box.json(["timeline", "disk.strata", "--output", "json"]) as? [[String: Any]])
+    #expect(points.contains { $0["kind"] as? String == "snapshot" && $0["name"] as? String == "one" })
+    #expect(points.allSatisfy { ($0["time"] as? String)?.hasSuffix("Z") == true && $0["seq"] is Int })
+    let snapshotSeq = try #require(points.first { $0["kind"] as? String == "snapshot" }?["seq"] as? Int)
+    let flushes = points.filter { $0["kind"] as? String == "flush" }.compactMap { $0["seq"] as? Int }
+    let afterFirst = try #require(flushes.last { $0 <= snapshotSeq })
+    let read = ["read", "disk.strata", "--length", "8192"]
+    #expect(try box.ok(read + ["--at", String(afterFirst)]).stdout == Data(first))
+    #expect(try box.ok(read + ["--at", String(try #require(flushes.last))]).stdout == Data(second))
+    #expect(try box.ok(["map", "disk.strata", "--at", String(afterFirst), "--output", "json"]).output.contains("data"))
+    let limited = try #require(try box.json(["timeline", "disk.strata", "--limit", "2", "--output", "json"]) as? [Any])
+    #expect(limited.count == 2)
+
+    try box.fails(read + ["--at", "soon"], status: 64, mentioning: ["RFC 3339"])
+    try box.fails(read + ["--at", "1", "--snapshot", "one"], status: 64, mentioning: ["pick one"])
+    try box.fails(read + ["--at", "2000-01-01T00:00:00Z"], status: 1, mentioning: ["no restorable point"])
+    try box.fails(["restore", "disk.strata"], status: 64, mentioning: ["exactly one"])
+
+    try box.ok(["restore", "disk.strata", "--at", String(afterFirst)])
+    #expect(try box.ok(read).stdout == Data(first))
+    #expect(try box.ok(read + ["--at", String(try #require(flushes.last))]).stdout == Data(second), "still reachable")
+    try box.ok(["check", "disk.strata"])
+  }
+
   @Test func mapShowsDataZeroAndUnallocated() throws {
     let box = try Sandbox()
     try box.ok(["create", "disk.strata", "--size", "1M"])

@@ -147,13 +147,43 @@ struct NBDClientTests {
       let none = try s.client(nbdinfo, ["--map=strata:changed:s1", s.nbdURI("snapshot/s1")])
       #expect(parseMap(none.stdout) == [[0, 64 * m, 0]])
 
-      let pit = try s.client(nbdinfo, [s.nbdURI("at/5")])
+      let pit = try s.client(nbdinfo, [s.nbdURI("at/999999")])
       #expect(!pit.succeeded)
       // (nbdinfo 1.14 does not print the server's message; the raw protocol test reads it.)
-      #expect(pit.stderr.contains("No such file or directory for export: at/5"), "\(pit.stderr)")
+      #expect(pit.stderr.contains("No such file or directory for export: at/999999"), "\(pit.stderr)")
       let unknown = try s.client(nbdinfo, [s.nbdURI("snapshot/nope")])
       #expect(!unknown.succeeded)
       #expect(unknown.stderr.contains("No such file or directory"), "\(unknown.stderr)")
+    }
+  }
+
+  /// `at/SEQ` exports a point in time: at the snapshot's seq it is the snapshot, one operation
+  /// later it holds the first write after it (B), and it stays so while the head changes.
+  @Test func pointInTimeExports() throws {
+    var snapshotSeq: UInt64 = 0
+    let prepare: (ServeProcess) throws -> Void = { s in
+      try NBDLayout.prepare(s)
+      let img = try StrataImage.open(
+        path: s.image,
+        options: {
+          var o = ImageOptions(); o.readOnly = true; return o
+        }())
+      snapshotSeq = try img.snapshot(named: "s1").seq
+      try img.close()
+    }
+    try withServer(vhost: false, nbd: true, prepare: prepare) { s in
+      try s.waitForNBD()
+      #expect(snapshotSeq > 0)
+      var afterB = NBDLayout.snapshot
+      afterB.replaceSubrange((2 << 20)..<((2 << 20) + (64 << 10)), with: NBDLayout.b)
+      for (seq, want) in [(snapshotSeq, NBDLayout.snapshot), (snapshotSeq + 2, afterB)] {
+        let file = s.directory + "/at\(seq).raw"
+        let r = try s.client(qemuImg, ["convert", "-f", "raw", "-O", "raw", s.nbdURI("at/\(seq)"), file])
+        #expect(r.succeeded, "\(r.stderr)")
+        #expect(try s.read(file) == want, "at/\(seq)")
+      }
+      let info = try s.client(nbdinfo, [s.nbdURI("at/\(snapshotSeq)")])
+      #expect(String(decoding: info.stdout, as: UTF8.self).contains("is_read_only: true"))
     }
   }
 

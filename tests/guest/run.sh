@@ -3,7 +3,7 @@
 # socket served by strata, runs fio with verification, writes a marker and exercises discard and
 # write-zeroes inside the guest; meanwhile the host takes a snapshot and grows the disk through
 # the control socket, and the guest must see the new capacity live and use it; boots a second
-# guest on the same server (reconnect) that reads everything back; then stops the server and
+# guest on the same server (reconnect, with packed virtqueues) that reads everything back; then stops the server and
 # checks the image (and the snapshot) from the host.
 # See tests/guest/README.md.
 #
@@ -374,7 +374,7 @@ SOCK="$WORK/vhost.sock"
 CONTROL="$WORK/control.sock"
 DISK_BYTES=$IMAGE_BYTES # what the guest must see at boot; RESIZED_BYTES after the live resize
 timeout 60 "$STRATA" create "$IMG" --size "$IMAGE_BYTES" >/dev/null || die "strata create failed"
-"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" --control "$CONTROL" >"$WORK/serve.log" 2>&1 &
+"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" --control "$CONTROL" --packed-ring >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 log "strata serve started (pid $SERVE_PID), log $WORK/serve.log"
 for _ in $(seq 1 300); do
@@ -446,14 +446,15 @@ on_console() { # on_console NAME CONSOLE_FILE: what the host does when the guest
     fail "control socket: resize failed: $(tail -n 2 "$WORK/control.log" | tr '\n' ' ')"
   fi
 }
-boot_guest() { # boot_guest NAME MODE: runs QEMU to completion; sets $console to what the guest printed
-  local name=$1 mode=$2 t0=$SECONDS rc=0 abort_reason="" out="$WORK/console-$1.log" err="$WORK/qemu-$1.err"
+boot_guest() { # boot_guest NAME MODE [RING]: runs QEMU to completion; sets $console to what the guest printed
+  local name=$1 mode=$2 ring=${3:-split} t0=$SECONDS rc=0 abort_reason="" out="$WORK/console-$1.log" err="$WORK/qemu-$1.err"
   make_initrd "$mode"
-  log "boot '$name' (TCG, $GUEST_CPUS vCPUs, timeout ${QEMU_TIMEOUT}s); console $out"
+  log "boot '$name' (TCG, $GUEST_CPUS vCPUs, $ring virtqueues, timeout ${QEMU_TIMEOUT}s); console $out"
   timeout -k 10 "$QEMU_TIMEOUT" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "$GUEST_CPUS" -m 512 \
     -object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem \
-    -chardev socket,id=c0,path="$SOCK" -device vhost-user-blk-pci,chardev=c0,num-queues="$NUM_QUEUES" \
+    -chardev socket,id=c0,path="$SOCK" \
+    -device vhost-user-blk-pci,chardev=c0,num-queues="$NUM_QUEUES",packed=$([ "$ring" = packed ] && echo on || echo off) \
     -kernel "$GUEST_DIR/vmlinuz" -initrd "$WORK/initrd-$mode" \
     -append "console=ttyS0 panic=-1 quiet" \
     -nographic -no-reboot -nic none \
@@ -524,8 +525,8 @@ check_guest GUEST_DONE "boot 1: guest finished and powered off (${BOOT_SECS}s in
 # The server must survive the front-end's disconnect and serve the next connection.
 if kill -0 "$SERVE_PID" 2>/dev/null && [ -S "$SOCK" ]; then
   pass "strata serve still running and listening after the guest disconnected"
-  boot_guest second verify
-  check_guest CAPACITY_OK "boot 2 (reconnect): capacity = the grown image size"
+  boot_guest second verify packed
+  check_guest CAPACITY_OK "boot 2 (reconnect, packed virtqueues): capacity = the grown image size"
   check_guest FIO_REVERIFY_OK "boot 2 (reconnect): fio --verify_only of both boot-1 phases"
   check_vqs "boot 2 (reconnect)"
   check_guest MARKER_REREAD_OK "boot 2 (reconnect): marker reads back"

@@ -27,7 +27,8 @@ struct ServeCommand: ParsableCommand {
 
       With --nbd (alone or with --socket), NBD clients such as qemu-img, nbdcopy, nbdinfo, fio or \
       nbd-client reach the image too: export "" or "head" is the image (writable unless \
-      --read-only), "snapshot/NAME" each snapshot (read-only, frozen while the head changes). \
+      --read-only), "snapshot/NAME" each snapshot and "at/SEQ" each point of `strata timeline` \
+      (read-only, frozen while the head changes). \
       Metadata contexts: base:allocation and strata:changed:SNAPSHOT (blocks changed since a \
       snapshot, for incremental backups).
 
@@ -53,6 +54,9 @@ struct ServeCommand: ParsableCommand {
 
   @Option(help: ArgumentHelp("Serial number the guest reads with GET_ID (at most 20 bytes).", valueName: "id"))
   var serial = "strata"
+
+  @Flag(help: "Offer packed virtqueues (VIRTIO_F_RING_PACKED; QEMU uses them with packed=on).")
+  var packedRing = false
 
   @Option(name: .customLong("aio"), help: "I/O engine: io_uring, native or threads (default: the best available).")
   var engine: IOEngineKind?
@@ -102,6 +106,7 @@ struct ServeCommand: ParsableCommand {
           serverOptions.numQueues = numQueues
           serverOptions.readOnly = readOnly
           serverOptions.serial = serial
+          serverOptions.packedRing = packedRing
           return try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
         }
         let nbdServer = try nbdOptions.map {

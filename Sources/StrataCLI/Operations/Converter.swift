@@ -27,6 +27,7 @@ struct ConversionRequest {
   var source: String
   var sourceFormat: ImageFormat
   var snapshot: String?
+  var at: PointInTime?
   var destination: String
   var destinationFormat: ImageFormat
   var overwrite: Bool
@@ -55,7 +56,7 @@ enum Converter {
     switch request.sourceFormat {
     case .strata:
       try ImageAccess.with(request.source, readOnly: true) { image in
-        let source = try ImageAccess.source(image, snapshot: request.snapshot)
+        let source = try ImageAccess.source(image, snapshot: request.snapshot, at: request.at)
         try copy(
           size: source.size, ranges: { try source.extents(0, nil).map { Range(extent: $0) } },
           read: source.read, sourcePath: request.source, request: request)

@@ -55,9 +55,12 @@ enum ImageAccess {
   }
 
   /// Reads from the head or, with a name, from a snapshot of the image.
-  static func source(_ image: StrataImage, snapshot: String?) throws -> ImageSource {
-    if let snapshot {
-      let view = try image.snapshotView(name: snapshot)
+  /// The head, a snapshot or a point in time (at most one of the last two).
+  static func source(_ image: StrataImage, snapshot: String?, at point: PointInTime? = nil) throws -> ImageSource {
+    precondition(snapshot == nil || point == nil, "the command validates --snapshot against --at")
+    let view =
+      try snapshot.map { try image.snapshotView(name: $0) } ?? point.map { try image.view(atSeq: $0.seq(in: image)) }
+    if let view {
       return ImageSource(
         size: view.size, read: { try view.read(into: $0, at: $1) },
         extents: { try view.extents(from: $0, length: $1) })

@@ -1,0 +1,37 @@
+import Foundation
+import StrataCore
+
+/// `--at SEQ|TIME`: a point of the image's timeline, by sequence number (`strata timeline`
+/// lists them) or by RFC 3339 time (the latest restorable point at or before it).
+enum PointInTime: Equatable {
+  case seq(UInt64)
+  case time(nanoseconds: UInt64)
+
+  static func parse(_ text: String) throws -> PointInTime {
+    if let seq = UInt64(text) { return .seq(seq) }
+    for options: ISO8601DateFormatter.Options in [
+      [.withInternetDateTime, .withFractionalSeconds], [.withInternetDateTime],
+    ] {
+      let formatter = ISO8601DateFormatter()
+      formatter.formatOptions = options
+      if let date = formatter.date(from: text), date.timeIntervalSince1970 >= 0 {
+        return .time(nanoseconds: UInt64(date.timeIntervalSince1970 * 1e9))
+      }
+    }
+    throw StrataError(
+      .invalidArgument,
+      "'\(text)' is neither a sequence number nor an RFC 3339 time (e.g. 2026-11-26T09:30:00Z); see `strata timeline`")
+  }
+
+  /// The sequence number this point names in `image`.
+  func seq(in image: StrataImage) throws -> UInt64 {
+    switch self {
+    case .seq(let seq): return seq
+    case .time(let ns):
+      guard let point = try image.point(atOrBefore: ns) else {
+        throw StrataError(.notFound, "no restorable point at or before \(rfc3339(nanoseconds: ns))")
+      }
+      return point.seq
+    }
+  }
+}

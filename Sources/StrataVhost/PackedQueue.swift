@@ -1,0 +1,172 @@
+import CStrataLinux
+import VhostProtocol
+
+/// A packed virtqueue (virtio 1.2, 2.8): one descriptor ring that the driver fills and the
+/// device writes used descriptors back into, with wrap counters instead of indices, and two
+/// event-suppression areas. Owned by one worker thread.
+///
+/// vhost-user places the ring at the descriptor address, the driver's event suppression area
+/// at the "avail" address and the device's at the "used" address. The ring base exchanged with
+/// SET/GET_VRING_BASE is, as QEMU encodes it, the next available index in bits 0-14 with its
+/// wrap counter in bit 15, and the next used index and wrap counter in bits 16-31.
+final class PackedQueue {
+  let size: Int
+  let ring: UnsafeMutableRawPointer
+  let driverEvent: UnsafeMutableRawPointer
+  let deviceEvent: UnsafeMutableRawPointer
+  let eventIdx: Bool
+  let indirect: Bool
+  let maxSegments: Int
+  private(set) var nextAvail: UInt16
+  private(set) var availWrap: Bool
+  private var nextUsed: UInt16
+  private var usedWrap: Bool
+  /// Used position at the last notification (EVENT_IDX).
+  private var signalledUsed: UInt16
+  private var pushedSinceSignal = false
+  /// Descriptors each buffer id took in the ring: the used descriptor skips as many.
+  private var chainLength: [UInt16]
+
+  static func ringBytes(_ size: Int) -> Int { 16 * size }
+  static let eventBytes = 4
+
+  init(
+    size: Int, ring: UnsafeMutableRawPointer, driverEvent: UnsafeMutableRawPointer,
+    deviceEvent: UnsafeMutableRawPointer, base: UInt32, eventIdx: Bool, indirect: Bool, maxSegments: Int
+  ) {
+    precondition(size > 0 && size <= 32768)
+    self.size = size
+    self.ring = ring
+    self.driverEvent = driverEvent
+    self.deviceEvent = deviceEvent
+    self.eventIdx = eventIdx
+    self.indirect = indirect
+    self.maxSegments = maxSegments
+    nextAvail = UInt16(base & 0x7FFF) % UInt16(size)
+    availWrap = base & 0x8000 != 0
+    nextUsed = UInt16((base >> 16) & 0x7FFF) % UInt16(size)
+    usedWrap = base & 0x8000_0000 != 0
+    signalledUsed = nextUsed
+    chainLength = Array(repeating: 0, count: size)
+    // The driver notifies for every buffer it makes available (no kick suppression).
+    deviceEvent.storeBytes(of: UInt16(0), as: UInt16.self)
+    strata_store_release_u16((deviceEvent + 2).assumingMemoryBound(to: UInt16.self), VirtqEventFlag.enable.littleEndian)
+  }
+
+  /// SET/GET_VRING_BASE encoding of where the ring stands.
+  var base: UInt32 {
+    UInt32(nextAvail) | (availWrap ? 0x8000 : 0) | UInt32(nextUsed) << 16 | (usedWrap ? 0x8000_0000 : 0)
+  }
+
+  private func flags(at index: Int) -> UInt16 {
+    UInt16(littleEndian: strata_load_acquire_u16((ring + 16 * index + 14).assumingMemoryBound(to: UInt16.self)))
+  }
+
+  /// The next available buffer: its id and its segments (translated and bounds-checked). A
+  /// chain that cannot be walked breaks the ring (its id, in its last descriptor, cannot be
+  /// trusted), unlike a split ring where the head names the request.
+  func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> UInt16? {
+    let headFlags = flags(at: Int(nextAvail))
+    let isAvail = headFlags & VirtqDescFlag.packedAvail != 0
+    let isUsed = headFlags & VirtqDescFlag.packedUsed != 0
+    guard isAvail == availWrap, isUsed != availWrap else { return nil }
+    segments.removeAll(keepingCapacity: true)
+    var index = Int(nextAvail)
+    var wrap = availWrap
+    var count = 0
+    var id: UInt16 = 0
+    while true {
+      count += 1
+      guard count <= size else { throw .loop }
+      let d = ring + 16 * index
+      let addr = UInt64(littleEndian: d.loadUnaligned(as: UInt64.self))
+      let len = UInt32(littleEndian: d.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+      id = UInt16(littleEndian: d.loadUnaligned(fromByteOffset: 12, as: UInt16.self))
+      let f = count == 1 ? headFlags : flags(at: index)
+      // Every descriptor of the chain must be available in this lap (the driver publishes the
+      // head last, so the others are visible once the head is).
+      guard (f & VirtqDescFlag.packedAvail != 0) == wrap, (f & VirtqDescFlag.packedUsed != 0) != wrap else {
+        throw .badIndirect("descriptor \(index) of a chain is not available")
+      }
+      index += 1
+      if index == size {
+        index = 0
+        wrap.toggle()
+      }
+      if f & VirtqDescFlag.indirect != 0 {
+        guard indirect, f & VirtqDescFlag.next == 0 else { throw .badIndirect("indirect descriptor not allowed here") }
+        guard len > 0, len % 16 == 0, Int(len / 16) <= maxSegments else {
+          throw .badIndirect("indirect table of \(len) bytes")
+        }
+        guard let table = memory.guest(addr, length: Int(len)) else { throw .addressOutsideGuestMemory(addr, len) }
+        for i in 0..<Int(len / 16) {
+          let e = table + 16 * i
+          let ea = UInt64(littleEndian: e.loadUnaligned(as: UInt64.self))
+          let el = UInt32(littleEndian: e.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+          let ef = UInt16(littleEndian: e.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
+          guard ef & VirtqDescFlag.indirect == 0 else { throw .badIndirect("nested indirect table") }
+          try append(ea, el, writable: ef & VirtqDescFlag.write != 0, to: &segments, memory)
+        }
+        break
+      }
+      try append(addr, len, writable: f & VirtqDescFlag.write != 0, to: &segments, memory)
+      if f & VirtqDescFlag.next == 0 { break }
+    }
+    guard Int(id) < size else { throw .headOutOfRange(id) }
+    chainLength[Int(id)] = UInt16(count)
+    nextAvail = UInt16(index)
+    availWrap = wrap
+    return id
+  }
+
+  private func append(
+    _ addr: UInt64, _ len: UInt32, writable: Bool, to segments: inout [GuestSegment], _ memory: GuestMemory
+  ) throws(ChainError) {
+    guard segments.count < maxSegments else { throw .tooManySegments }
+    guard let p = memory.guest(addr, length: Int(len)) else { throw .addressOutsideGuestMemory(addr, len) }
+    segments.append(GuestSegment(pointer: p, length: Int(len), writable: writable))
+  }
+
+  /// Writes the used descriptor for buffer `id` at the next used position and skips the
+  /// descriptors its chain took; the flags go last, with release ordering.
+  func pushUsed(head id: UInt16, written: UInt32) {
+    let d = ring + 16 * Int(nextUsed)
+    d.storeBytes(of: id.littleEndian, toByteOffset: 12, as: UInt16.self)
+    d.storeBytes(of: written.littleEndian, toByteOffset: 8, as: UInt32.self)
+    var f: UInt16 = written > 0 ? VirtqDescFlag.write : 0
+    if usedWrap { f |= VirtqDescFlag.packedAvail | VirtqDescFlag.packedUsed }
+    strata_store_release_u16((d + 14).assumingMemoryBound(to: UInt16.self), f.littleEndian)
+    let skip = Int(max(chainLength[Int(id)], 1))
+    var n = Int(nextUsed) + skip
+    if n >= size {
+      n -= size
+      usedWrap.toggle()
+    }
+    nextUsed = UInt16(n)
+    pushedSinceSignal = true
+  }
+
+  /// Whether the driver wants an interrupt for what was pushed since the last notification.
+  func shouldNotify() -> Bool {
+    strata_fence_seq_cst()
+    guard pushedSinceSignal else { return false }
+    let flags = UInt16(littleEndian: strata_load_acquire_u16((driverEvent + 2).assumingMemoryBound(to: UInt16.self)))
+    // Positions made lap-relative, so that a wrap between the two compares correctly (DPDK's
+    // vhost_vring_call_packed).
+    let new = Int(nextUsed)
+    var old = Int(signalledUsed)
+    signalledUsed = nextUsed
+    pushedSinceSignal = false
+    switch flags {
+    case VirtqEventFlag.disable: return false
+    case VirtqEventFlag.desc where eventIdx:
+      let offWrap = UInt16(littleEndian: driverEvent.load(as: UInt16.self))
+      var off = Int(offWrap & 0x7FFF)
+      if new <= old { old -= size }
+      if (offWrap & 0x8000 != 0) != usedWrap { off -= size }
+      // vring_need_event(off, new, old)
+      return UInt16(truncatingIfNeeded: new - off - 1) < UInt16(truncatingIfNeeded: new - old)
+    default: return true
+    }
+  }
+}
