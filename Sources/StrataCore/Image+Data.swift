@@ -13,6 +13,16 @@ extension StrataImage {
       let inBlock = Int(position % UInt64(bs))
       let n = min(bs - inBlock, out.count - done)
       let entry = try map.entry(block)
+      if entry.state == .unallocated && backing != nil {
+        // A run of blocks this image never wrote: one read from the backing chain.
+        var end = done + n
+        while end < out.count, try map.entry((offset + UInt64(end)) / UInt64(bs)).state == .unallocated {
+          end = min(out.count, end + bs - Int((offset + UInt64(end)) % UInt64(bs)))
+        }
+        try readBacking(into: UnsafeMutableRawBufferPointer(rebasing: out[done..<end]), at: position)
+        done = end
+        continue
+      }
       guard entry.state == .data else {
         UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).initializeMemory(as: UInt8.self, repeating: 0)
         done += n
@@ -152,7 +162,7 @@ extension StrataImage {
         out.append(Extent(offset: start, length: stop - start, state: entry.state, fileOffset: file))
       }
     }
-    return out
+    return try resolveBacking(out)
   }
 }
 

@@ -93,7 +93,9 @@ extension StrataImage {
     let dataOffset = Layout.defaultDataOffset
     let geometry = Geometry(blockSize: options.blockSize, segmentSize: options.segmentSize, dataOffset: dataOffset)
     try storage.setSize(dataOffset)
+    if let backing = options.backing { try writeBackingPage(backing, to: storage) }
     let superblock = Superblock(
+      features: FeatureSet(incompatible: options.backing == nil ? 0 : FeatureSet.backingFile),
       generation: 0, imageID: imageID, blockSize: UInt32(options.blockSize), segmentSize: UInt32(options.segmentSize),
       dataOffset: dataOffset, checkpointPage: geometry.firstDataPage, checkpointSeq: 0, checkpointChecksum: 0,
       createdNanoseconds: options.clock())
@@ -124,8 +126,13 @@ extension StrataImage {
     return image
   }
 
-  /// Opens an image on any storage, recovering it: newest valid checkpoint plus log replay.
+  /// Opens an image on any storage, recovering it: newest valid checkpoint plus log replay. An
+  /// image with a backing file needs its path to find the parent: `open(path:)` opens those.
   public static func open(storage: ImageStorage, options: ImageOptions = ImageOptions()) throws -> StrataImage {
+    try open(storage: storage, options: options, allowBacking: false)
+  }
+
+  static func open(storage: ImageStorage, options: ImageOptions, allowBacking: Bool) throws -> StrataImage {
     var head = [UInt8](repeating: 0, count: 2 * Layout.pageSize)
     let got = try head.withUnsafeMutableBytes { try storage.read(into: $0, at: 0) }
     var candidates: [Superblock] = []
@@ -161,6 +168,9 @@ extension StrataImage {
         throw StrataError(
           .unsupported,
           "the image uses incompatible features this build does not know (bits 0x\(String(unknown, radix: 16)))")
+      }
+      guard allowBacking || sb.features.incompatible & FeatureSet.backingFile == 0 else {
+        throw StrataError(.unsupported, "the image reads through a backing file: open it by its path")
       }
       do {
         let image = try recover(storage: storage, superblock: sb, options: options)

@@ -31,6 +31,8 @@ public final class StrataImage {
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
+  /// The parent image of an external clone (a backing file), read-only.
+  var backing: Backing?
   let scratch: ImageScratch
   /// What recovery skipped that a crash explains (a torn superblock slot, a cut log tail).
   public internal(set) var recoveryNotes: [String] = []
@@ -99,12 +101,22 @@ public final class StrataImage {
   /// Opens an existing image file.
   public static func open(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
     let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite, engine: options.ioEngine)
+    let image: StrataImage
     do {
-      return try open(storage: storage, options: options)
+      image = try open(storage: storage, options: options, allowBacking: true)
     } catch {
       try? storage.close()
       throw error
     }
+    guard image.superblock.features.incompatible & FeatureSet.backingFile != 0 else { return image }
+    do {
+      let descriptor = try readBackingPage(from: storage)
+      image.backing = try attachParent(descriptor, childPath: path, depth: options.backingDepth + 1, options: options)
+    } catch {
+      try? image.close()
+      throw error
+    }
+    return image
   }
 
   /// Makes everything written so far durable, writes a checkpoint so the next open is quick,
@@ -115,6 +127,7 @@ public final class StrataImage {
     defer {
       isClosed = true
       try? storage.close()
+      if let parent = backing?.image, !parent.isClosed { try? parent.close() }
     }
     if writer != nil && changedSinceCheckpoint { try checkpoint() }
     if let writer {
@@ -183,7 +196,11 @@ public final class StrataImage {
     let bs = UInt64(blockSize)
     let first = (offset + bs - 1) / bs
     let end = (offset + length) / bs
-    if first < end { try logAndApply(.discard(firstBlock: first, count: end - first)) }
+    // Over a backing file an unallocated block shows the parent: a discarded one must read zeros.
+    if first < end {
+      try logAndApply(
+        backing == nil ? .discard(firstBlock: first, count: end - first) : .zero(firstBlock: first, count: end - first))
+    }
     try checkpointIfDue()
   }
 
@@ -210,7 +227,15 @@ public final class StrataImage {
       // would bring those bytes back.
       try zeroBytes(at: newSize, length: min(UInt64(blockSize) - tail, virtualSize - newSize))
     }
+    let oldSize = virtualSize
     try logAndApply(.resize(virtualSize: newSize))
+    if let parent = backing?.image, newSize > oldSize, oldSize < parent.size {
+      // Grown space reads as zeros, not as whatever the parent holds there (after a shrink).
+      let bs = UInt64(blockSize)
+      let first = (oldSize + bs - 1) / bs
+      let end = (min(newSize, parent.size) + bs - 1) / bs
+      if first < end { try logAndApply(.zero(firstBlock: first, count: end - first)) }
+    }
     try checkpoint()
   }
 
@@ -289,7 +314,7 @@ public final class StrataImage {
         snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
         checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
-        features: superblock.features)
+        features: superblock.features, backingChain: backingChain)
     }
   }
 

@@ -22,6 +22,10 @@ public struct ImageOptions: Sendable {
   public var ioEngine: IOEngineKind?
   /// Nanoseconds since the Unix epoch; tests substitute a deterministic clock.
   public var clock: @Sendable () -> UInt64 = wallClockNanoseconds
+  /// Creation: the parent this image reads unwritten blocks from (`create(path:backing:)`).
+  var backing: BackingDescriptor?
+  /// How deep in a backing chain the image being opened lies (0: the one the caller opened).
+  var backingDepth = 0
 
   public init() {}
 }
@@ -47,6 +51,8 @@ public struct Extent: Equatable, Sendable {
   public var state: BlockState
   /// Byte offset in the image file of the first block (data only); the run is contiguous there.
   public var fileOffset: UInt64?
+  /// Which image of a backing chain holds the run: 0 this one, 1 its parent, and so on.
+  public var layer: Int = 0
 }
 
 /// What `info` reports.
@@ -71,4 +77,6 @@ public struct ImageInfo: Sendable {
   public var superblockGeneration: UInt64
   public var createdNanoseconds: UInt64
   public var features: FeatureSet
+  /// The backing files of an external clone, parent first, as each image stores it.
+  public var backingChain: [String] = []
 }

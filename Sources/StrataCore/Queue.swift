@@ -263,7 +263,10 @@ public final class ImageQueue {
       let n = min(bs - inBlock, count - done)
       let entry = try image.map.entry(block)
       let dest = base + done
-      if entry.state != .data {
+      if entry.state == .unallocated && image.backingImage != nil {
+        // The backing chain holds it: read it synchronously through the image.
+        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+      } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
       } else if image.writer?.isPending(page: entry.page) ?? false
         // O_DIRECT reads straight into the caller's memory need it aligned: an aligned buffer is

@@ -14,9 +14,12 @@ public struct FeatureSet: Equatable, Sendable {
     self.autoclear = autoclear
   }
 
-  /// Incompatible bits this implementation understands. Version 1 defines none; bits are
-  /// reserved for compressed payloads (bit 0) and content-hash dedup (bit 1).
-  public static let knownIncompatible: UInt64 = 0
+  /// Blocks this image never wrote are read from a parent image (page 2 names it).
+  public static let backingFile: UInt64 = 1 << 3
+
+  /// Incompatible bits this implementation understands. Bits 0 and 1 are reserved for
+  /// compressed payloads and content-hash dedup.
+  public static let knownIncompatible: UInt64 = backingFile
   public static let knownCompatible: UInt64 = 0
   public static let knownAutoclear: UInt64 = 0
 

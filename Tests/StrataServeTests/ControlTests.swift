@@ -102,4 +102,43 @@ import VhostProtocol
     // The socket goes away with the server; the snapshot and the new size stay in the image.
     #expect(access(control, F_OK) != 0)
   }
+
+  /// `--snapshot-every` takes auto- snapshots while the guest writes and keeps the newest two;
+  /// after the server stops, `snapshot prune` and `timeline` see them.
+  @Test func periodicSnapshotsWithRetention() throws {
+    let control = "/tmp/strata-control-\(UUID().uuidString.prefix(8)).sock"
+    defer { unlink(control) }
+    try withServer(
+      size: 16 << 20, arguments: ["--control", control, "--snapshot-every", "100ms", "--snapshot-keep", "2"]
+    ) { s in
+      let c = try s.client(ServeProcess.options(queues: 1))
+      defer { c.shutdown() }
+      // Keep writing until at least four snapshots were taken (the status counts what remains:
+      // two; the timeline will show the auto snapshots taken).
+      let deadline = Date().addingTimeInterval(30)
+      var round: UInt64 = 0
+      var taken = 0
+      while taken < 4 && Date() < deadline {
+        round += 1
+        #expect(try c.perform(.write(sector: 8 * (round % 64), data: pattern(4096, seed: round))).isOK)
+        let status = try ControlClient.request(["command": "status"], path: control)
+        let snapshots = (status["image"] as? [String: Any])?["snapshots"] as? Int ?? 0
+        #expect(snapshots <= 2, "retention keeps two")
+        if snapshots == 2 { taken += 1 }
+        usleep(50_000)
+      }
+      #expect(taken >= 4, "no periodic snapshots within 30 s")
+      c.shutdown()
+      s.stop()
+      let list = try s.strata(["snapshot", "list", s.image, "--output", "json"])
+      let names = (try JSONSerialization.jsonObject(with: Data(list.stdout)) as? [[String: Any]] ?? []).compactMap {
+        $0["name"] as? String
+      }
+      #expect(names.count == 2 && names.allSatisfy { $0.hasPrefix("auto-") }, "\(names)")
+      let pruned = try s.strata(["snapshot", "prune", s.image, "--keep-last", "1", "--prefix", "auto-"])
+      #expect(pruned.succeeded && String(decoding: pruned.stdout, as: UTF8.self).contains("Deleted 1 snapshot"))
+      let refused = try s.strata(["snapshot", "prune", s.image])
+      #expect(!refused.succeeded && refused.stderr.contains("--keep"))
+    }
+  }
 }

@@ -35,11 +35,14 @@ struct MapCommand: ParsableCommand {
 
   func run() throws {
     try runReportingErrors {
-      let entries = try ImageAccess.with(image, readOnly: true) { opened in
-        try ImageAccess.source(opened, snapshot: snapshot, at: at).extents(0, nil).map(MapEntry.init)
+      let (entries, chain) = try ImageAccess.with(image, readOnly: true) { opened in
+        (
+          try ImageAccess.source(opened, snapshot: snapshot, at: at).extents(0, nil).map(MapEntry.init),
+          opened.backingChain
+        )
       }
       switch format.output {
-      case .human: print(MapEntry.table(entries, file: image))
+      case .human: print(MapEntry.table(entries, files: [image] + chain))
       case .json: try Printer.printJSON(entries)
       }
     }

@@ -67,6 +67,16 @@ struct ServeCommand: ParsableCommand {
       valueName: "path"))
   var control: String?
 
+  @Option(
+    help: ArgumentHelp(
+      "Take a snapshot named auto-<time> this often (e.g. 10s, 5m, 1h): continuous data protection.",
+      valueName: "duration"),
+    transform: DurationArgument.parseNanoseconds)
+  var snapshotEvery: UInt64?
+
+  @Option(help: ArgumentHelp("Keep only the newest N auto snapshots (0: keep all).", valueName: "n"))
+  var snapshotKeep = 0
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
   var logLevel = Logger.Level.info
 
@@ -79,6 +89,9 @@ struct ServeCommand: ParsableCommand {
     }
     guard (1...64).contains(numQueues) else { throw ValidationError("--num-queues must be 1...64") }
     guard serial.utf8.count <= 20 else { throw ValidationError("--serial must be at most 20 bytes") }
+    guard snapshotKeep >= 0 else { throw ValidationError("--snapshot-keep cannot be negative") }
+    if readOnly && snapshotEvery != nil { throw ValidationError("--snapshot-every needs a writable image") }
+    if let every = snapshotEvery, every < 10_000_000 { throw ValidationError("--snapshot-every must be at least 10ms") }
   }
 
   func run() throws {
@@ -128,6 +141,11 @@ struct ServeCommand: ParsableCommand {
         }
         controlServer?.start()
         defer { controlServer?.stop() }
+        let periodic = snapshotEvery.map {
+          PeriodicSnapshots(image: shared, intervalNanoseconds: $0, keepLast: snapshotKeep, logger: logger)
+        }
+        periodic?.start()
+        defer { periodic?.stop() }
         if let vhost {
           nbdServer?.start()
           defer { nbdServer?.stop() }

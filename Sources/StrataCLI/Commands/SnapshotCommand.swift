@@ -14,6 +14,7 @@ struct SnapshotCommand: ParsableCommand {
       SnapshotListCommand.self,
       SnapshotDeleteCommand.self,
       SnapshotRestoreCommand.self,
+      SnapshotPruneCommand.self,
     ]
   )
 }

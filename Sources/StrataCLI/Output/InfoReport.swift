@@ -23,6 +23,9 @@ struct InfoReport: Encodable {
   var compatibleFeatures: UInt64
   var recoveryNotes: [String]
   var recoveryProblems: [String]
+  /// As qemu-img names them: the parent, and the whole chain parent first.
+  var backingFilename: String?
+  var backingChain: [String]
 
   enum CodingKeys: String, CodingKey {
     case filename, format, segments, snapshots, created
@@ -42,6 +45,8 @@ struct InfoReport: Encodable {
     case compatibleFeatures = "compatible_features"
     case recoveryNotes = "recovery_notes"
     case recoveryProblems = "recovery_problems"
+    case backingFilename = "backing-filename"
+    case backingChain = "backing_chain"
   }
 
   init(path: String, info: ImageInfo, recoveryNotes: [String], recoveryProblems: [String]) {
@@ -65,6 +70,8 @@ struct InfoReport: Encodable {
     compatibleFeatures = info.features.compatible
     self.recoveryNotes = recoveryNotes
     self.recoveryProblems = recoveryProblems
+    backingFilename = info.backingChain.first
+    backingChain = info.backingChain
   }
 
   /// qemu-img info style: `label: value`, sizes both human and in bytes.
@@ -88,6 +95,10 @@ struct InfoReport: Encodable {
       "image id: \(imageID)",
       "created: \(created)",
     ]
+    if let backingFilename {
+      lines.append("backing file: \(backingFilename)")
+      if backingChain.count > 1 { lines.append("backing chain: \(backingChain.count) images") }
+    }
     if incompatibleFeatures != 0 || compatibleFeatures != 0 {
       lines.append("features: incompatible \(hex(incompatibleFeatures)), compatible \(hex(compatibleFeatures))")
     }

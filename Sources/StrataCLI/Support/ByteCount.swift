@@ -131,3 +131,19 @@ extension String {
     String(drop { $0.isWhitespace }.reversed().drop { $0.isWhitespace }.reversed())
   }
 }
+
+/// Durations on the command line: a number with a unit, `ms`, `s`, `m`, `h` or `d` (`500ms`,
+/// `10s`, `1h`).
+enum DurationArgument {
+  @Sendable static func parseNanoseconds(_ text: String) throws -> UInt64 {
+    let units: [(String, UInt64)] = [
+      ("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000), ("h", 3_600_000_000_000),
+      ("d", 86_400_000_000_000),
+    ]
+    for (suffix, scale) in units where text.hasSuffix(suffix) {
+      let number = text.dropLast(suffix.count)
+      if let n = UInt64(number), n > 0, n <= UInt64.max / scale { return n * scale }
+    }
+    throw ValidationError("'\(text)' is not a duration: a positive number with ms, s, m, h or d (e.g. 10s, 1h)")
+  }
+}

@@ -1,0 +1,89 @@
+import CStrataLinux
+import Foundation
+import Logging
+import StrataCore
+
+/// `strata serve --snapshot-every DURATION`: continuous protection by a snapshot per period,
+/// named `auto-<RFC 3339 time>`, each holding every write acknowledged before it and durable
+/// before the next period starts; optionally only the newest `keepLast` auto snapshots stay.
+public final class PeriodicSnapshots: @unchecked Sendable {
+  public static let prefix = "auto-"
+
+  let image: SharedImage
+  let intervalNanoseconds: UInt64
+  let keepLast: Int
+  let logger: Logger
+  private let stopFd: Int32
+  private var thread: pthread_t?
+
+  public init(image: SharedImage, intervalNanoseconds: UInt64, keepLast: Int, logger: Logger) {
+    precondition(intervalNanoseconds >= 1_000_000 && keepLast >= 0)
+    self.image = image
+    self.intervalNanoseconds = intervalNanoseconds
+    self.keepLast = keepLast
+    self.logger = logger
+    stopFd = strata_eventfd(0, 0)
+  }
+
+  deinit { close(stopFd) }
+
+  public func start() {
+    let box = Unmanaged.passRetained(self)
+    var t = pthread_t()
+    let r = pthread_create(
+      &t, nil,
+      { arg in
+        Unmanaged<PeriodicSnapshots>.fromOpaque(arg!).takeRetainedValue().run()
+        return nil
+      }, box.toOpaque())
+    precondition(r == 0, "pthread_create failed: \(r)")
+    thread = t
+  }
+
+  public func stop() {
+    guard let t = thread else { return }
+    var one: UInt64 = 1
+    _ = write(stopFd, &one, 8)
+    pthread_join(t, nil)
+    thread = nil
+  }
+
+  private func run() {
+    let formatter = ISO8601DateFormatter()
+    formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+    var fds = [pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]
+    var deadline = monotonicNanoseconds() + intervalNanoseconds
+    while true {
+      let now = monotonicNanoseconds()
+      if now < deadline {
+        let r = poll(&fds, 1, Int32(clamping: (deadline - now + 999_999) / 1_000_000))
+        if r < 0 && errno == EINTR { continue }
+        if r != 0 { return }  // stopped (or poll failed: stop rather than spin)
+        continue
+      }
+      deadline += intervalNanoseconds
+      if deadline <= now { deadline = now + intervalNanoseconds }  // fell behind: no burst
+      let name = Self.prefix + formatter.string(from: Date())
+      do {
+        let pruned = try image.with { img -> Int in
+          _ = try img.createSnapshot(name: name)
+          var pruned = 0
+          if keepLast > 0 {
+            pruned = try img.pruneSnapshots(RetentionPolicy(last: keepLast), prefix: Self.prefix).count
+          }
+          try img.flush()
+          return pruned
+        }
+        logger.debug("snapshot \(name)\(pruned > 0 ? ", \(pruned) older auto snapshot(s) pruned" : "")")
+      } catch {
+        logger.error("periodic snapshot \(name) failed: \(error)")
+      }
+    }
+  }
+
+  private func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+  }
+}
