@@ -203,6 +203,25 @@ struct NBDProtocolTests {
       try aborting.greet()
       #expect(try aborting.option(NBDOption.abort, []).map(\.type) == [NBDReply.ack])
 
+      // The old way in: NBD_OPT_EXPORT_NAME answers with the size and flags (and 124 zero bytes
+      // unless the client set NO_ZEROES), then transmission starts.
+      for flags: UInt32 in [1, 3] {
+        let old = try RawNBDClient(path: s.nbdPath)
+        try old.greet(flags: flags)
+        try old.sendOption(NBDOption.exportName, Array("snapshot/s".utf8))
+        #expect(old.closedByServer(), "no such snapshot: the connection closes")
+        let named = try RawNBDClient(path: s.nbdPath)
+        try named.greet(flags: flags)
+        try named.sendOption(NBDOption.exportName, Array("head".utf8))
+        let reply = try named.receive(flags == 3 ? 10 : 134)
+        #expect(named.u64(reply, 0) == 8 << 20)
+        #expect(NBDTransmissionFlags(rawValue: named.u16(reply, 8)).contains(.canMultiConn))
+        #expect(reply[10...].allSatisfy { $0 == 0 })
+        try named.send(named.request(NBDCommand.read.rawValue, offset: 4096, length: 16, cookie: 3))
+        let r = try named.simpleReply(dataLength: 16)
+        #expect(r.error == 0 && r.cookie == 3)
+      }
+
       // Still serving.
       let good = try RawNBDClient(path: s.nbdPath)
       let (size, flags) = try good.open("head")
