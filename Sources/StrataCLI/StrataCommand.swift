@@ -26,6 +26,7 @@ public struct StrataCommand: ParsableCommand {
       SnapshotCommand.self,
       TimelineCommand.self,
       RestoreCommand.self,
+      DiffCommand.self,
       ConvertCommand.self,
       ResizeCommand.self,
       InspectCommand.self,

@@ -39,8 +39,7 @@ public final class ControlServer: @unchecked Sendable {
   let hooks: Hooks
   let logger: Logger
   private let listenFd: Int32
-  private let stopFd: Int32
-  private var thread: pthread_t?
+  private var thread: WorkerThread?
 
   public init(path: String, image: SharedImage, hooks: Hooks, logger: Logger) throws {
     self.path = path
@@ -48,48 +47,35 @@ public final class ControlServer: @unchecked Sendable {
     self.hooks = hooks
     self.logger = logger
     listenFd = try UnixSocket.listen(path: path, backlog: 4)
-    stopFd = strata_eventfd(0, 0)
   }
 
-  deinit {
-    close(listenFd)
-    close(stopFd)
-  }
+  deinit { close(listenFd) }
 
   public func start() {
-    let box = Unmanaged.passRetained(self)
-    var t = pthread_t()
-    let r = pthread_create(
-      &t, nil,
-      { arg in
-        Unmanaged<ControlServer>.fromOpaque(arg!).takeRetainedValue().run()
-        return nil
-      }, box.toOpaque())
-    precondition(r == 0, "pthread_create failed: \(r)")
+    let t = WorkerThread { [self] stopFd in run(stopFd) }
     thread = t
+    t.start()
     logger.info("control socket on \(path)")
   }
 
   /// Stops serving (a command being handled finishes first) and removes the socket file.
   public func stop() {
-    guard let t = thread else { return }
-    var one: UInt64 = 1
-    _ = write(stopFd, &one, 8)
-    pthread_join(t, nil)
-    thread = nil
+    guard let thread else { return }
+    thread.stop()
+    self.thread = nil
     unlink(path)
   }
 
-  private func run() {
-    while let connection = next(listenFd, accepting: true) {
-      serve(connection)
+  private func run(_ stopFd: Int32) {
+    while let connection = next(listenFd, accepting: true, stopFd: stopFd) {
+      serve(connection, stopFd: stopFd)
       close(connection)
     }
   }
 
   /// Waits until `fd` is readable (accepting a connection on it when `accepting`); nil once
   /// the server is stopping.
-  private func next(_ fd: Int32, accepting: Bool) -> Int32? {
+  private func next(_ fd: Int32, accepting: Bool, stopFd: Int32) -> Int32? {
     var fds = [
       pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0),
     ]
@@ -113,10 +99,10 @@ public final class ControlServer: @unchecked Sendable {
     }
   }
 
-  private func serve(_ connection: Int32) {
+  private func serve(_ connection: Int32, stopFd: Int32) {
     var pending: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
-    while next(connection, accepting: false) != nil {
+    while next(connection, accepting: false, stopFd: stopFd) != nil {
       let n = chunk.withUnsafeMutableBytes { read(connection, $0.baseAddress, $0.count) }
       if n < 0 && errno == EINTR { continue }
       if n <= 0 { return }
@@ -161,7 +147,7 @@ public final class ControlServer: @unchecked Sendable {
         var reply = hooks.status().reduce(into: [String: Any]()) { $0[$1.key] = $1.value }
         reply["ok"] = true
         reply["image"] = image.with { img -> [String: Any] in
-          ["size": img.size, "block_size": img.blockSize, "snapshots": img.snapshots.count, "read_only": img.readOnly]
+          ["size": img.size, "block_size": img.blockSize, "snapshots": img.snapshotCount, "read_only": img.readOnly]
         }
         return reply
       case "snapshot":
@@ -169,12 +155,9 @@ public final class ControlServer: @unchecked Sendable {
           throw StrataError(.invalidArgument, "snapshot needs a \"name\" string")
         }
         // Every write acknowledged to a client is in the log before this record, so the
-        // snapshot holds all of them; the flush makes it durable before the reply.
-        let info = try image.with { img in
-          let info = try img.createSnapshot(name: name)
-          try img.flush()
-          return info
-        }
+        // snapshot holds all of them; it is durable before the reply (group commit: the sync
+        // runs outside the image lock, so the queues keep serving meanwhile).
+        let info = try image.durably { try $0.createSnapshot(name: name) }
         logger.info("control: snapshot '\(name)' created (seq \(info.seq))")
         return [
           "ok": true, "snapshot": ["name": info.name, "seq": info.seq, "timestamp_ns": info.timestampNanoseconds],

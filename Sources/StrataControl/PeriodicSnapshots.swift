@@ -13,8 +13,7 @@ public final class PeriodicSnapshots: @unchecked Sendable {
   let intervalNanoseconds: UInt64
   let keepLast: Int
   let logger: Logger
-  private let stopFd: Int32
-  private var thread: pthread_t?
+  private var thread: WorkerThread?
 
   public init(image: SharedImage, intervalNanoseconds: UInt64, keepLast: Int, logger: Logger) {
     precondition(intervalNanoseconds >= 1_000_000 && keepLast >= 0)
@@ -22,33 +21,20 @@ public final class PeriodicSnapshots: @unchecked Sendable {
     self.intervalNanoseconds = intervalNanoseconds
     self.keepLast = keepLast
     self.logger = logger
-    stopFd = strata_eventfd(0, 0)
   }
 
-  deinit { close(stopFd) }
-
   public func start() {
-    let box = Unmanaged.passRetained(self)
-    var t = pthread_t()
-    let r = pthread_create(
-      &t, nil,
-      { arg in
-        Unmanaged<PeriodicSnapshots>.fromOpaque(arg!).takeRetainedValue().run()
-        return nil
-      }, box.toOpaque())
-    precondition(r == 0, "pthread_create failed: \(r)")
+    let t = WorkerThread { [self] stopFd in run(stopFd) }
     thread = t
+    t.start()
   }
 
   public func stop() {
-    guard let t = thread else { return }
-    var one: UInt64 = 1
-    _ = write(stopFd, &one, 8)
-    pthread_join(t, nil)
+    thread?.stop()
     thread = nil
   }
 
-  private func run() {
+  private func run(_ stopFd: Int32) {
     let formatter = ISO8601DateFormatter()
     formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
     var fds = [pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]

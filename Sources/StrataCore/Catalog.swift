@@ -1,56 +1,152 @@
 import StrataFormat
 
-/// The named snapshots, ordered by sequence number, with a name index.
-///
-/// Format version 1 keeps the whole catalog in memory and rewrites its pages at a checkpoint
-/// when it changed; millions of snapshots want a paged tree (a later, feature-flagged format).
-struct Catalog {
-  private(set) var entries: [SnapshotEntry] = []
-  /// Keyed by the name's UTF-8 bytes: names are equal when their bytes are (format-spec), not
-  /// when Swift's `String` would call them canonically equivalent.
-  private var byName: [[UInt8]: UInt64] = [:]
+/// The named snapshots: a tree of entries keyed by seq and a name index keyed by the name's
+/// bytes (format-spec 8.6), both copy-on-write trees of pages in the log read through bounded
+/// caches. Opening reads the two roots; a lookup reads one path; a checkpoint writes the
+/// changed nodes only. Images written before the tree existed store flat catalog pages (8.5):
+/// those are loaded into the trees and written as trees at the next checkpoint.
+final class Catalog {
+  let bySeq: CatalogTree<SnapshotEntry>
+  let byName: CatalogTree<NameIndexEntry>
+  private(set) var count: Int
+  /// Changes not written yet (or flat pages to convert).
+  private(set) var isDirty: Bool
+  /// What the last checkpoint stored: the two roots, or nothing for an empty catalog.
+  private(set) var stored: (format: CatalogFormat, refs: [PageRef]) = (.flat, [])
 
-  init(entries: [SnapshotEntry] = []) {
-    for e in entries { add(e) }
+  init(pages: PageReader) {
+    bySeq = CatalogTree(pages: pages, root: nil)
+    byName = CatalogTree(pages: pages, root: nil)
+    count = 0
+    isDirty = false
   }
 
-  var count: Int { entries.count }
-
-  func entry(named name: String) -> SnapshotEntry? {
-    guard let seq = byName[Array(name.utf8)] else { return nil }
-    return entry(seq: seq)
+  /// The catalog a checkpoint describes. Tree roots are read and verified now, everything else
+  /// on demand; flat pages are read whole (they only exist in small, older catalogs).
+  init(pages: PageReader, checkpoint body: CheckpointBody) throws {
+    switch body.catalogFormat {
+    case .tree:
+      bySeq = CatalogTree(pages: pages, root: body.catalogPages[0])
+      byName = CatalogTree(pages: pages, root: body.catalogPages[1])
+      count = Int(clamping: body.snapshotCount)
+      isDirty = false
+      stored = (.tree, body.catalogPages)
+      try bySeq.verifyRoot()
+      try byName.verifyRoot()
+    case .flat:
+      bySeq = CatalogTree(pages: pages, root: nil)
+      byName = CatalogTree(pages: pages, root: nil)
+      count = 0
+      isDirty = false
+      var last: UInt64 = 0
+      for (i, ref) in body.catalogPages.enumerated() {
+        let bytes = try pages.readVerified(ref, kind: .catalog, level: 0, key: UInt64(i))
+        let list: [SnapshotEntry]
+        do { list = try bytes.withUnsafeBytes { try SnapshotEntry.decodePage($0) } } catch let e as FormatError {
+          throw StrataError.corrupt("catalog page \(i)", e)
+        }
+        for e in list {
+          guard e.seq > last, try add(e) else {
+            throw StrataError(
+              .corrupt, "catalog page \(i): snapshot \"\(e.name)\" (seq \(e.seq)) is duplicated or out of order")
+          }
+          last = e.seq
+        }
+      }
+      guard UInt64(count) == body.snapshotCount else {
+        throw StrataError(
+          .corrupt, "the checkpoint counts \(body.snapshotCount) snapshots, its catalog holds \(count)")
+      }
+    }
   }
 
-  func entry(seq: UInt64) -> SnapshotEntry? {
-    let i = lowerBound(seq)
-    return i < entries.count && entries[i].seq == seq ? entries[i] : nil
-  }
+  var dirtyNodes: Int { bySeq.dirtyNodes + byName.dirtyNodes }
+  var pagesRead: Int { bySeq.pagesRead + byName.pagesRead }
+  var cachedNodes: Int { bySeq.cache.count + byName.cache.count }
 
-  /// False when the name is taken or the seq is not newer than every entry.
-  @discardableResult
-  mutating func add(_ e: SnapshotEntry) -> Bool {
-    guard byName[Array(e.name.utf8)] == nil, entries.last.map({ $0.seq < e.seq }) ?? true else { return false }
-    entries.append(e)
-    byName[Array(e.name.utf8)] = e.seq
-    return true
-  }
+  // MARK: Lookup
 
-  @discardableResult
-  mutating func remove(seq: UInt64) -> SnapshotEntry? {
-    let i = lowerBound(seq)
-    guard i < entries.count, entries[i].seq == seq else { return nil }
-    let e = entries.remove(at: i)
-    byName[Array(e.name.utf8)] = nil
+  /// Names are equal when their bytes are (format-spec), not when Swift's `String` would call
+  /// them canonically equivalent.
+  func entry(named name: String) throws -> SnapshotEntry? {
+    guard let indexed = try byName.find(SnapshotName(name)) else { return nil }
+    guard let e = try entry(seq: indexed.seq), SnapshotName(e.name) == indexed.name else {
+      throw StrataError(.corrupt, "the catalog's name index lists \(indexed.name) as seq \(indexed.seq), which is not")
+    }
     return e
   }
 
-  private func lowerBound(_ seq: UInt64) -> Int {
-    var lo = 0
-    var hi = entries.count
-    while lo < hi {
-      let mid = (lo + hi) / 2
-      if entries[mid].seq < seq { lo = mid + 1 } else { hi = mid }
+  func entry(seq: UInt64) throws -> SnapshotEntry? { try bySeq.find(seq) }
+
+  /// Up to `limit` entries with a seq greater than `seq`, oldest first.
+  func entries(after seq: UInt64, limit: Int) throws -> [SnapshotEntry] {
+    var out: [SnapshotEntry] = []
+    guard limit > 0, seq < UInt64.max else { return out }
+    try bySeq.scan(from: seq + 1) { e in
+      out.append(e)
+      return out.count < limit
     }
-    return lo
+    return out
   }
+
+  /// The newest `limit` entries, oldest first.
+  func newest(_ limit: Int) throws -> [SnapshotEntry] {
+    var out: [SnapshotEntry] = []
+    guard limit > 0 else { return out }
+    try bySeq.scanBackward { e in
+      out.append(e)
+      return out.count < limit
+    }
+    return out.reversed()
+  }
+
+  func forEach(_ body: (SnapshotEntry) throws -> Void) throws {
+    try bySeq.scan(from: 0) { e in
+      try body(e)
+      return true
+    }
+  }
+
+  // MARK: Changes
+
+  /// False when the name is taken; a seq that is taken means the index and the tree disagree.
+  func add(_ e: SnapshotEntry) throws -> Bool {
+    guard try byName.insert(NameIndexEntry(e)) else { return false }
+    guard try bySeq.insert(e) else {
+      throw StrataError(.corrupt, "the catalog's name index lacks the existing snapshot seq \(e.seq)")
+    }
+    count += 1
+    isDirty = true
+    return true
+  }
+
+  func remove(seq: UInt64) throws -> SnapshotEntry? {
+    guard let e = try bySeq.remove(seq) else { return nil }
+    guard try byName.remove(NameIndexEntry(e).key) != nil else {
+      throw StrataError(.corrupt, "the catalog's name index lacks snapshot \"\(e.name)\" (seq \(seq))")
+    }
+    count -= 1
+    isDirty = true
+    return e
+  }
+
+  /// Writes the changed nodes of both trees through `write` (kind, page bytes → reference) and
+  /// returns what the checkpoint stores. An empty catalog is stored flat (no pages), so images
+  /// without snapshots stay readable by version-1 readers.
+  func write(_ write: (PageKind, [UInt8]) throws -> PageRef) throws -> (format: CatalogFormat, refs: [PageRef]) {
+    guard isDirty else { return stored }
+    let seqRoot = try bySeq.writeDirty { try write(.catalogSeqNode, $0) }
+    let nameRoot = try byName.writeDirty { try write(.catalogNameNode, $0) }
+    if let seqRoot, let nameRoot {
+      stored = (.tree, [seqRoot, nameRoot])
+    } else {
+      precondition(seqRoot == nil && nameRoot == nil && count == 0, "catalog trees disagree")
+      stored = (.flat, [])
+    }
+    isDirty = false
+    return stored
+  }
+
+  /// True when writing would store trees (the image then needs the catalog-tree feature bit).
+  var needsTreeFormat: Bool { isDirty ? count > 0 : stored.format == .tree }
 }

@@ -21,6 +21,7 @@ public struct CheckReport: Codable, Sendable {
   public var checkedMapNodes = 0
   public var checkedDataBlocks = 0
   public var checkedSnapshots = 0
+  public var checkedCatalogNodes = 0
 
   public init() {}
 
@@ -77,18 +78,27 @@ extension StrataImage {
       state.report.errors.append("the checkpoint counts \(map.dataBlocks) data blocks, the map holds \(dataBlocks)")
     }
 
-    // Snapshots: their views come from older checkpoints plus the log.
-    for entry in catalog.entries {
+    // Snapshots: the catalog trees, then every view (older checkpoints plus the log). Views are
+    // replayed forward, one replay per base checkpoint, and a stored node already verified
+    // (shared with the head or an earlier view) is not walked again: millions of snapshots
+    // cost the log and the distinct nodes, not views times map size.
+    checkCatalog(state)
+    var replay: ViewReplay?
+    try catalog.forEach { entry in
       state.report.checkedSnapshots += 1
       let label = "snapshot \"\(entry.name)\""
       do {
-        let view = try view(at: entry.seq, base: entry.baseCheckpoint)
+        if let r = replay, r.base != entry.baseCheckpoint || r.position > entry.seq { replay = nil }
+        let cursor = try replay ?? ViewReplay(image: self, base: entry.baseCheckpoint, before: entry.seq)
+        replay = cursor
+        let view = try cursor.advance(to: entry.seq)
         var lost: [(UInt64, UInt64)] = []
         try walkTree(view.map, size: view.virtualSize, label: label, state: state, lost: &lost) { _, _ in
         } data: { block, e in
           try verifyBlock(block, e, label: label, state: state)
         }
       } catch let e as StrataError where e.code == .corrupt {
+        replay = nil
         state.report.errors.append("\(label) cannot be read: \(e.message)")
       }
     }
@@ -128,6 +138,38 @@ extension StrataImage {
     }
   }
 
+  /// Walks both catalog trees (every node is verified as it loads: checksum, level, order, the
+  /// key its parent holds for it) and checks that the name index lists exactly the entries of
+  /// the seq tree under their names, with no name twice.
+  private func checkCatalog(_ state: CheckState) {
+    func items<Item>(_ tree: CatalogTree<Item>, _ what: String) -> [Item]? {
+      var out: [Item] = []
+      do {
+        try tree.forEachNode { node, _ in
+          state.report.checkedCatalogNodes += 1
+          out += node.items
+        }
+      } catch {
+        state.report.errors.append("\(what) cannot be read: \(error)")
+        return nil
+      }
+      return out
+    }
+    guard let entries = items(catalog.bySeq, "the catalog"), let names = items(catalog.byName, "the name index") else {
+      return
+    }
+    if entries.count != catalog.count {
+      state.report.errors.append("the checkpoint counts \(catalog.count) snapshots, the catalog holds \(entries.count)")
+    }
+    // The index's keys are strictly increasing (checked as nodes load), so equality with the
+    // seq tree's names also proves the names unique.
+    let expected = entries.map(NameIndexEntry.init).sorted { $0.key < $1.key }
+    if expected != names {
+      state.report.errors.append(
+        "the name index (\(names.count) entries) does not match the catalog (\(entries.count) snapshots)")
+    }
+  }
+
   /// Walks a map, verifying each node; unreadable subtrees are reported and recorded in `lost`.
   private func walkTree(
     _ map: BlockMap, size: UInt64, label: String, state: CheckState, lost: inout [(UInt64, UInt64)],
@@ -147,6 +189,8 @@ extension StrataImage {
       } else if ref.isNull {
         return
       } else {
+        // A stored node is immutable: once verified, its subtree needs no second look from a view.
+        guard state.verifiedNodes.insert(ref.page).inserted || label == "head" else { return }
         count(ref.page, 1)
         do {
           node = try pages.load(ref, level: level, index: index)
@@ -209,4 +253,6 @@ private final class CheckState {
   var report = CheckReport()
   /// Data pages already verified: snapshots share most blocks with the head.
   var verified = Set<UInt64>()
+  /// Stored map nodes already walked (with their subtrees): snapshots share most of the map.
+  var verifiedNodes = Set<UInt64>()
 }

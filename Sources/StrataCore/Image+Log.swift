@@ -14,7 +14,6 @@ struct LoadedCheckpoint {
   var map: BlockMap
   var usage: UsageTable
   var catalog: Catalog
-  var catalogRefs: [PageRef]
   var page: UInt64
   var seq: UInt64
 
@@ -46,23 +45,7 @@ struct LoadedCheckpoint {
         throw StrataError.corrupt("usage page \(i)", e)
       }
     }
-    var catalog = Catalog()
-    for (i, ref) in body.catalogPages.enumerated() {
-      let bytes = try pages.readVerified(ref, kind: .catalog, level: 0, key: UInt64(i))
-      let list: [SnapshotEntry]
-      do { list = try bytes.withUnsafeBytes { try SnapshotEntry.decodePage($0) } } catch let e as FormatError {
-        throw StrataError.corrupt("catalog page \(i)", e)
-      }
-      for e in list where !catalog.add(e) {
-        throw StrataError(
-          .corrupt, "catalog page \(i): snapshot \"\(e.name)\" (seq \(e.seq)) is duplicated or out of order")
-      }
-    }
-    guard UInt64(catalog.count) == body.snapshotCount else {
-      throw StrataError(
-        .corrupt,
-        "checkpoint at page \(stored.page) counts \(body.snapshotCount) snapshots, its catalog holds \(catalog.count)")
-    }
+    let catalog = try Catalog(pages: pages, checkpoint: body)
     if !body.root.isNull { try pages.checkAddress(body.root.page, what: "map root") }
     let map = BlockMap(
       source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
@@ -70,7 +53,7 @@ struct LoadedCheckpoint {
     return LoadedCheckpoint(
       virtualSize: body.virtualSize, map: map,
       usage: UsageTable(geometry: g, entries: entries, pageRefs: body.usagePages), catalog: catalog,
-      catalogRefs: body.catalogPages, page: stored.page, seq: stored.header.seq)
+      page: stored.page, seq: stored.header.seq)
   }
 }
 
@@ -99,7 +82,9 @@ extension StrataImage {
       generation: 0, imageID: imageID, blockSize: UInt32(options.blockSize), segmentSize: UInt32(options.segmentSize),
       dataOffset: dataOffset, checkpointPage: geometry.firstDataPage, checkpointSeq: 0, checkpointChecksum: 0,
       createdNanoseconds: options.clock())
-    let pages = PageReader(storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes)
+    let pages = PageReader(
+      storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes,
+      catalogCacheNodes: options.catalogCacheNodes)
     let blocks = (virtualSize + UInt64(options.blockSize) - 1) / UInt64(options.blockSize)
     let usage = UsageTable(geometry: geometry, entries: [], pageRefs: [])
     _ = usage.appendSegment()
@@ -108,7 +93,7 @@ extension StrataImage {
       map: BlockMap(
         source: pages, depth: Layout.mapDepth(forBlocks: blocks), root: .unallocated, dataBlocks: 0,
         pagesPerBlock: geometry.pagesPerBlock),
-      usage: usage, catalog: Catalog(), catalogRefs: [], page: 0, seq: 0)
+      usage: usage, catalog: Catalog(pages: pages), page: 0, seq: 0)
     let image = StrataImage(
       storage: storage, superblock: superblock, options: options, pages: pages, state: empty, readOnly: false)
     image.startWriter(at: LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: CRC32C.checksum(imageID)))
@@ -188,7 +173,9 @@ extension StrataImage {
     -> StrataImage
   {
     let geometry = Geometry(blockSize: Int(sb.blockSize), segmentSize: Int(sb.segmentSize), dataOffset: sb.dataOffset)
-    let pages = PageReader(storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes)
+    let pages = PageReader(
+      storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes,
+      catalogCacheNodes: options.catalogCacheNodes)
     guard let stored = try pages.record(at: sb.checkpointPage) else {
       throw StrataError(.corrupt, "the checkpoint record at page \(sb.checkpointPage) is damaged or missing")
     }
@@ -266,8 +253,6 @@ extension StrataImage {
       map.accounting = usage
       usage.adopt(state.usage)
       catalog = state.catalog
-      catalogRefs = state.catalogRefs
-      catalogDirty = false
       lastCheckpointPage = state.page
       lastCheckpointSeq = state.seq
     case .seal(let next):
@@ -285,16 +270,14 @@ extension StrataImage {
   func apply(_ op: LogOp, seq: UInt64, payloadPage: UInt64, timestamp: UInt64) throws {
     switch op {
     case .snapshot(let name, let base):
-      guard catalog.add(SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name))
-      else {
+      let entry = SnapshotEntry(seq: seq, timestampNanoseconds: timestamp, baseCheckpoint: base, name: name)
+      guard try catalog.add(entry) else {
         throw StrataError(.corrupt, "snapshot \"\(name)\" at seq \(seq) duplicates an existing one")
       }
-      catalogDirty = true
     case .snapshotDelete(let target):
-      guard catalog.remove(seq: target) != nil else {
+      guard try catalog.remove(seq: target) != nil else {
         throw StrataError(.corrupt, "seq \(seq) deletes snapshot \(target), which does not exist")
       }
-      catalogDirty = true
     case .restore(let target, let base):
       let restored = try view(at: target, base: base)
       map = restored.map
@@ -370,48 +353,14 @@ extension StrataImage {
   /// The map as it was just before operation `seq`: the checkpoint at `base` plus the log
   /// replayed up to `seq`.
   func view(at seq: UInt64, base: UInt64) throws -> MapView {
-    writer?.closeRecord()
-    guard let start = try pages.record(at: base), case .checkpoint(let body) = start.record.ops.last,
-      start.header.seq < seq
-    else {
-      throw StrataError(.corrupt, "the checkpoint at page \(base) that snapshot seq \(seq) starts from is damaged")
-    }
-    var size = body.virtualSize
-    var map = BlockMap(
-      source: pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
-      pagesPerBlock: geometry.pagesPerBlock)
-    var current = start
-    while true {
-      guard let next = try pages.next(after: current) else {
-        // A point at the very end of the log (the last flush point) holds everything.
-        if current.header.nextSeq == seq { return MapView(map: map, virtualSize: size) }
-        throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
-      }
-      var payload = next.payloadPage
-      for (i, op) in next.record.ops.enumerated() {
-        let opSeq = next.header.seq + UInt64(i)
-        if opSeq >= seq { return MapView(map: map, virtualSize: size) }
-        switch op {
-        case .write, .zero, .discard, .resize:
-          try applyMapOp(op, map: map, size: &size, payloadPage: payload, seq: opSeq)
-        case .restore(let target, let targetBase):
-          let restored = try view(at: target, base: targetBase)
-          map = restored.map
-          size = restored.virtualSize
-        default:
-          break
-        }
-        payload += UInt64(op.payloadPages(blockSize: geometry.blockSize))
-      }
-      current = next
-    }
+    try ViewReplay(image: self, base: base, before: seq).advance(to: seq)
   }
 
   // MARK: Checkpoints
 
   func checkpointIfDue() throws {
     guard let writer else { return }
-    if map.dirtyCount >= options.maxDirtyNodes
+    if map.dirtyCount >= options.maxDirtyNodes || catalog.dirtyNodes >= options.maxDirtyCatalogNodes
       || writer.appendedPages - pagesAtCheckpoint >= UInt64(options.checkpointIntervalPages)
     {
       try checkpoint()
@@ -428,16 +377,13 @@ extension StrataImage {
         UnsafeRawBufferPointer(node.bytes),
         descriptor: PageDescriptor(kind: .mapNode, level: UInt8(level), checksum: checksum, key: index))
     }
-    if catalogDirty {
-      catalogRefs = try SnapshotEntry.encodePages(catalog.entries).enumerated().map { i, bytes in
-        let checksum = bytes.withUnsafeBytes { pageChecksum(kind: .catalog, level: 0, key: UInt64(i), $0) }
-        let page = try bytes.withUnsafeBytes {
-          try writer.appendMetaPage(
-            $0, descriptor: PageDescriptor(kind: .catalog, level: 0, checksum: checksum, key: UInt64(i)))
-        }
-        return PageRef(page: page, checksum: checksum)
+    if catalog.needsTreeFormat { try enableCatalogTree() }
+    _ = try catalog.write { kind, bytes in
+      let checksum = bytes.withUnsafeBytes { pageChecksum(kind: kind, level: 0, key: 0, $0) }
+      let page = try bytes.withUnsafeBytes {
+        try writer.appendMetaPage($0, descriptor: PageDescriptor(kind: kind, level: 0, checksum: checksum, key: 0))
       }
-      catalogDirty = false
+      return PageRef(page: page, checksum: checksum)
     }
     // Usage pages last: writing them changes no usage, but a seal does, so make room first.
     while true {
@@ -478,10 +424,26 @@ extension StrataImage {
   }
 
   private func checkpointBody() -> CheckpointBody {
-    CheckpointBody(
+    precondition(!catalog.isDirty, "the catalog is written before the checkpoint that names it")
+    return CheckpointBody(
       virtualSize: virtualSize, blockSize: UInt32(geometry.blockSize), mapDepth: UInt8(map.depth), root: map.root,
       dataBlocks: map.dataBlocks, previousCheckpoint: lastCheckpointPage, segmentCount: UInt64(usage.segmentCount),
-      snapshotCount: UInt64(catalog.count), usagePages: usage.pageRefs, catalogPages: catalogRefs)
+      snapshotCount: UInt64(catalog.count), usagePages: usage.pageRefs, catalogPages: catalog.stored.refs,
+      catalogFormat: catalog.stored.format)
+  }
+
+  /// Sets the catalog-tree incompatible bit in a superblock that still names the last durable
+  /// checkpoint, before the first tree page reaches the log: a reader that does not know the
+  /// tree then refuses the image instead of cutting the log at the first tree page.
+  private func enableCatalogTree() throws {
+    guard superblock.features.incompatible & FeatureSet.catalogTree == 0 else { return }
+    var sb = superblock
+    sb.generation += 1
+    sb.features.incompatible |= FeatureSet.catalogTree
+    sb.features.autoclear &= FeatureSet.knownAutoclear
+    try writeSuperblock(sb)
+    try storage.sync()
+    superblock = sb
   }
 
   func writeSuperblock(_ sb: Superblock) throws {
@@ -516,5 +478,84 @@ extension StrataImage {
       }
     }
     return (live, data)
+  }
+}
+
+/// The map at successive points of the log, replayed forward from one checkpoint: the views of
+/// several snapshots that share a base cost one replay (`check` walks them all this way).
+/// The map a view returns is the cursor's own and changes with the next `advance`.
+final class ViewReplay {
+  private let image: StrataImage
+  let base: UInt64
+  private var map: BlockMap
+  private var size: UInt64
+  /// The last record applied whole, and the one being applied (from operation `nextOp`).
+  private var current: StoredRecord
+  private var record: StoredRecord?
+  private var nextOp = 0
+  private var payload: UInt64 = 0
+  /// Views are available at seqs ≥ this.
+  private(set) var position: UInt64
+
+  /// Starts at the checkpoint at `base`, which must come before operation `seq`.
+  init(image: StrataImage, base: UInt64, before seq: UInt64) throws {
+    image.writer?.closeRecord()  // the log is read back
+    guard let start = try image.pages.record(at: base), case .checkpoint(let body) = start.record.ops.last,
+      start.header.seq < seq
+    else {
+      throw StrataError(.corrupt, "the checkpoint at page \(base) that snapshot seq \(seq) starts from is damaged")
+    }
+    self.image = image
+    self.base = base
+    size = body.virtualSize
+    map = BlockMap(
+      source: image.pages, depth: Int(body.mapDepth), root: body.root, dataBlocks: body.dataBlocks,
+      pagesPerBlock: image.geometry.pagesPerBlock)
+    current = start
+    position = start.header.nextSeq
+  }
+
+  /// The view just before operation `seq` (≥ `position`).
+  func advance(to seq: UInt64) throws -> MapView {
+    precondition(seq >= position, "views are replayed forward only")
+    let g = image.geometry
+    while true {
+      if record == nil {
+        guard let next = try image.pages.next(after: current) else {
+          // A point at the very end of the log (the last flush point) holds everything.
+          if current.header.nextSeq == seq {
+            position = seq
+            return MapView(map: map, virtualSize: size)
+          }
+          throw StrataError(.corrupt, "the log ends at seq \(current.header.nextSeq), before snapshot seq \(seq)")
+        }
+        record = next
+        nextOp = 0
+        payload = next.payloadPage
+      }
+      guard let r = record else { preconditionFailure() }
+      while nextOp < r.record.ops.count {
+        let op = r.record.ops[nextOp]
+        let opSeq = r.header.seq + UInt64(nextOp)
+        if opSeq >= seq {
+          position = seq
+          return MapView(map: map, virtualSize: size)
+        }
+        switch op {
+        case .write, .zero, .discard, .resize:
+          try image.applyMapOp(op, map: map, size: &size, payloadPage: payload, seq: opSeq)
+        case .restore(let target, let targetBase):
+          let restored = try image.view(at: target, base: targetBase)
+          map = restored.map
+          size = restored.virtualSize
+        default:
+          break
+        }
+        payload += UInt64(op.payloadPages(blockSize: g.blockSize))
+        nextOp += 1
+      }
+      current = r
+      record = nil
+    }
   }
 }

@@ -19,8 +19,6 @@ public final class StrataImage {
   var map: BlockMap
   let usage: UsageTable
   var catalog: Catalog
-  var catalogRefs: [PageRef]
-  var catalogDirty = false
   var lastCheckpointPage: UInt64
   var lastCheckpointSeq: UInt64
 
@@ -34,6 +32,8 @@ public final class StrataImage {
   /// The parent image of an external clone (a backing file), read-only.
   var backing: Backing?
   let scratch: ImageScratch
+  /// Shares syncs among the threads of a `SharedImage` (see `GroupCommit`).
+  let groupCommit = GroupCommit()
   /// What recovery skipped that a crash explains (a torn superblock slot, a cut log tail).
   public internal(set) var recoveryNotes: [String] = []
   /// What recovery skipped that a crash does not explain: the newest checkpoint was unusable and
@@ -54,7 +54,6 @@ public final class StrataImage {
     self.map = state.map
     self.usage = state.usage
     self.catalog = state.catalog
-    self.catalogRefs = state.catalogRefs
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
     self.scratch = ImageScratch(
@@ -249,15 +248,45 @@ public final class StrataImage {
     do { try SnapshotEntry.validateName(name) } catch let e as FormatError {
       throw StrataError(.invalidArgument, "invalid snapshot name \"\(name)\": \(e.detail)")
     }
-    guard catalog.entry(named: name) == nil else {
+    guard try catalog.entry(named: name) == nil else {
       throw StrataError(.alreadyExists, "snapshot \"\(name)\" already exists")
     }
-    let seq = try logAndApply(.snapshot(name: name, baseCheckpoint: lastCheckpointPage))
-    guard let entry = catalog.entry(seq: seq) else { preconditionFailure("snapshot \(seq) not in catalog") }
-    return SnapshotInfo(entry)
+    let base = lastCheckpointPage
+    let seq = try logAndApply(.snapshot(name: name, baseCheckpoint: base))
+    let info = SnapshotInfo(name: name, seq: seq, timestampNanoseconds: writer?.openRecordTimestamp ?? 0)
+    try checkpointIfDue()
+    return info
   }
 
-  public var snapshots: [SnapshotInfo] { catalog.entries.map(SnapshotInfo.init) }
+  /// How many snapshots exist (known without reading the catalog).
+  public var snapshotCount: Int { catalog.count }
+
+  /// Every snapshot, oldest first. With many snapshots, page with `snapshots(after:limit:)`.
+  public var snapshots: [SnapshotInfo] {
+    get throws { try snapshots(after: 0, limit: .max) }
+  }
+
+  /// Up to `limit` snapshots with a seq greater than `seq`, oldest first: a cursor for paging.
+  public func snapshots(after seq: UInt64, limit: Int) throws -> [SnapshotInfo] {
+    try checkOpen()
+    return try catalog.entries(after: seq, limit: limit).map(SnapshotInfo.init)
+  }
+
+  /// The newest `limit` snapshots, oldest first.
+  public func newestSnapshots(_ limit: Int) throws -> [SnapshotInfo] {
+    try checkOpen()
+    return try catalog.newest(limit).map(SnapshotInfo.init)
+  }
+
+  /// Catalog pages read from storage since the image was opened (the catalog is read on
+  /// demand: opening reads its roots only).
+  public var catalogPagesRead: Int { catalog.pagesRead }
+
+  /// The snapshot with sequence number `seq`, if there is one.
+  public func snapshot(seq: UInt64) throws -> SnapshotInfo? {
+    try checkOpen()
+    return try catalog.entry(seq: seq).map(SnapshotInfo.init)
+  }
 
   public func snapshot(named name: String) throws -> SnapshotInfo {
     SnapshotInfo(try snapshotEntry(name))
@@ -267,6 +296,7 @@ public final class StrataImage {
     try checkWritable()
     let entry = try snapshotEntry(name)
     try logAndApply(.snapshotDelete(seq: entry.seq))
+    try checkpointIfDue()
   }
 
   /// Moves the head back to a snapshot. The snapshot stays; later snapshots stay too.
@@ -288,7 +318,7 @@ public final class StrataImage {
 
   func snapshotEntry(_ name: String) throws -> SnapshotEntry {
     try checkOpen()
-    guard let entry = catalog.entry(named: name) else {
+    guard let entry = try catalog.entry(named: name) else {
       throw StrataError(.notFound, "no snapshot named \"\(name)\"")
     }
     return entry

@@ -59,6 +59,17 @@ public struct InspectReport: Codable, Sendable {
     public var operations: [Operation]
   }
 
+  /// The snapshot catalog as the head holds it: its storage and the shape of its trees.
+  public struct Catalog: Codable, Sendable {
+    /// "flat" (version-1 pages, or empty) or "tree".
+    public var format: String
+    public var snapshots: Int
+    public var seqTreeNodes: Int
+    public var seqTreeLevels: Int
+    public var nameIndexNodes: Int
+    public var nameIndexLevels: Int
+  }
+
   public struct Snapshot: Codable, Sendable {
     public var name: String
     public var seq: UInt64
@@ -74,6 +85,8 @@ public struct InspectReport: Codable, Sendable {
   /// Records walked from the start of the log; `records` holds the last ones.
   public var totalRecords: Int
   public var logEndSeq: UInt64
+  public var catalog: Catalog
+  /// The newest snapshots (up to the record limit), oldest first.
   public var snapshots: [Snapshot]
   public var recoveryNotes: [String]
 }
@@ -123,12 +136,30 @@ extension StrataImage {
     }
     return InspectReport(
       superblocks: slots, checkpoints: checkpoints, segments: segments, records: records, totalRecords: total,
-      logEndSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
-      snapshots: catalog.entries.map {
+      logEndSeq: writer?.nextSeq ?? recoveredEnd.nextSeq, catalog: try catalogSummary(),
+      snapshots: try catalog.newest(recordLimit).map {
         InspectReport.Snapshot(
           name: $0.name, seq: $0.seq, timestampNanoseconds: $0.timestampNanoseconds,
           baseCheckpointPage: $0.baseCheckpoint)
       }, recoveryNotes: recoveryNotes + recoveryProblems)
+  }
+
+  /// Walks both catalog trees (reading every node) to report their shape.
+  private func catalogSummary() throws -> InspectReport.Catalog {
+    func shape<Item>(_ tree: CatalogTree<Item>) throws -> (nodes: Int, levels: Int) {
+      var nodes = 0
+      var levels = 0
+      try tree.forEachNode { node, _ in
+        nodes += 1
+        levels = max(levels, node.level + 1)
+      }
+      return (nodes, levels)
+    }
+    let seq = try shape(catalog.bySeq)
+    let name = try shape(catalog.byName)
+    return InspectReport.Catalog(
+      format: catalog.needsTreeFormat ? "tree" : "flat", snapshots: catalog.count, seqTreeNodes: seq.nodes,
+      seqTreeLevels: seq.levels, nameIndexNodes: name.nodes, nameIndexLevels: name.levels)
   }
 
   func superblockSlots() throws -> [InspectReport.SuperblockSlot] {

@@ -1,5 +1,9 @@
 import StrataFormat
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// Appends records to the open segment through an in-memory copy of it.
 ///
 /// Records are built in `buffer` (one segment, page aligned) and written out in page-aligned
@@ -63,6 +67,8 @@ final class LogWriter {
   private var failure: String?
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
+  /// Every operation up to this seq is known durable (0: nothing synced by this writer yet).
+  private(set) var durableSeq: UInt64 = 0
   /// Largest block count of one WRITE operation, so that it fits an empty record and segment.
   let maxBlocksPerWrite: Int
 
@@ -242,6 +248,9 @@ final class LogWriter {
 
   /// Ends the segment with a SEAL record and continues the log in the next one.
   func seal() throws {
+    // Reads of this segment go to storage once its buffer is reused: a group-commit leader
+    // must have written it by then (or, if it failed, it is written again below).
+    if outside.waitIdle() { rewindAfterFailedWrite() }
     closeRecord()
     precondition(tailPage < geometry.pagesPerSegment)
     let next = sealHandler(segment, tailPage + 1, nextSeq)
@@ -320,6 +329,8 @@ final class LogWriter {
   /// sync are rewritten from the buffer. If a seal intervened they are no longer buffered, and
   /// the writer refuses further work until the image is reopened (recovery reads the truth).
   func flush() throws {
+    // A sync must not count pages a group-commit leader is still writing, or lost.
+    if outside.waitIdle() { rewindAfterFailedWrite() }
     try checkUsable()
     closeRecord(flags: .flushPoint)
     do {
@@ -333,6 +344,64 @@ final class LogWriter {
     needsSync = false
     syncedPages = writtenPages
     sealedSinceSync = false
+    durableSeq = nextSeq - 1
+  }
+
+  /// What a group-commit leader writes and syncs outside the image lock (see `beginSync`).
+  struct SyncTicket {
+    var segment: Int
+    var pages: Int
+    var seq: UInt64
+    /// A page-aligned copy of the pages to write (the leader writes, then deallocates it).
+    var copy: UnsafeMutableRawBufferPointer?
+    var offset: UInt64
+  }
+
+  /// Group-commit writes and syncs in progress outside the image lock; `flush` waits for them.
+  let outside = OutsideSyncs()
+
+  /// The first half of a flush whose write and fdatasync run on another thread, outside the
+  /// image lock: closes the open record, completes earlier write-outs, and copies the pages
+  /// not yet written into the ticket, marking them written. The leader then writes the copy,
+  /// syncs, calls `outside.leave`, and `endSync` under the lock again. Appends, write-outs and
+  /// seals may happen meanwhile: they lie past the ticket (a copy, so the buffer may even be
+  /// reused by a seal).
+  func beginSync() throws -> SyncTicket {
+    try checkUsable()
+    closeRecord(flags: .flushPoint)
+    do { try storage.completeWrites() } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+    let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
+    var copy: UnsafeMutableRawBufferPointer?
+    if pendingPages > 0 {
+      let bytes = UnsafeRawBufferPointer(
+        rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
+      try preallocate(through: offset + UInt64(bytes.count))
+      let c = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: Layout.pageSize)
+      c.copyMemory(from: bytes)
+      copy = c
+      writtenPages = tailPage
+      needsSync = true
+    }
+    outside.enter()
+    return SyncTicket(segment: segment, pages: writtenPages, seq: nextSeq - 1, copy: copy, offset: offset)
+  }
+
+  /// Records a sync started with `beginSync`: on success everything up to the ticket is
+  /// durable; on failure the unsynced pages are rewritten by the next flush, as in `flush`.
+  func endSync(_ ticket: SyncTicket, failed: Bool) {
+    guard !failed else {
+      rewindAfterFailedWrite()
+      return
+    }
+    durableSeq = max(durableSeq, ticket.seq)
+    // A seal after the ticket moved the log on: what it wrote out is not covered.
+    guard segment == ticket.segment else { return }
+    syncedPages = max(syncedPages, ticket.pages)
+    sealedSinceSync = false
+    if writtenPages == ticket.pages { needsSync = false }
   }
 
   /// A write or sync failed: what was written since the last good sync may not be on disk, so
@@ -373,5 +442,49 @@ final class LogWriter {
     if s == segment { return local >= bufferedFrom && local < tailPage ? buffer : nil }
     if let p = previous, s == p.segment, local >= p.from, local < p.to { return buffers[current ^ 1] }
     return nil
+  }
+}
+
+/// Counts group-commit writes and syncs running outside the image lock and remembers whether
+/// one failed, so that a flush under the lock neither overtakes them nor trusts their pages.
+final class OutsideSyncs: @unchecked Sendable {
+  private let mutex: UnsafeMutablePointer<pthread_mutex_t> = .allocate(capacity: 1)
+  private let idle: UnsafeMutablePointer<pthread_cond_t> = .allocate(capacity: 1)
+  private var running = 0
+  private var failed = false
+
+  init() {
+    pthread_mutex_init(mutex, nil)
+    pthread_cond_init(idle, nil)
+  }
+
+  deinit {
+    pthread_cond_destroy(idle)
+    pthread_mutex_destroy(mutex)
+    idle.deallocate()
+    mutex.deallocate()
+  }
+
+  func enter() {
+    pthread_mutex_lock(mutex)
+    running += 1
+    pthread_mutex_unlock(mutex)
+  }
+
+  func leave(failed: Bool) {
+    pthread_mutex_lock(mutex)
+    running -= 1
+    self.failed = self.failed || failed
+    pthread_cond_broadcast(idle)
+    pthread_mutex_unlock(mutex)
+  }
+
+  /// Waits until none runs; true (once) if one failed since the last call.
+  func waitIdle() -> Bool {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    while running > 0 { pthread_cond_wait(idle, mutex) }
+    defer { failed = false }
+    return failed
   }
 }

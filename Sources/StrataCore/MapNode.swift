@@ -75,12 +75,13 @@ final class MapNode {
   }
 }
 
-/// A bounded cache of clean map nodes keyed by page address, evicting with the CLOCK algorithm.
-/// Its capacity, not the virtual disk size, bounds the map's memory.
-final class NodeCache {
+/// A bounded cache of clean nodes (map nodes, catalog tree nodes) keyed by page address,
+/// evicting with the CLOCK algorithm. Its capacity, not the disk size or the number of
+/// snapshots, bounds the memory of the structure it serves.
+final class NodeCache<Node: AnyObject> {
   private struct Slot {
     var page: UInt64
-    var node: MapNode
+    var node: Node
     var referenced: Bool
   }
 
@@ -96,13 +97,13 @@ final class NodeCache {
 
   var count: Int { slots.count }
 
-  func get(_ page: UInt64) -> MapNode? {
+  func get(_ page: UInt64) -> Node? {
     guard let i = index[page] else { return nil }
     slots[i].referenced = true
     return slots[i].node
   }
 
-  func insert(_ page: UInt64, _ node: MapNode) {
+  func insert(_ page: UInt64, _ node: Node) {
     if let i = index[page] {
       slots[i].node = node
       return

@@ -15,6 +15,12 @@ public struct ImageOptions: Sendable {
   public var mapCacheNodes: Int = 16384
   /// Dirty map nodes that trigger a checkpoint.
   public var maxDirtyNodes: Int = 4096
+  /// Clean nodes of each snapshot-catalog tree kept in memory (a few KiB each): bounds the
+  /// catalog's memory however many snapshots exist. The name index is what snapshot creation
+  /// reads at random, so it should hold its working set (about 1 node per 180 snapshots).
+  public var catalogCacheNodes: Int = 8192
+  /// Changed catalog nodes that trigger a checkpoint.
+  public var maxDirtyCatalogNodes: Int = 8192
   /// Log pages appended since the last checkpoint that trigger one (bounds recovery time).
   public var checkpointIntervalPages: Int = 65536
   public var readOnly: Bool = false

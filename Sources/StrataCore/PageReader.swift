@@ -5,13 +5,16 @@ import StrataFormat
 final class PageReader: NodeSource {
   let storage: ImageStorage
   let geometry: Geometry
-  let cache: NodeCache
+  let cache: NodeCache<MapNode>
+  /// Capacity of each catalog tree's node cache.
+  let catalogCacheNodes: Int
   weak var writer: LogWriter?
 
-  init(storage: ImageStorage, geometry: Geometry, cacheNodes: Int) {
+  init(storage: ImageStorage, geometry: Geometry, cacheNodes: Int, catalogCacheNodes: Int) {
     self.storage = storage
     self.geometry = geometry
     self.cache = NodeCache(capacity: cacheNodes)
+    self.catalogCacheNodes = catalogCacheNodes
   }
 
   /// Reads `count` pages starting at `page` into `out`. Pages past the end of the file are an

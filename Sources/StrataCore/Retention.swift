@@ -58,7 +58,7 @@ extension StrataImage {
     -> [SnapshotInfo]
   {
     precondition(!policy.keepsNothing, "a policy that keeps nothing deletes every snapshot: refuse it at the edge")
-    let candidates = snapshots.filter { $0.name.hasPrefix(prefix) }
+    let candidates = try snapshots.filter { $0.name.hasPrefix(prefix) }
     let doomed = policy.apply(to: candidates).delete
     if !dryRun {
       for s in doomed { try deleteSnapshot(name: s.name) }

@@ -35,10 +35,30 @@ public protocol ImageStorage: AnyObject {
   /// Reserves space for a range about to be written (a new log segment), so that the writes
   /// neither extend the file nor fail half-way for lack of space.
   func preallocate(at offset: UInt64, length: UInt64) throws
+  /// A write and a sync that another thread may run while the image's thread keeps using the
+  /// storage (group commit writes and syncs outside the image lock); nil when the storage
+  /// cannot, and the caller then does both under its lock.
+  var anyThreadIO: AnyThreadIO? { get }
+}
+
+/// A synchronous write and an fdatasync callable from any thread (see `anyThreadIO`). The sync
+/// covers every write completed before it started.
+public struct AnyThreadIO: Sendable {
+  public var write: @Sendable (_ bytes: UnsafeRawBufferPointer, _ offset: UInt64) throws -> Void
+  public var sync: @Sendable () throws -> Void
+
+  public init(
+    write: @escaping @Sendable (UnsafeRawBufferPointer, UInt64) throws -> Void,
+    sync: @escaping @Sendable () throws -> Void
+  ) {
+    self.write = write
+    self.sync = sync
+  }
 }
 
 extension ImageStorage {
   public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
+  public var anyThreadIO: AnyThreadIO? { nil }
   public func completeWrites() throws {}
   public var writeMark: UInt64 { 0 }
   /// Storage that cannot wait selectively waits for everything.
@@ -286,6 +306,27 @@ public final class FileStorage: ImageStorage {
   public func sync() throws {
     try completeWrites()  // fdatasync covers completed writes only
     _ = try perform(.fsync(userData: 2))
+  }
+
+  /// pwrite and fdatasync on the descriptor itself, not through the engine (whose ring belongs
+  /// to the thread holding the image lock). Buffers are page aligned, as O_DIRECT wants.
+  public var anyThreadIO: AnyThreadIO? {
+    precondition(fd >= 0, "FileStorage used after close")
+    let (fd, path) = (fd, path)
+    return AnyThreadIO(
+      write: { bytes, offset in
+        var done = 0
+        while done < bytes.count {
+          let n = Self.retrying {
+            pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+          }
+          guard n > 0 else { throw StrataError.system("pwrite", path, errno: n < 0 ? Glibc.errno : EIO) }
+          done += n
+        }
+      },
+      sync: {
+        if Self.retrying({ fdatasync(fd) }) != 0 { throw StrataError.system("fdatasync", path, errno: Glibc.errno) }
+      })
   }
 
   public func size() throws -> UInt64 {

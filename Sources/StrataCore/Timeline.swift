@@ -32,10 +32,11 @@ extension StrataImage {
       for op in stored.record.ops where points.count < limit {
         switch op {
         case .checkpoint where seq >= since:
+          // The state the checkpoint holds is the one before the next operation.
           points.append(
-            TimelinePoint(seq: seq, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .checkpoint))
+            TimelinePoint(seq: seq + 1, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .checkpoint))
         case .snapshot where seq >= since:
-          if let entry = catalog.entry(seq: seq) {
+          if let entry = try catalog.entry(seq: seq) {
             points.append(
               TimelinePoint(
                 seq: seq, timestampNanoseconds: entry.timestampNanoseconds, kind: .snapshot, name: entry.name))

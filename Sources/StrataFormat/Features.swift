@@ -14,12 +14,15 @@ public struct FeatureSet: Equatable, Sendable {
     self.autoclear = autoclear
   }
 
+  /// The catalog may be stored as two copy-on-write trees (CHECKPOINT `catalog_format` 1, page
+  /// kinds 4 and 5) instead of flat catalog pages.
+  public static let catalogTree: UInt64 = 1 << 2
   /// Blocks this image never wrote are read from a parent image (page 2 names it).
   public static let backingFile: UInt64 = 1 << 3
 
   /// Incompatible bits this implementation understands. Bits 0 and 1 are reserved for
   /// compressed payloads and content-hash dedup.
-  public static let knownIncompatible: UInt64 = backingFile
+  public static let knownIncompatible: UInt64 = catalogTree | backingFile
   public static let knownCompatible: UInt64 = 0
   public static let knownAutoclear: UInt64 = 0
 

@@ -3,7 +3,12 @@
 public enum PageKind: UInt8, Sendable, CaseIterable {
   case mapNode = 1
   case usage = 2
+  /// A page of the flat catalog (images without the catalog-tree feature).
   case catalog = 3
+  /// A node of the catalog tree keyed by seq (feature `catalogTree`).
+  case catalogSeqNode = 4
+  /// A node of the catalog's name index, keyed by name hash and seq (feature `catalogTree`).
+  case catalogNameNode = 5
 }
 
 /// A reference to a page: its address and the checksum it must have. Keeping the checksum in the
@@ -219,7 +224,7 @@ public struct SnapshotEntry: Equatable, Sendable {
     self.name = name
   }
 
-  var encodedLength: Int { (26 + name.utf8.count + 7) & ~7 }
+  public var encodedLength: Int { (26 + name.utf8.count + 7) & ~7 }
 
   /// Names are 1...255 bytes of UTF-8 without control characters or '/' (used in export paths).
   public static func validateName(_ name: String) throws {
@@ -250,12 +255,7 @@ public struct SnapshotEntry: Equatable, Sendable {
         w.zeros(8)
         count = 0
       }
-      w.u64(e.seq)
-      w.u64(e.timestampNanoseconds)
-      w.u64(e.baseCheckpoint)
-      w.u16(UInt16(e.name.utf8.count))
-      w.raw(e.name.utf8)
-      w.align(to: 8)
+      e.encode(into: &w)
       count += 1
     }
     if count > 0 { finish() }
@@ -271,20 +271,35 @@ public struct SnapshotEntry: Equatable, Sendable {
     }
     var out: [SnapshotEntry] = []
     for _ in 0..<count {
-      let seq = try r.u64()
-      let time = try r.u64()
-      let base = try r.u64()
-      let length = Int(try r.u16())
-      guard let name = String(validating: try r.raw(length), as: UTF8.self) else {
-        throw FormatError(.invalidField, "catalog page", "snapshot name is not UTF-8")
+      let e = try decode(&r)
+      if let last = out.last, last.seq >= e.seq {
+        throw FormatError(.invalidField, "catalog page", "entries out of order at seq \(e.seq)")
       }
-      try validateName(name)
-      try r.skip((8 - (26 + length) % 8) % 8)
-      if let last = out.last, last.seq >= seq {
-        throw FormatError(.invalidField, "catalog page", "entries out of order at seq \(seq)")
-      }
-      out.append(SnapshotEntry(seq: seq, timestampNanoseconds: time, baseCheckpoint: base, name: name))
+      out.append(e)
     }
     return out
+  }
+
+  /// One entry as 8.5 lays it out (flat catalog pages and catalog-tree leaves alike).
+  public func encode(into w: inout ByteWriter) {
+    w.u64(seq)
+    w.u64(timestampNanoseconds)
+    w.u64(baseCheckpoint)
+    w.u16(UInt16(name.utf8.count))
+    w.raw(name.utf8)
+    w.align(to: 8)
+  }
+
+  public static func decode(_ r: inout ByteReader) throws -> SnapshotEntry {
+    let seq = try r.u64()
+    let time = try r.u64()
+    let base = try r.u64()
+    let length = Int(try r.u16())
+    guard let name = String(validating: try r.raw(length), as: UTF8.self) else {
+      throw FormatError(.invalidField, r.structure, "snapshot name is not UTF-8")
+    }
+    try validateName(name)
+    try r.skip((8 - (26 + length) % 8) % 8)
+    return SnapshotEntry(seq: seq, timestampNanoseconds: time, baseCheckpoint: base, name: name)
   }
 }

@@ -105,13 +105,18 @@ public struct CheckpointBody: Equatable, Sendable {
   public var segmentCount: UInt64
   public var snapshotCount: UInt64
   public var usagePages: [PageRef]
+  /// Flat catalog pages (`catalogFormat` 0), or the roots of the seq tree and the name index
+  /// (`catalogFormat` 1).
   public var catalogPages: [PageRef]
+  public var catalogFormat: CatalogFormat
 
   public init(
     virtualSize: UInt64, blockSize: UInt32, mapDepth: UInt8, root: ChildRef, dataBlocks: UInt64,
     previousCheckpoint: UInt64,
-    segmentCount: UInt64, snapshotCount: UInt64, usagePages: [PageRef], catalogPages: [PageRef]
+    segmentCount: UInt64, snapshotCount: UInt64, usagePages: [PageRef], catalogPages: [PageRef],
+    catalogFormat: CatalogFormat = .flat
   ) {
+    self.catalogFormat = catalogFormat
     self.virtualSize = virtualSize
     self.blockSize = blockSize
     self.mapDepth = mapDepth
@@ -241,7 +246,7 @@ public enum LogOp: Equatable, Sendable {
       w.u64(b.virtualSize)
       w.u32(b.blockSize)
       w.u8(b.mapDepth)
-      w.u8(0)
+      w.u8(b.catalogFormat.rawValue)
       w.u16(0)
       b.root.encode(into: &w)
       w.u64(b.dataBlocks)
@@ -332,7 +337,7 @@ public enum LogOp: Equatable, Sendable {
       let size = try body.u64()
       let blockSize = try body.u32()
       let depth = try body.u8()
-      _ = try body.u8()
+      let rawFormat = try body.u8()
       _ = try body.u16()
       let root = try ChildRef.decode(&body)
       let dataBlocks = try body.u64()
@@ -357,11 +362,19 @@ public enum LogOp: Equatable, Sendable {
       for _ in 0..<usageCount { usage.append(try PageRef.decode(&body)) }
       var catalog: [PageRef] = []
       for _ in 0..<catalogCount { catalog.append(try PageRef.decode(&body)) }
+      guard let format = CatalogFormat(rawValue: rawFormat) else {
+        throw FormatError(.invalidField, name, "unknown catalog format \(rawFormat)")
+      }
+      // A tree catalog is never empty (an empty catalog is written flat) and has two roots.
+      guard format == .flat || (catalogCount == 2 && snapshotCount > 0) else {
+        throw FormatError(.invalidField, name, "a catalog tree needs 2 roots and a snapshot, got \(catalogCount)")
+      }
       op = .checkpoint(
         CheckpointBody(
           virtualSize: size, blockSize: blockSize, mapDepth: depth, root: root, dataBlocks: dataBlocks,
           previousCheckpoint: previous,
-          segmentCount: segmentCount, snapshotCount: snapshotCount, usagePages: usage, catalogPages: catalog))
+          segmentCount: segmentCount, snapshotCount: snapshotCount, usagePages: usage, catalogPages: catalog,
+          catalogFormat: format))
     }
     return op
   }

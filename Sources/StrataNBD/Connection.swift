@@ -108,6 +108,8 @@ final class NBDConnection: @unchecked Sendable {
   static let maxExtents = 8192
   /// Metadata contexts one connection may select.
   static let maxContexts = 8
+  /// Snapshots listed by NBD_OPT_LIST and LIST_META_CONTEXT (any other is reached by name).
+  static let maxListedSnapshots = 1000
 
   init(fd: Int32, image: SharedImage, serverReadOnly: Bool, logger: Logger) {
     self.fd = fd
@@ -211,7 +213,11 @@ final class NBDConnection: @unchecked Sendable {
       throw Hangup("client aborted the handshake", orderly: true)
     case NBDOption.list:
       guard payload.isEmpty else { return try refuse(option, NBDReply.errInvalid, "NBD_OPT_LIST takes no data") }
-      for (name, description) in listExports() {
+      let exports: [(String, String)]
+      do { exports = try listExports() } catch {
+        return try refuse(option, NBDReply.errUnknown, "the snapshot catalog cannot be read: \(error)")
+      }
+      for (name, description) in exports {
         var w = NBDWriter()
         w.string(name)
         w.raw(description.utf8)
@@ -268,16 +274,25 @@ final class NBDConnection: @unchecked Sendable {
     case .failure(let f): return try refuse(option, f.reply, f.message)
     case .success(let name): exportName = name
     }
-    let snapshots = image.with { $0.snapshots.map(\.name) }
     var found: [NBDMetaContext] = []
-    if listing && request.queries.isEmpty {
-      found = [.allocation] + snapshots.map { .changed(since: $0) }
-    } else {
-      for q in request.queries {
-        for c in NBDMetaContext.matching(q, snapshots: snapshots, listing: listing) where !found.contains(c) {
-          found.append(c)
+    do {
+      if listing && request.queries.isEmpty {
+        found = [.allocation] + (try listedSnapshots()).map { .changed(since: $0.name) }
+      } else {
+        for q in request.queries {
+          // The catalog may hold millions: a listing shows the first ones, a name is looked up.
+          let candidates =
+            listing && (q == "strata:" || q == NBDMetaContext.changedPrefix)
+            ? try listedSnapshots().map(\.name)
+            : q.hasPrefix(NBDMetaContext.changedPrefix)
+              ? [String(q.dropFirst(NBDMetaContext.changedPrefix.count))].filter(snapshotExists) : []
+          for c in NBDMetaContext.matching(q, snapshots: candidates, listing: listing) where !found.contains(c) {
+            found.append(c)
+          }
         }
       }
+    } catch {
+      return try refuse(option, NBDReply.errUnknown, "the snapshot catalog cannot be read: \(error)")
     }
     if !listing {
       guard found.count <= Self.maxContexts else {
@@ -313,8 +328,8 @@ final class NBDConnection: @unchecked Sendable {
     // Whether the log still reaches that point shows when the view is made (`open`).
     case .pointInTime: return .success(name)
     case .snapshot(let s):
-      let exists = image.with { img in img.snapshots.contains { $0.name == s } }
-      return exists ? .success(name) : .failure(Failure(reply: NBDReply.errUnknown, message: "no snapshot \"\(s)\""))
+      return snapshotExists(s)
+        ? .success(name) : .failure(Failure(reply: NBDReply.errUnknown, message: "no snapshot \"\(s)\""))
     }
   }
 
@@ -350,10 +365,19 @@ final class NBDConnection: @unchecked Sendable {
     }
   }
 
-  private func listExports() -> [(String, String)] {
-    let (snapshots, readOnly) = image.with { img in (img.snapshots, img.readOnly || serverReadOnly) }
+  /// The snapshots NBD_OPT_LIST and LIST_META_CONTEXT show: the oldest `maxListedSnapshots`.
+  private func listedSnapshots() throws -> [SnapshotInfo] {
+    try image.with { try $0.snapshots(after: 0, limit: Self.maxListedSnapshots) }
+  }
+
+  private func snapshotExists(_ name: String) -> Bool {
+    image.with { (try? $0.snapshot(named: name)) != nil }
+  }
+
+  private func listExports() throws -> [(String, String)] {
+    let readOnly = image.with { $0.readOnly } || serverReadOnly
     return [("head", readOnly ? "the image (read-only)" : "the image")]
-      + snapshots.map { ("snapshot/\($0.name)", "snapshot \($0.name) (seq \($0.seq), read-only)") }
+      + (try listedSnapshots()).map { ("snapshot/\($0.name)", "snapshot \($0.name) (seq \($0.seq), read-only)") }
   }
 
   private func sendInfo(_ option: UInt32, _ export: OpenExport, requested: [UInt16], name: String) throws {

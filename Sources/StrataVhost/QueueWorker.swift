@@ -20,10 +20,9 @@ final class QueueWorker: @unchecked Sendable {
   let kickFd: Int32
   let callFd: Int32
   let logger: Logger
-  private let stopFd: Int32
   /// Signalled by the image queue's engine when reads complete.
   private let completionFd: Int32
-  private var thread: pthread_t?
+  private var thread: WorkerThread?
   /// Requests completed, reads in flight and whether the ring is broken: written by the
   /// worker, read by the control socket.
   private let counters = UnsafeMutablePointer<UInt64>.allocate(capacity: 3)
@@ -58,7 +57,6 @@ final class QueueWorker: @unchecked Sendable {
     self.callFd = callFd
     self.logger = logger
     counters.initialize(repeating: 0, count: 3)
-    stopFd = strata_eventfd(0, 0)
     completionFd = strata_eventfd(0, 0)
     pendingStatus = Array(repeating: nil, count: queue.size)
     pendingBytes = Array(repeating: 0, count: queue.size)
@@ -66,35 +64,23 @@ final class QueueWorker: @unchecked Sendable {
   }
 
   deinit {
-    close(stopFd)
     close(completionFd)
     counters.deallocate()
   }
 
   func start() {
-    let box = Unmanaged.passRetained(self)
-    var t = pthread_t()
-    let r = pthread_create(
-      &t, nil,
-      { arg in
-        let worker = Unmanaged<QueueWorker>.fromOpaque(arg!).takeRetainedValue()
-        worker.run()
-        return nil
-      }, box.toOpaque())
-    precondition(r == 0, "pthread_create failed: \(r)")
+    let t = WorkerThread { [self] stopFd in run(stopFd) }
     thread = t
+    t.start()
   }
 
   /// Stops the thread and waits for it; requests in flight complete first.
   func stop() {
-    guard let t = thread else { return }
-    var one: UInt64 = 1
-    _ = write(stopFd, &one, 8)
-    pthread_join(t, nil)
+    thread?.stop()
     thread = nil
   }
 
-  private func run() {
+  private func run(_ stopFd: Int32) {
     // Created here: the queue's io_uring then belongs to this thread alone (SINGLE_ISSUER).
     var reads: ImageQueue?
     do {

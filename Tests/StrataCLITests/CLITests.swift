@@ -332,6 +332,15 @@ struct CLITests {
     try box.fails(read + ["--at", "2000-01-01T00:00:00Z"], status: 1, mentioning: ["no restorable point"])
     try box.fails(["restore", "disk.strata"], status: 64, mentioning: ["exactly one"])
 
+    // diff: the second write changed the first 8 KiB, from metadata alone.
+    let diff = try #require(try box.json(["diff", "disk.strata", "one", "--output", "json"]) as? [[String: Any]])
+    #expect(diff.count == 1 && diff[0]["offset"] as? Int == 0 && diff[0]["length"] as? Int == 8192, "\(diff)")
+    #expect(
+      (try box.json(["diff", "disk.strata", "snapshot/one", "at/\(afterFirst)", "--output", "json"]) as? [Any])?.isEmpty
+        == true)
+    try box.fails(["diff", "disk.strata", "head"], status: 1, mentioning: ["FROM"])
+    try box.fails(["diff", "disk.strata", "nope"], status: 1, mentioning: ["no snapshot named"])
+
     try box.ok(["restore", "disk.strata", "--at", String(afterFirst)])
     #expect(try box.ok(read).stdout == Data(first))
     #expect(try box.ok(read + ["--at", String(try #require(flushes.last))]).stdout == Data(second), "still reachable")

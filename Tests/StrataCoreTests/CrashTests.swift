@@ -179,7 +179,7 @@ func verifyRecovered(_ image: StrataImage, _ model: CrashModel, _ log: RunLog, f
   }
 
   // Snapshots: the durable ones survive; every survivor is frozen at its creation.
-  let names = image.snapshots.map(\.name)
+  let names = try image.snapshots.map(\.name)
   for name in model.mustExist {
     try log.check(names.contains(name), "\(what): snapshot \(name) was flushed but is gone (have \(names))")
   }

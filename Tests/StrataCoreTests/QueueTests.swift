@@ -145,7 +145,7 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   for b in 0..<blocks { try img.write(pattern(block: b, version: 0, blockSize: bs), at: UInt64(b * bs)) }
   try img.flush()
   let shared = SharedImage(img)
-  let writer = Thread {
+  let writer = WorkerThread { _ in
     for version in 1...40 {
       for b in 0..<blocks {
         let data = pattern(block: b, version: UInt8(version), blockSize: bs)
@@ -171,30 +171,9 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
       #expect(got == pattern(block: b, version: version, blockSize: bs), "block \(b) is not one written version")
     }
   }
-  writer.join()
+  writer.stop()
   queue.close()
   try shared.with { try $0.close() }
-}
-
-/// A joinable thread for tests.
-private final class Thread: @unchecked Sendable {
-  private var handle = pthread_t()
-  private let body: () -> Void
-
-  init(_ body: @escaping () -> Void) { self.body = body }
-
-  func start() {
-    let box = Unmanaged.passRetained(self)
-    let r = pthread_create(
-      &handle, nil,
-      { arg in
-        Unmanaged<Thread>.fromOpaque(arg!).takeRetainedValue().body()
-        return nil
-      }, box.toOpaque())
-    precondition(r == 0)
-  }
-
-  func join() { pthread_join(handle, nil) }
 }
 
 /// Writes that fill several 1 MiB segments while a queue reads what was just written: blocks of

@@ -93,6 +93,12 @@ func timelineEveryFlushPointReadsBackAsItWas(seed: UInt64) throws {
   let first = try #require(points.first { $0.kind == .flush && $0.timestampNanoseconds <= afterV1 && $0.seq > 1 })
   #expect(try img.point(atOrBefore: afterV1)?.seq ?? 0 >= first.seq)
   let last = try #require(points.last { $0.kind == .flush })
+  for point in points {
+    #expect(throws: Never.self, "\(point.kind) at \(point.seq)") { _ = try img.view(atSeq: point.seq) }
+  }
+  // The disk at a snapshot's point is the snapshot.
+  let snap = try #require(points.first { $0.kind == .snapshot })
+  #expect(try img.view(atSeq: snap.seq).read(at: 0, count: 4096) == v1)
   #expect(try img.view(atSeq: first.seq).read(at: 0, count: 4096) == v1)
 
   try img.restore(toSeq: first.seq)

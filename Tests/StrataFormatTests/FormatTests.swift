@@ -272,6 +272,7 @@ func encodeRecord(
     #expect(try decodeSuperblock(sb.encode()) == sb)
     // Decoding does not judge feature bits; callers check unknownIncompatible.
     #expect(sb.features.unknownIncompatible == .max & ~FeatureSet.knownIncompatible)
+    #expect(FeatureSet.catalogTree == 1 << 2 && FeatureSet.backingFile == 1 << 3)
     #expect(FeatureSet(incompatible: 0).unknownIncompatible == 0)
     for blockSize in Layout.allowedBlockSizes {
       sb.blockSize = UInt32(blockSize)
@@ -561,7 +562,7 @@ func encodeRecord(
     #expect(Array(zeroRootBytes[24..<40]) == le(UInt64(0)) + le(UInt64(1) << 32))
     #expect(opBytes(.seal(nextSegment: 8)) == le(UInt16(10)) + le(UInt16(0)) + le(UInt32(16)) + le(UInt64(8)))
     #expect(OpType.allCases.map(\.rawValue) == Array(1...10))
-    #expect(PageKind.allCases.map(\.rawValue) == [1, 2, 3])
+    #expect(PageKind.allCases.map(\.rawValue) == [1, 2, 3, 4, 5])
   }
 
   @Test func largeWriteSpansSeveralHeaderPages() throws {
@@ -831,7 +832,7 @@ func encodeRecord(
     expectFormatError(.invalidField) {
       _ = try decodeRecord(rawRecord(body: pages(count: .max, kinds: [1]), opCount: 1, payloadPages: 1))
     }
-    for kind: UInt8 in [0, 4, 0xFF] {
+    for kind: UInt8 in [0, 6, 0xFF] {
       expectFormatError(.invalidField, "kind \(kind)") {
         _ = try decodeRecord(rawRecord(body: pages(count: 1, kinds: [kind]), opCount: 1, payloadPages: 1))
       }
@@ -883,6 +884,19 @@ func encodeRecord(
     rejects(20, UInt8(0xFF))
     rejects(20, UInt8(2))
     accepts(20, UInt8(7))  // deeper than needed is allowed (after a shrink)
+    // Catalog format: 0 flat, 1 tree (exactly two roots and at least one snapshot), others unknown.
+    rejects(21, UInt8(2))
+    rejects(21, UInt8(0xFF))
+    rejects(21, UInt8(1))  // one catalog reference
+    var tree = checkpointOp(catalogs: 2)
+    patch(&tree, 21, UInt8(1))
+    guard case .checkpoint(let tb) = try decodeRecord(rawRecord(body: tree, opCount: 1)).ops[0] else {
+      Issue.record("not a checkpoint")
+      return
+    }
+    #expect(tb.catalogFormat == .tree && tb.catalogPages.count == 2)
+    patch(&tree, 64, UInt64(0))  // a tree with no snapshots
+    expectFormatError(.invalidField) { _ = try decodeRecord(rawRecord(body: tree, opCount: 1)) }
     // Root: page beyond 48 bits, reserved flag bits, zero flag on a stored node, null root with a
     // checksum. A null root, and a null root with the zero-subtree flag, are fine.
     rejects(24, Layout.maxPageAddress + 1)

@@ -374,7 +374,8 @@ SOCK="$WORK/vhost.sock"
 CONTROL="$WORK/control.sock"
 DISK_BYTES=$IMAGE_BYTES # what the guest must see at boot; RESIZED_BYTES after the live resize
 timeout 60 "$STRATA" create "$IMG" --size "$IMAGE_BYTES" >/dev/null || die "strata create failed"
-"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" --control "$CONTROL" --packed-ring >"$WORK/serve.log" 2>&1 &
+"$STRATA" serve "$IMG" --socket "$SOCK" --num-queues "$NUM_QUEUES" --control "$CONTROL" --packed-ring \
+  --snapshot-every 5s --snapshot-keep 3 >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 log "strata serve started (pid $SERVE_PID), log $WORK/serve.log"
 for _ in $(seq 1 300); do
@@ -584,6 +585,12 @@ if timeout 120 "$STRATA" read "$IMG" --offset $((RESIZED_BYTES - MARKER_LEN)) --
   pass "host: the last MiB of the grown disk holds what the guest wrote there"
 else
   fail "host: the grown disk's last MiB differs: $(head -n 2 "$WORK/host-read.err" | tr '\n' ' ')"
+fi
+auto=$("$STRATA" snapshot list "$IMG" --output json 2>/dev/null | grep -c '"auto-' || true)
+if [ "$auto" -ge 1 ] && [ "$auto" -le 3 ]; then
+  pass "host: $auto periodic snapshot(s) kept (--snapshot-every 5s --snapshot-keep 3)"
+else
+  fail "host: expected 1 to 3 periodic snapshots, found $auto"
 fi
 check_rc=0
 timeout 300 "$STRATA" check "$IMG" >"$WORK/check.log" 2>&1 || check_rc=$?

@@ -5,10 +5,20 @@ import StrataIO
 extension IOEngineKind: ExpressibleByArgument {}
 extension BenchPattern: ExpressibleByArgument {}
 
+/// `strata bench IMAGE` (read/write I/O, the default) and `strata bench snapshots IMAGE`.
 struct BenchCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "bench",
-    abstract: "Measure read or write performance of an image, like 'qemu-img bench'.",
+    abstract: "Measure I/O performance of an image (like 'qemu-img bench'), or snapshot creation.",
+    subcommands: [BenchIOCommand.self, BenchSnapshotsCommand.self],
+    defaultSubcommand: BenchIOCommand.self
+  )
+}
+
+struct BenchIOCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "io",
+    abstract: "Measure read or write performance of an image, like 'qemu-img bench' (the default).",
     discussion: """
       Sends COUNT requests of SIZE bytes with DEPTH of them in flight through the image's \
       high-queue-depth interface, and prints requests, elapsed time, IOPS, throughput and \

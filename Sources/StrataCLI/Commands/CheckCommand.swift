@@ -107,7 +107,8 @@ struct CheckOutcome: Encodable {
           + "Data may be corrupted, or further writes to the image may corrupt it.")
     }
     lines.append(
-      "Checked \(r.checkedMapNodes) map nodes, \(r.checkedDataBlocks) data blocks and \(r.checkedSnapshots) snapshots.")
+      "Checked \(r.checkedMapNodes) map nodes, \(r.checkedDataBlocks) data blocks, \(r.checkedCatalogNodes) catalog nodes and \(r.checkedSnapshots) snapshots."
+    )
     return lines.joined(separator: "\n")
   }
 }

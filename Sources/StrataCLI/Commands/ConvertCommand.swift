@@ -34,15 +34,7 @@ struct ConvertCommand: ParsableCommand {
     help: ArgumentHelp("Format of the destination (default: strata for *.strata, else raw).", valueName: "format"))
   var destinationFormat: ImageFormat?
 
-  @Option(help: ArgumentHelp("Copy this snapshot of a Strata source instead of its current disk.", valueName: "name"))
-  var snapshot: String?
-
-  @Option(
-    help: ArgumentHelp(
-      "Use the disk as it was at this point instead: a seq or an RFC 3339 time (see `strata timeline`).",
-      valueName: "seq|time"),
-    transform: PointInTime.parse)
-  var at: PointInTime?
+  @OptionGroup var point: PointOptions
 
   @Option(
     help: ArgumentHelp("Block size of a Strata destination (default 4K).", valueName: "size"),
@@ -67,12 +59,9 @@ struct ConvertCommand: ParsableCommand {
     if source == "-" || destination == "-" {
       throw ValidationError("convert needs files; '-' (standard input or output) is not supported.")
     }
-    if (snapshot != nil || at != nil) && resolvedSourceFormat != .strata {
+    if point.isSet && resolvedSourceFormat != .strata {
       throw ValidationError(
         "--snapshot and --at need a Strata source; '\(source)' is read as raw (use -f strata if it is one).")
-    }
-    if snapshot != nil && at != nil {
-      throw ValidationError("--snapshot and --at name two different points: pick one.")
     }
     if (blockSize != nil || segmentSize != nil) && resolvedDestinationFormat != .strata {
       throw ValidationError("--block-size and --segment-size apply only to a Strata destination.")
@@ -83,7 +72,8 @@ struct ConvertCommand: ParsableCommand {
     try runReportingErrors {
       try Converter.convert(
         ConversionRequest(
-          source: source, sourceFormat: resolvedSourceFormat, snapshot: snapshot, at: at, destination: destination,
+          source: source, sourceFormat: resolvedSourceFormat, snapshot: point.snapshot, at: point.at,
+          destination: destination,
           destinationFormat: resolvedDestinationFormat, overwrite: force,
           blockSize: blockSize.map { Int(clamping: $0) },
           segmentSize: segmentSize.map { Int(clamping: $0) }, showProgress: progress && standardErrorIsTerminal))

@@ -81,8 +81,14 @@ struct InspectCommand: ParsableCommand {
             rec.operations.map(describe).joined(separator: "; "),
           ]
         }))
+    let c = r.catalog
+    out.append(
+      "\nCatalog: \(c.snapshots) snapshots, \(c.format)"
+        + (c.format == "tree"
+          ? " (seq tree \(c.seqTreeNodes) nodes in \(c.seqTreeLevels) levels, name index \(c.nameIndexNodes) nodes in \(c.nameIndexLevels) levels)"
+          : ""))
     if !r.snapshots.isEmpty {
-      out.append("\nSnapshots:")
+      out.append("\nSnapshots (the newest \(r.snapshots.count)):")
       out.append(
         Printer.table(
           header: ["seq", "name", "time", "base checkpoint page"],

@@ -15,29 +15,15 @@ struct MapCommand: ParsableCommand {
   @Argument(help: "Path of the image.")
   var image: String
 
-  @Option(help: ArgumentHelp("Map this snapshot instead of the current disk.", valueName: "name"))
-  var snapshot: String?
-
-  @Option(
-    help: ArgumentHelp(
-      "Use the disk as it was at this point instead: a seq or an RFC 3339 time (see `strata timeline`).",
-      valueName: "seq|time"),
-    transform: PointInTime.parse)
-  var at: PointInTime?
+  @OptionGroup var point: PointOptions
 
   @OptionGroup var format: OutputOptions
-
-  func validate() throws {
-    if snapshot != nil && at != nil {
-      throw ValidationError("--snapshot and --at name two different points: pick one.")
-    }
-  }
 
   func run() throws {
     try runReportingErrors {
       let (entries, chain) = try ImageAccess.with(image, readOnly: true) { opened in
         (
-          try ImageAccess.source(opened, snapshot: snapshot, at: at).extents(0, nil).map(MapEntry.init),
+          try ImageAccess.source(opened, snapshot: point.snapshot, at: point.at).extents(0, nil).map(MapEntry.init),
           opened.backingChain
         )
       }

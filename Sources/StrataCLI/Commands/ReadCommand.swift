@@ -28,31 +28,17 @@ struct ReadCommand: ParsableCommand {
     transform: ByteCount.parse)
   var length: UInt64
 
-  @Option(help: ArgumentHelp("Read from this snapshot instead of the current disk.", valueName: "name"))
-  var snapshot: String?
-
-  @Option(
-    help: ArgumentHelp(
-      "Use the disk as it was at this point instead: a seq or an RFC 3339 time (see `strata timeline`).",
-      valueName: "seq|time"),
-    transform: PointInTime.parse)
-  var at: PointInTime?
+  @OptionGroup var point: PointOptions
 
   @Option(
     name: .long,
     help: ArgumentHelp("Write the bytes to this file (replacing it) instead of standard output.", valueName: "file"))
   var output: String?
 
-  func validate() throws {
-    if snapshot != nil && at != nil {
-      throw ValidationError("--snapshot and --at name two different points: pick one.")
-    }
-  }
-
   func run() throws {
     try runReportingErrors {
       try ImageAccess.with(image, readOnly: true) { opened in
-        let source = try ImageAccess.source(opened, snapshot: snapshot, at: at)
+        let source = try ImageAccess.source(opened, snapshot: point.snapshot, at: point.at)
         try source.checkRange(offset: offset, length: length)
         let out = try about(output ?? "-") { try RawFile.create(output ?? "-", overwrite: true) }
         try Streams.copy(from: source, offset: offset, length: length, to: out)

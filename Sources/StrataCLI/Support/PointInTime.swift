@@ -1,3 +1,4 @@
+import ArgumentParser
 import Foundation
 import StrataCore
 
@@ -34,4 +35,28 @@ enum PointInTime: Equatable {
       return point.seq
     }
   }
+}
+
+/// `--snapshot NAME` / `--at SEQ|TIME`: read a snapshot or a point in time instead of the
+/// current disk (read, map, convert).
+struct PointOptions: ParsableArguments {
+  @Option(help: ArgumentHelp("Use this snapshot instead of the current disk.", valueName: "name"))
+  var snapshot: String?
+
+  @Option(
+    help: ArgumentHelp(
+      "Use the disk as it was at this point instead: a seq or an RFC 3339 time (see `strata timeline`).",
+      valueName: "seq|time"),
+    transform: PointInTime.parse)
+  var at: PointInTime?
+
+  var isSet: Bool { snapshot != nil || at != nil }
+
+  func validate() throws {
+    if snapshot != nil && at != nil {
+      throw ValidationError("--snapshot and --at name two different points: pick one.")
+    }
+  }
+
+  init() {}
 }

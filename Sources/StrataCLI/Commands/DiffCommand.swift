@@ -1,0 +1,73 @@
+import ArgumentParser
+import StrataCore
+
+struct DiffCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "diff",
+    abstract: "List the ranges that differ between two points of the disk, from metadata alone.",
+    discussion: """
+      A point is `head` (the current disk), a snapshot name, a seq or an RFC 3339 time from \
+      `strata timeline`, or spelled out as `snapshot/NAME` or `at/SEQ|TIME` (the NBD export \
+      names). TO defaults to the head. No data is read: blocks rewritten with the same bytes \
+      count as changed. This is what an incremental backup from FROM to TO must copy.
+
+      Examples:
+        strata diff vm.strata nightly
+        strata diff vm.strata nightly 2026-11-26T09:30:00Z --output json
+      """
+  )
+
+  @Argument(help: "Path of the image.")
+  var image: String
+
+  @Argument(help: ArgumentHelp("The older point.", valueName: "from"))
+  var from: String
+
+  @Argument(help: ArgumentHelp("The newer point (default: head).", valueName: "to"))
+  var to = "head"
+
+  @OptionGroup var format: OutputOptions
+
+  func run() throws {
+    try runReportingErrors {
+      let ranges = try ImageAccess.with(image, readOnly: true) { opened -> [DiffRange] in
+        guard let older = try Self.view(from, in: opened) else {
+          throw StrataError(.invalidArgument, "FROM must be a snapshot or a point in time, not the head")
+        }
+        let newer = try Self.view(to, in: opened)
+        let length = max(older.size, newer?.size ?? opened.size)
+        return try opened.changedRanges(since: older, in: newer, from: 0, length: length).map(DiffRange.init)
+      }
+      switch format.output {
+      case .human:
+        let total = ranges.reduce(0) { $0 + $1.length }
+        print(Printer.table(header: ["Offset", "Length"], rows: ranges.map { [hex($0.offset), hex($0.length)] }))
+        print("\(ranges.count) range(s), \(ByteCount.format(total)) (\(total) bytes) differ.")
+      case .json: try Printer.printJSON(ranges)
+      }
+    }
+  }
+
+  /// The view a point names (nil: the head).
+  static func view(_ point: String, in image: StrataImage) throws -> SnapshotView? {
+    if point == "head" { return nil }
+    if point.hasPrefix("snapshot/") { return try image.snapshotView(name: String(point.dropFirst(9))) }
+    if point.hasPrefix("at/") {
+      return try image.view(atSeq: try PointInTime.parse(String(point.dropFirst(3))).seq(in: image))
+    }
+    if let seq = UInt64(point) { return try image.view(atSeq: seq) }
+    if let time = try? PointInTime.parse(point) { return try image.view(atSeq: try time.seq(in: image)) }
+    return try image.snapshotView(name: point)
+  }
+}
+
+/// One differing range as `strata diff` prints it.
+struct DiffRange: Encodable {
+  var offset: UInt64
+  var length: UInt64
+
+  init(_ range: Range<UInt64>) {
+    offset = range.lowerBound
+    length = range.upperBound - range.lowerBound
+  }
+}
