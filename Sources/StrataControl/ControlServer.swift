@@ -183,7 +183,7 @@ public final class ControlServer: @unchecked Sendable {
         }
         return ["ok": true, "size": size]
       case "flush":
-        try image.with { try $0.flush() }
+        try image.durably { _ in }
         return ["ok": true]
       default:
         throw StrataError(.invalidArgument, "unknown command \"\(command)\" (status, snapshot, resize, flush)")

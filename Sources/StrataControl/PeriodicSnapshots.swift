@@ -51,14 +51,11 @@ public final class PeriodicSnapshots: @unchecked Sendable {
       if deadline <= now { deadline = now + intervalNanoseconds }  // fell behind: no burst
       let name = Self.prefix + formatter.string(from: Date())
       do {
-        let pruned = try image.with { img -> Int in
+        // The sync happens outside the image lock (group commit): the guest's I/O goes on.
+        let pruned = try image.durably { img -> Int in
           _ = try img.createSnapshot(name: name)
-          var pruned = 0
-          if keepLast > 0 {
-            pruned = try img.pruneSnapshots(RetentionPolicy(last: keepLast), prefix: Self.prefix).count
-          }
-          try img.flush()
-          return pruned
+          guard keepLast > 0 else { return 0 }
+          return try img.pruneSnapshots(RetentionPolicy(last: keepLast), prefix: Self.prefix).count
         }
         logger.debug("snapshot \(name)\(pruned > 0 ? ", \(pruned) older auto snapshot(s) pruned" : "")")
       } catch {

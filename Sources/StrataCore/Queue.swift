@@ -184,8 +184,13 @@ public final class ImageQueue {
     try submitImmediate(tag: tag) { try $0.write(data, at: offset) }
   }
 
+  /// Completes once every write before it is durable. On a shared image the sync runs outside
+  /// the image lock and is shared with other threads' flushes (group commit).
   public func submitFlush(tag: UInt64) throws {
-    try submitImmediate(tag: tag) { try $0.flush() }
+    guard let shared else { return try submitImmediate(tag: tag) { try $0.flush() } }
+    let s = try takeSlot(tag: tag)
+    do { try shared.durably { _ in } } catch let e as StrataError { return completeNow(s, e) }
+    completeNow(s, nil)
   }
 
   public func submitDiscard(at offset: UInt64, length: UInt64, tag: UInt64) throws {

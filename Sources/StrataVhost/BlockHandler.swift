@@ -89,7 +89,13 @@ final class BlockHandler: @unchecked Sendable {
       guard let offset = byteOffset(sector, total) else { return finish(last, .ioError, dataWritten: 0) }
       status = transfer(offset, total, isRead: false)
     case .flush:
-      status = run { try $0.flush() }
+      // Group commit: the sync runs outside the image lock, shared with other queues' flushes.
+      do {
+        try image.durably { _ in }
+        status = .ok
+      } catch {
+        status = .ioError
+      }
     case .getID:
       var n = 0
       for s in data where n < 20 {
