@@ -145,7 +145,7 @@ final class NBDConnection: @unchecked Sendable {
     queue?.close()
     queue = nil
     if wroteAnything {
-      do { try image.with { try $0.flush() } } catch { logger.error("flush after disconnect failed: \(error)") }
+      do { try image.durably { _ in } } catch { logger.error("flush after disconnect failed: \(error)") }
     }
   }
 
@@ -503,7 +503,8 @@ final class NBDConnection: @unchecked Sendable {
       guard inRange else { return try replyError(r, NBDErrno.noSpace, "write zeroes past the end") }
       try modify(r, fua: fua) { try $0.writeZeroes(at: r.offset, length: UInt64(r.length)) }
     case .flush:
-      do { try image.with { try $0.flush() } } catch { return try replyError(r, error) }
+      // Group commit: the sync runs outside the image lock, shared with every other flush.
+      do { try image.durably { _ in } } catch { return try replyError(r, error) }
       try replyOK(r)
     case .cache:
       guard inRange else { return try replyError(r, NBDErrno.invalid, "cache past the end") }
@@ -525,10 +526,7 @@ final class NBDConnection: @unchecked Sendable {
     // in the order they came (NBD would allow reordering; keeping the order costs a batch cut).
     try runPendingReads()
     do {
-      try image.with { img in
-        try change(img)
-        if fua { try img.flush() }
-      }
+      if fua { try image.durably(change) } else { try image.with(change) }
     } catch {
       return try replyError(r, error)
     }
