@@ -26,10 +26,10 @@ public final class NBDServer: @unchecked Sendable {
   private let allGone = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
   /// Sockets of the running connections (guarded by `mutex`): shut down to stop them.
   private var connections: Set<Int32> = []
-  private let stopFd: Int32
   /// A signalfd for SIGINT, SIGTERM and SIGHUP when `run()` is to stop on them.
   private let signalFd: Int32?
-  private var acceptThread: pthread_t?
+  /// The accept loop when it runs beside another server (`start()`).
+  private var acceptThread: WorkerThread?
 
   /// Binds the listening socket; starts no thread. With `stopOnSignals` (for `run()`), blocks
   /// the termination signals in this thread first: construct it before any other thread starts.
@@ -54,7 +54,6 @@ public final class NBDServer: @unchecked Sendable {
       if let signalFd { close(signalFd) }
       throw error
     }
-    stopFd = strata_eventfd(0, 0)
     pthread_mutex_init(mutex, nil)
     pthread_cond_init(allGone, nil)
   }
@@ -62,7 +61,6 @@ public final class NBDServer: @unchecked Sendable {
   deinit {
     precondition(acceptThread == nil, "NBDServer started and never stopped")
     closeListener()
-    close(stopFd)
     if let signalFd { close(signalFd) }
     pthread_cond_destroy(allGone)
     pthread_mutex_destroy(mutex)
@@ -88,26 +86,14 @@ public final class NBDServer: @unchecked Sendable {
   /// Serves on a thread of its own (alongside another server) until `stop()`.
   public func start() {
     precondition(acceptThread == nil)
-    let box = Unmanaged.passRetained(self)
-    var t = pthread_t()
-    let r = pthread_create(
-      &t, nil,
-      { arg in
-        guard let arg else { return nil }
-        let server = Unmanaged<NBDServer>.fromOpaque(arg).takeRetainedValue()
-        server.serve(until: server.stopFd)
-        return nil
-      }, box.toOpaque())
-    precondition(r == 0, "pthread_create failed: \(r)")
-    acceptThread = t
+    let thread = WorkerThread { [self] stopFd in serve(until: stopFd) }
+    thread.start()
+    acceptThread = thread
   }
 
   /// Ends every connection and the accept thread and waits for them.
   public func stop() {
-    guard let t = acceptThread else { return }
-    var one: UInt64 = 1
-    _ = write(stopFd, &one, 8)
-    pthread_join(t, nil)
+    acceptThread?.stop()
     acceptThread = nil
   }
 

@@ -551,3 +551,25 @@ func randomPipelinedRequestsMatchAModel(seed: UInt64) throws {
     }
   }
 }
+
+/// One process serving vhost-user and NBD: a guest write through the virtqueue reads back over
+/// NBD and the other way round; SIGTERM stops both and removes both sockets.
+@Test(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
+func vhostAndNBDServeTheSameImage() throws {
+  try withServer(size: 8 << 20, vhost: true, nbd: true) { s in
+    let guest = try s.client()
+    try s.waitForNBD()
+    let nbd = try RawNBDClient(path: s.nbdPath)
+    _ = try nbd.open("")
+    let fromGuest = pattern(8192, seed: 61)
+    #expect(try guest.perform(.write(sector: 16, data: fromGuest)).isOK)
+    try nbd.send(nbd.request(NBDCommand.read.rawValue, offset: 16 * 512, length: 8192))
+    #expect(try nbd.simpleReply(dataLength: 8192).data == fromGuest)
+    let fromNBD = pattern(4096, seed: 62)
+    try nbd.send(nbd.request(NBDCommand.write.rawValue, offset: 1 << 20, length: 4096, payload: fromNBD))
+    #expect(try nbd.simpleReply().error == 0)
+    #expect(try guest.perform(.read(sector: 2048, length: 4096)).data == fromNBD)
+    s.stop()
+    guest.shutdown()
+  }
+}
