@@ -4,7 +4,7 @@ import PackageDescription
 // Module graph (dependencies point one way, top to bottom):
 //   strata (executable) -> StrataCLI -> StrataCore -> StrataFormat -> CStrataCRC32C
 //                                       StrataCore -> StrataIO -> CURing, CAIO, CStrataLinux
-//   StrataCLI -> StrataVhost, StrataControl -> StrataCore
+//   StrataCLI -> StrataVhost, StrataNBD, StrataControl (the servers of `strata serve`) -> StrataCore
 //   StrataCABI (libStrataC.so, the C ABI) -> StrataCore
 //   StrataSimulation (fault-injecting storage, test support) -> StrataCore
 //   strata-sim (executable) -> StrataSimulator (model, workload, crash and fault runs) -> StrataSimulation
@@ -45,6 +45,12 @@ let package = Package(
       name: "StrataVhost",
       dependencies: ["StrataCore", "VhostProtocol", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
     ),
+    // The NBD server: wire format (Wire.swift, Names.swift: syntax only, for tests and fuzzers),
+    // handshake and transmission per connection, the listener.
+    .target(
+      name: "StrataNBD",
+      dependencies: ["StrataCore", "CStrataLinux", .product(name: "Logging", package: "swift-log")]
+    ),
     // Pure on-disk format: encoding, decoding and validation. No I/O.
     .target(name: "StrataFormat", dependencies: ["CStrataCRC32C"]),
     // The image: log, block map, checkpoints, recovery, snapshots, storage protocol.
@@ -65,6 +71,7 @@ let package = Package(
         "StrataCore",
         "StrataIO",
         "StrataVhost",
+        "StrataNBD",
         "StrataControl",
         "VhostClient",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -85,7 +92,8 @@ let package = Package(
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
     .testTarget(name: "StrataVhostTests", dependencies: ["StrataVhost", "VhostProtocol", "CStrataLinux"]),
-    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl"]),
+    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD"]),
+    .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -3,22 +3,9 @@
 # qemu-storage-daemon serving qcow2 and raw, all driven by the same in-repo front-end
 # (`strata vhost-bench`). Prints a markdown table with ratios; writes bench/results/vhost-latest.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/setup.sh
-if [ -z "${STRATA_BIN:-}" ]; then
-  swift build -c release --product strata >&2
-  STRATA_BIN=.build/release/strata
-fi
-strata=$(realpath "$STRATA_BIN")
-qsd=$(command -v qemu-storage-daemon || echo /usr/bin/qemu-storage-daemon)
-work=$(mktemp -d "${BENCH_DIR:-$PWD/bench/.work}.vhost.XXXX")
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+source "$(dirname "$0")/servers.sh" vhost
 size=${SIZE:-2G}
 count=${COUNT:-40000}
-
-wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
 
 start_strata() {
   "$strata" create "$work/disk.strata" --size "$size" --force >/dev/null
@@ -72,12 +59,6 @@ mkdir -p bench/results
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; kernel $(uname -r); $(qemu-storage-daemon --version | head -1)"
   echo "- $size disks filled first; client: strata vhost-bench (the in-repo front-end), 4 KiB random requests"
   echo
-  echo "| workload | strata serve | qsd + qcow2 | qsd + raw | strata/qcow2 | strata/raw |"
-  echo "|---|---:|---:|---:|---:|---:|"
-  for r in "${rows[@]}"; do
-    IFS='|' read -r name a b c <<<"$r"
-    printf '| %s | %s | %s | %s | %.2fx | %.2fx |\n' "$name" "$a" "$b" "$c" \
-      "$(python3 -c "print($a/$b)")" "$(python3 -c "print($a/$c)")"
-  done
+  ratio_table "${rows[@]}"
 } >"$out"
 cat "$out"

@@ -3,8 +3,9 @@
 # Sourced by the other scripts; safe to run again (apt skips what is installed).
 set -euo pipefail
 
-# qemu-system-common brings qemu-storage-daemon, the peer the vhost-user client tests run against.
-packages=(liburing-dev libaio-dev libzstd-dev pkg-config gcc qemu-system-common qemu-utils fio)
+# qemu-system-common brings qemu-storage-daemon, the peer the vhost-user client tests run against;
+# libnbd-bin (nbdinfo, nbdcopy), qemu-utils (qemu-img) and fio (nbd engine) are the NBD clients.
+packages=(liburing-dev libaio-dev libzstd-dev pkg-config gcc qemu-system-common qemu-utils fio libnbd-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

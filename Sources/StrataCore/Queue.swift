@@ -260,7 +260,6 @@ public final class ImageQueue {
   ) throws {
     let bs = image.blockSize
     let ppb = image.geometry.pagesPerBlock
-    let direct = Int(bitPattern: base) % Layout.pageSize == 0
     var done = 0
     while done < count {
       let position = offset + UInt64(done)
@@ -274,7 +273,10 @@ public final class ImageQueue {
         try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
       } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
-      } else if image.writer?.isPending(page: entry.page) ?? false || (n == bs && !direct)
+      } else if image.writer?.isPending(page: entry.page) ?? false
+        // O_DIRECT reads straight into the caller's memory need it aligned: an aligned buffer is
+        // not enough when the read starts inside a block (NBD reads are byte-granular).
+        || (n == bs && Int(bitPattern: dest) % Layout.pageSize != 0)
         || (n < bs && bounceUsed == 2)
         || pieces == piecesPerRequest
       {

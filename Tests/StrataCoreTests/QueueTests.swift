@@ -73,6 +73,30 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   try img.close()
 }
 
+/// Reads that start inside a block, into page-aligned memory, of blocks stored in the file (not
+/// in the log tail): the whole blocks after the partial first one land off alignment and must
+/// not be read O_DIRECT there (they were, and failed with EINVAL).
+@Test func queueReadsAtByteOffsetsOfStoredBlocks() throws {
+  let path = temporaryDirectory() + "/odd.strata"
+  var img = try StrataImage.create(path: path, virtualSize: 1 << 20, overwrite: true)
+  let bs = img.blockSize
+  for b in 0..<16 { try img.write(pattern(block: b, version: 3, blockSize: bs), at: UInt64(b * bs)) }
+  try img.close()
+  img = try StrataImage.open(path: path)
+  let queue = try ImageQueue(image: img, depth: 4)
+  let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 5 * bs, alignment: 4096)
+  defer { buffer.deallocate() }
+  for offset in [1000, 512, 4095, 1] {
+    let count = 3 * bs + 100
+    let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
+    try queue.submitRead(into: dest, at: UInt64(offset), tag: UInt64(offset))
+    #expect(try reapAll(queue, 1) == [UInt64(offset)])
+    #expect(Array(dest) == (try img.read(at: UInt64(offset), count: count)), "offset \(offset)")
+  }
+  queue.close()
+  try img.close()
+}
+
 /// A queue on a shared image signals its completion eventfd, and `reap(minimum: 0)` takes
 /// what finished without waiting.
 @Test func queueSignalsCompletionsThroughItsEventFD() throws {

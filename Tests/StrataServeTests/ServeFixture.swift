@@ -109,6 +109,11 @@ struct StrataRun {
 /// Runs `strata` to completion (killed after 30 s).
 func runStrata(_ arguments: [String], in directory: String) throws -> StrataRun {
   guard let binary = strataBinary else { throw ServeTestError(binaryMissing) }
+  return try runProgram(binary, arguments, in: directory, seconds: 30)
+}
+
+/// Runs a program to completion (killed after `seconds`), capturing its output in `directory`.
+func runProgram(_ path: String, _ arguments: [String], in directory: String, seconds: Double) throws -> StrataRun {
   let tag = UUID().uuidString
   let out = "\(directory)/.out-\(tag)"
   let err = "\(directory)/.err-\(tag)"
@@ -116,11 +121,11 @@ func runStrata(_ arguments: [String], in directory: String) throws -> StrataRun 
     unlink(out)
     unlink(err)
   }
-  let pid = try spawnProcess(binary, arguments, stdoutPath: out, stderrPath: err)
-  guard let status = waitStatus(pid, seconds: 30) else {
+  let pid = try spawnProcess(path, arguments, stdoutPath: out, stderrPath: err)
+  guard let status = waitStatus(pid, seconds: seconds) else {
     kill(pid, SIGKILL)
     _ = waitStatus(pid, seconds: 5)
-    throw ServeTestError("strata \(arguments.joined(separator: " ")) did not finish in 30 s")
+    throw ServeTestError("\(path) \(arguments.joined(separator: " ")) did not finish in \(seconds) s")
   }
   return StrataRun(
     status: status, stdout: [UInt8]((try? Data(contentsOf: URL(fileURLWithPath: out))) ?? Data()),
@@ -134,24 +139,35 @@ final class ServeProcess {
   let directory: String
   let image: String
   let socketPath: String
+  /// The NBD socket (`--nbd unix:PATH`), used when the server was started with `nbd: true`.
+  let nbdPath: String
   let logPath: String
   let size: UInt64
   let arguments: [String]
+  /// `serve IMAGE` and the listening options, before `arguments`.
+  private let serveArguments: [String]
   private(set) var pid: pid_t = 0
   private(set) var status: Int32?
 
   /// Creates the image (`strata create`), lets `prepare` touch it (with the image path), then
-  /// starts `strata serve IMAGE --socket PATH arguments...`.
-  init(size: UInt64 = 64 << 20, arguments: [String] = [], prepare: ((ServeProcess) throws -> Void)? = nil) throws {
+  /// starts `strata serve IMAGE --socket PATH arguments...` (without `--socket` unless `vhost`;
+  /// with `--nbd unix:NBDPATH` when `nbd`).
+  init(
+    size: UInt64 = 64 << 20, arguments: [String] = [], vhost: Bool = true, nbd: Bool = false,
+    prepare: ((ServeProcess) throws -> Void)? = nil
+  ) throws {
     guard let binary = strataBinary else { throw ServeTestError(binaryMissing) }
     var template = Array("/tmp/strata-serve-XXXXXX".utf8CString)
     guard let d = mkdtemp(&template) else { throw ServeTestError("mkdtemp failed") }
     directory = String(cString: d)
     image = directory + "/disk.strata"
     socketPath = directory + "/vhost.sock"
+    nbdPath = directory + "/nbd.sock"
     logPath = directory + "/serve.log"
     self.size = size
     self.arguments = arguments
+    serveArguments =
+      ["serve", image] + (vhost ? ["--socket", socketPath] : []) + (nbd ? ["--nbd", "unix:" + nbdPath] : [])
     let created = try runStrata(["create", image, "--size", String(size)], in: directory)
     guard created.succeeded else {
       removeDirectory()
@@ -159,7 +175,7 @@ final class ServeProcess {
     }
     do {
       try prepare?(self)
-      pid = try spawnProcess(binary, ["serve", image, "--socket", socketPath] + arguments, stderrPath: logPath)
+      pid = try spawnProcess(binary, serveArguments + arguments, stderrPath: logPath)
     } catch {
       removeDirectory()
       throw error
@@ -239,6 +255,7 @@ final class ServeProcess {
       exitedNormally(s) && exitCode(s) == 0, "strata serve ended with \(describeStatus(s)) after SIGTERM; log:\n\(log)",
       sourceLocation: sourceLocation)
     #expect(access(socketPath, F_OK) != 0, "the socket file was left behind", sourceLocation: sourceLocation)
+    #expect(access(nbdPath, F_OK) != 0, "the NBD socket file was left behind", sourceLocation: sourceLocation)
   }
 
   /// Incarnations started by `restart` (the logs of earlier ones are kept as serve.log.N).
@@ -268,11 +285,11 @@ final class ServeProcess {
       rename(logPath, "\(logPath).\(restarts)")
       restarts += 1
       status = nil
-      pid = try spawnProcess(binary, ["serve", image, "--socket", socketPath] + arguments, stderrPath: logPath)
+      pid = try spawnProcess(binary, serveArguments + arguments, stderrPath: logPath)
       // Up once the socket accepts a connection (probed with a bare connect; the server sees
       // a front-end that disconnects at once).
       while isAlive() {
-        if socketAccepts() { return }
+        if socketAccepts(serveArguments.contains("--socket") ? socketPath : nbdPath) { return }
         usleep(5_000)
       }
       guard log.contains("in use"), Date() < deadline else {
@@ -282,11 +299,11 @@ final class ServeProcess {
     }
   }
 
-  /// Whether something accepts connections on the socket path.
-  func socketAccepts() -> Bool {
+  /// Whether something accepts connections on the socket path (the vhost-user one by default).
+  func socketAccepts(_ path: String? = nil) -> Bool {
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(socketPath.utf8)
+    let bytes = Array((path ?? socketPath).utf8)
     withUnsafeMutableBytes(of: &address.sun_path) { raw in
       for (i, b) in bytes.enumerated() { raw[i] = b }
     }
@@ -341,10 +358,11 @@ final class ServeProcess {
 /// Runs `body` against a fresh server; stops it with SIGTERM afterwards (expecting exit 0 and the
 /// socket removed) unless `body` already did; kills it by PID when `body` throws.
 func withServer<T>(
-  size: UInt64 = 64 << 20, arguments: [String] = [], prepare: ((ServeProcess) throws -> Void)? = nil,
-  sourceLocation: SourceLocation = #_sourceLocation, _ body: (ServeProcess) throws -> T
+  size: UInt64 = 64 << 20, arguments: [String] = [], vhost: Bool = true, nbd: Bool = false,
+  prepare: ((ServeProcess) throws -> Void)? = nil, sourceLocation: SourceLocation = #_sourceLocation,
+  _ body: (ServeProcess) throws -> T
 ) throws -> T {
-  let s = try ServeProcess(size: size, arguments: arguments, prepare: prepare)
+  let s = try ServeProcess(size: size, arguments: arguments, vhost: vhost, nbd: nbd, prepare: prepare)
   defer {
     s.killIfRunning()
     s.removeDirectory()

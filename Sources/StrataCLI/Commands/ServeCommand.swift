@@ -3,6 +3,7 @@ import Logging
 import StrataControl
 import StrataCore
 import StrataIO
+import StrataNBD
 import StrataVhost
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -10,7 +11,7 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 struct ServeCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "serve",
-    abstract: "Serve an image to a virtual machine as a vhost-user-blk disk.",
+    abstract: "Serve an image to a virtual machine as a vhost-user-blk disk, or over NBD.",
     discussion: """
       Listens on a Unix socket for a vhost-user front-end such as QEMU:
 
@@ -23,14 +24,27 @@ struct ServeCommand: ParsableCommand {
       disconnects, the server flushes and waits for it to reconnect. SIGINT or SIGTERM stop \
       the queues, flush and close the image and remove the socket. An image can be served by \
       one process at a time.
+
+      With --nbd (alone or with --socket), NBD clients such as qemu-img, nbdcopy, nbdinfo, fio or \
+      nbd-client reach the image too: export "" or "head" is the image (writable unless \
+      --read-only), "snapshot/NAME" each snapshot and "at/SEQ" each point of `strata timeline` \
+      (read-only, frozen while the head changes). \
+      Metadata contexts: base:allocation and strata:changed:SNAPSHOT (blocks changed since a \
+      snapshot, for incremental backups).
+
+        strata serve disk.strata --nbd unix:/run/disk.nbd
+        qemu-img convert -O qcow2 'nbd+unix:///snapshot/nightly?socket=/run/disk.nbd' backup.qcow2
       """
   )
 
   @Argument(help: "Path of the image.")
   var image: String
 
-  @Option(help: ArgumentHelp("Unix socket to listen on.", valueName: "path"))
-  var socket: String
+  @Option(help: ArgumentHelp("Unix socket to listen on for a vhost-user front-end.", valueName: "path"))
+  var socket: String?
+
+  @Option(help: ArgumentHelp("Serve NBD on unix:PATH or tcp:HOST:PORT.", valueName: "address"))
+  var nbd: String?
 
   @Option(help: "Number of virtqueues (one worker thread each).")
   var numQueues = 1
@@ -67,6 +81,12 @@ struct ServeCommand: ParsableCommand {
   var logLevel = Logger.Level.info
 
   func validate() throws {
+    guard socket != nil || nbd != nil else {
+      throw ValidationError("nothing to serve on: give --socket PATH (vhost-user), --nbd ADDRESS, or both")
+    }
+    if case .unix(let path) = try nbdAddress(), path == socket {
+      throw ValidationError("--socket and --nbd cannot share the socket path \(path)")
+    }
     guard (1...64).contains(numQueues) else { throw ValidationError("--num-queues must be 1...64") }
     guard serial.utf8.count <= 20 else { throw ValidationError("--serial must be at most 20 bytes") }
     guard snapshotKeep >= 0 else { throw ValidationError("--snapshot-keep cannot be negative") }
@@ -89,20 +109,34 @@ struct ServeCommand: ParsableCommand {
       let opened = try ImageAccess.open(image, readOnly: readOnly, options: options)
       try ImageAccess.withOpened(opened, path: image) { img in
         logger.info("image \(image): \(img.size) bytes, I/O engine \(img.engineDescription)")
-        var serverOptions = VhostBlkServer.Options(socketPath: socket)
-        serverOptions.numQueues = numQueues
-        serverOptions.readOnly = readOnly
-        serverOptions.serial = serial
-        serverOptions.packedRing = packedRing
         let shared = SharedImage(img)
-        // The server blocks the termination signals first: threads started after it inherit that.
-        let server = try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
+        var nbdOptions = try nbdAddress().map { NBDServer.Options(address: $0) }
+        nbdOptions?.readOnly = readOnly
+        // The server whose loop runs in this thread comes first: it blocks the termination
+        // signals before any other thread starts (threads inherit that).
+        let vhost = try socket.map { path in
+          var serverOptions = VhostBlkServer.Options(socketPath: path)
+          serverOptions.numQueues = numQueues
+          serverOptions.readOnly = readOnly
+          serverOptions.serial = serial
+          serverOptions.packedRing = packedRing
+          return try VhostBlkServer(image: shared, options: serverOptions, logger: logger)
+        }
+        let nbdServer = try nbdOptions.map {
+          try NBDServer(image: shared, options: $0, logger: logger, stopOnSignals: vhost == nil)
+        }
         let controlServer = try control.map { path in
           try ControlServer(
             path: path, image: shared,
             hooks: ControlServer.Hooks(
-              status: { ["vhost": Self.status(of: server)] },
-              resized: { _ in server.configurationChanged() }),
+              status: {
+                var status: [String: any Sendable] = [:]
+                if let vhost { status["vhost"] = Self.status(of: vhost) }
+                if let nbdServer { status["nbd"] = ["connections": nbdServer.connectionCount] }
+                return status
+              },
+              // NBD has no way to tell a connected client; new connections see the new size.
+              resized: { _ in vhost?.configurationChanged() }),
             logger: logger)
         }
         controlServer?.start()
@@ -112,9 +146,19 @@ struct ServeCommand: ParsableCommand {
         }
         periodic?.start()
         defer { periodic?.stop() }
-        try server.run()
+        if let vhost {
+          nbdServer?.start()
+          defer { nbdServer?.stop() }
+          try vhost.run()
+        } else {
+          try nbdServer?.run()
+        }
       }
     }
+  }
+
+  private func nbdAddress() throws -> NBDAddress? {
+    do { return try nbd.map { try NBDAddress(parsing: $0) } } catch { throw ValidationError("--nbd: \(error)") }
   }
 
   private static func status(of server: VhostBlkServer) -> [String: any Sendable] {
