@@ -21,6 +21,7 @@ let package = Package(
     // For the fuzzers: the descriptor-chain walker (SPI "Fuzzing") and in-memory storage.
     .library(name: "StrataVhost", targets: ["StrataVhost"]),
     .library(name: "StrataSimulation", targets: ["StrataSimulation"]),
+    .library(name: "StrataNBD", targets: ["StrataNBD"]),
     // The C ABI (Sources/StrataCABI/include/strata.h) as a shared library: libStrataC.so.
     .library(name: "StrataC", type: .dynamic, targets: ["StrataCABI"]),
   ],

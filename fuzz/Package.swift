@@ -24,6 +24,7 @@ let package = Package(
         .product(name: "StrataSimulation", package: main),
       ]
     ),
+    .executableTarget(name: "FuzzNBD", dependencies: [.product(name: "StrataNBD", package: main)]),
     .executableTarget(
       name: "FuzzDescriptorChain",
       dependencies: [

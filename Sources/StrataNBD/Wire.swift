@@ -229,7 +229,7 @@ public struct NBDRequest: Equatable, Sendable {
 
   /// Decodes a header; a wrong magic throws (the stream is out of step: the connection ends).
   public static func decode(_ b: UnsafeRawBufferPointer) throws -> NBDRequest {
-    precondition(b.count >= size)
+    guard b.count >= size else { throw NBDWireError("request header of \(b.count) bytes, expected \(size)") }
     var r = NBDReader(UnsafeRawBufferPointer(rebasing: b[0..<size]))
     let magic = try r.u32()
     guard magic == NBDMagic.request else {

@@ -9,7 +9,7 @@ import VhostProtocol
 /// at the "avail" address and the device's at the "used" address. The ring base exchanged with
 /// SET/GET_VRING_BASE is, as QEMU encodes it, the next available index in bits 0-14 with its
 /// wrap counter in bit 15, and the next used index and wrap counter in bits 16-31.
-final class PackedQueue {
+@_spi(Fuzzing) public final class PackedQueue {
   let size: Int
   let ring: UnsafeMutableRawPointer
   let driverEvent: UnsafeMutableRawPointer
@@ -30,7 +30,7 @@ final class PackedQueue {
   static func ringBytes(_ size: Int) -> Int { 16 * size }
   static let eventBytes = 4
 
-  init(
+  public init(
     size: Int, ring: UnsafeMutableRawPointer, driverEvent: UnsafeMutableRawPointer,
     deviceEvent: UnsafeMutableRawPointer, base: UInt32, eventIdx: Bool, indirect: Bool, maxSegments: Int
   ) {
@@ -65,7 +65,7 @@ final class PackedQueue {
   /// The next available buffer: its id and its segments (translated and bounds-checked). A
   /// chain that cannot be walked breaks the ring (its id, in its last descriptor, cannot be
   /// trusted), unlike a split ring where the head names the request.
-  func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> UInt16? {
+  public func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> UInt16? {
     let headFlags = flags(at: Int(nextAvail))
     let isAvail = headFlags & VirtqDescFlag.packedAvail != 0
     let isUsed = headFlags & VirtqDescFlag.packedUsed != 0
@@ -129,7 +129,7 @@ final class PackedQueue {
 
   /// Writes the used descriptor for buffer `id` at the next used position and skips the
   /// descriptors its chain took; the flags go last, with release ordering.
-  func pushUsed(head id: UInt16, written: UInt32) {
+  public func pushUsed(head id: UInt16, written: UInt32) {
     let d = ring + 16 * Int(nextUsed)
     d.storeBytes(of: id.littleEndian, toByteOffset: 12, as: UInt16.self)
     d.storeBytes(of: written.littleEndian, toByteOffset: 8, as: UInt32.self)
@@ -147,7 +147,7 @@ final class PackedQueue {
   }
 
   /// Whether the driver wants an interrupt for what was pushed since the last notification.
-  func shouldNotify() -> Bool {
+  public func shouldNotify() -> Bool {
     strata_fence_seq_cst()
     guard pushedSinceSignal else { return false }
     let flags = UInt16(littleEndian: strata_load_acquire_u16((driverEvent + 2).assumingMemoryBound(to: UInt16.self)))

@@ -20,6 +20,10 @@ private func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws
   var bad = bytes
   bad[0] = 0
   #expect(throws: NBDWireError.self) { try decode(bad) { try NBDRequest.decode($0) } }
+  // Found by FuzzNBD: a short header threw a precondition instead of an error.
+  for n in [0, 1, NBDRequest.size - 1] {
+    #expect(throws: NBDWireError.self) { try decode(Array(bytes[..<n])) { try NBDRequest.decode($0) } }
+  }
 }
 
 @Test func replyHeadersAreBigEndian() {
