@@ -89,11 +89,16 @@ let package = Package(
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
     .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation", "StrataSimulator"]),
-    .testTarget(name: "StrataCLITests", dependencies: ["StrataCore"]),
+    // What the end-to-end suites share: the built binary's location, child processes.
+    .target(name: "StrataTestSupport", path: "Tests/StrataTestSupport"),
+    .testTarget(name: "StrataCLITests", dependencies: ["StrataCore", "StrataTestSupport"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
-    .testTarget(name: "VhostClientTests", dependencies: ["VhostClient"]),
+    .testTarget(name: "VhostClientTests", dependencies: ["VhostClient", "StrataTestSupport"]),
     .testTarget(name: "StrataVhostTests", dependencies: ["StrataVhost", "VhostProtocol", "CStrataLinux"]),
-    .testTarget(name: "StrataServeTests", dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD"]),
+    .testTarget(
+      name: "StrataServeTests",
+      dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD", "StrataTestSupport"]
+    ),
     .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],
   swiftLanguageModes: [.v6]

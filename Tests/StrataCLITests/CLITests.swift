@@ -9,6 +9,7 @@
 // When none exists the suite is skipped with a message saying so.
 
 import Foundation
+import StrataTestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -18,30 +19,10 @@ import Testing
 // MARK: - Running the binary
 
 /// Where the `strata` executable is, or nil when it has not been built.
-let strataBinary: URL? = {
-  let fm = FileManager.default
-  var candidates: [URL] = []
-  if let path = ProcessInfo.processInfo.environment["STRATA_BIN"], !path.isEmpty {
-    candidates.append(URL(fileURLWithPath: path))
-  }
-  if let exe = Bundle.main.executableURL?.resolvingSymlinksInPath() {
-    candidates.append(exe.deletingLastPathComponent().appendingPathComponent("strata"))
-  }
-  candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("strata"))
-  // Walk up from this file to the package root (the directory holding Package.swift).
-  var dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-  while dir.path != "/" {
-    if fm.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) {
-      candidates.append(dir.appendingPathComponent(".build/debug/strata"))
-      break
-    }
-    dir = dir.deletingLastPathComponent()
-  }
-  return candidates.first { fm.isExecutableFile(atPath: $0.path) }
-}()
+let strataBinary: URL? = strataExecutable
 
 struct MissingBinary: Error, CustomStringConvertible {
-  var description: String { "the strata executable was not found (build it, or set STRATA_BIN)" }
+  var description: String { strataExecutableMissing }
 }
 
 struct RunResult {

@@ -4,6 +4,7 @@
 import Foundation
 import Glibc
 import StrataCore
+import StrataTestSupport
 import Testing
 
 /// The full path of a program on PATH, or nil.

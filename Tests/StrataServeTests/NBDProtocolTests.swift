@@ -6,6 +6,7 @@ import Foundation
 import Glibc
 import StrataCore
 import StrataNBD
+import StrataTestSupport
 import Testing
 
 /// A minimal NBD client: bytes in, bytes out, no cleverness.

@@ -9,6 +9,7 @@
 
 import Foundation
 import Glibc
+import StrataTestSupport
 import Testing
 import VhostClient
 import VhostProtocol
@@ -16,88 +17,9 @@ import VhostProtocol
 // MARK: - The binary
 
 /// Where the `strata` executable is, or nil when it has not been built.
-let strataBinary: String? = {
-  let fm = FileManager.default
-  var candidates: [URL] = []
-  if let path = ProcessInfo.processInfo.environment["STRATA_BIN"], !path.isEmpty {
-    candidates.append(URL(fileURLWithPath: path))
-  }
-  if let exe = Bundle.main.executableURL?.resolvingSymlinksInPath() {
-    candidates.append(exe.deletingLastPathComponent().appendingPathComponent("strata"))
-  }
-  candidates.append(Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("strata"))
-  var dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-  while dir.path != "/" {
-    if fm.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) {
-      candidates.append(dir.appendingPathComponent(".build/debug/strata"))
-      break
-    }
-    dir = dir.deletingLastPathComponent()
-  }
-  return candidates.first { fm.isExecutableFile(atPath: $0.path) }?.path
-}()
-
-let binaryMissing = "the strata executable was not found (build it, or set STRATA_BIN)"
-
-struct ServeTestError: Error, CustomStringConvertible {
-  var description: String
-  init(_ d: String) { description = d }
-}
-
-// MARK: - Processes
-
-/// posix_spawn with an empty signal mask and default dispositions (test threads may block
-/// signals and a child inherits that), stdin on /dev/null, stdout and stderr to files.
-func spawnProcess(_ path: String, _ args: [String], stdoutPath: String = "/dev/null", stderrPath: String) throws
-  -> pid_t
-{
-  var actions = posix_spawn_file_actions_t()
-  posix_spawn_file_actions_init(&actions)
-  defer { posix_spawn_file_actions_destroy(&actions) }
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-  posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-  posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-  var attr = posix_spawnattr_t()
-  posix_spawnattr_init(&attr)
-  defer { posix_spawnattr_destroy(&attr) }
-  var empty = sigset_t()
-  sigemptyset(&empty)
-  posix_spawnattr_setsigmask(&attr, &empty)
-  var defaults = sigset_t()
-  sigemptyset(&defaults)
-  for s in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
-  posix_spawnattr_setsigdefault(&attr, &defaults)
-  posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-  let argv = ([path] + args).map { strdup($0) } + [nil]
-  let envp = ProcessInfo.processInfo.environment.map { strdup("\($0)=\($1)") } + [nil]
-  defer {
-    for p in argv { free(p) }
-    for p in envp { free(p) }
-  }
-  var pid: pid_t = 0
-  let r = posix_spawn(&pid, path, &actions, &attr, argv, envp)
-  guard r == 0 else { throw ServeTestError("posix_spawn \(path): errno \(r)") }
-  return pid
-}
-
-/// Waits for `pid` at most `seconds`; returns the raw wait status, or nil on timeout.
-func waitStatus(_ pid: pid_t, seconds: Double) -> Int32? {
-  let deadline = Date().addingTimeInterval(seconds)
-  var status: Int32 = 0
-  while true {
-    let r = waitpid(pid, &status, WNOHANG)
-    if r == pid { return status }
-    if r < 0 && errno != EINTR { return nil }
-    if Date() > deadline { return nil }
-    usleep(2_000)
-  }
-}
-
-func exitedNormally(_ status: Int32) -> Bool { status & 0x7f == 0 }
-func exitCode(_ status: Int32) -> Int32 { (status >> 8) & 0xff }
-func describeStatus(_ status: Int32) -> String {
-  exitedNormally(status) ? "exit \(exitCode(status))" : "killed by signal \(status & 0x7f)"
-}
+let strataBinary: String? = strataExecutable?.path
+let binaryMissing = strataExecutableMissing
+typealias ServeTestError = TestFailure
 
 struct StrataRun {
   var status: Int32

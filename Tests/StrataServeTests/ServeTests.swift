@@ -5,6 +5,7 @@
 
 import Foundation
 import Glibc
+import StrataTestSupport
 import Testing
 import VhostClient
 import VhostProtocol

@@ -2,6 +2,7 @@
 
 import Foundation
 import Glibc
+import StrataTestSupport
 import VhostClient
 
 /// Path of qemu-storage-daemon, installing Debian's qemu-system-common once when it is missing
@@ -13,7 +14,7 @@ let qemuStorageDaemon: String? = {
   guard getuid() == 0, access("/usr/bin/apt-get", X_OK) == 0 else { return nil }
   func run(_ args: [String]) -> Bool {
     guard
-      let pid = try? spawn(
+      let pid = try? spawnProcess(
         "/usr/bin/apt-get", args, stderrPath: "/dev/null", environment: ["DEBIAN_FRONTEND=noninteractive"])
     else { return false }
     return waitExit(pid) == 0
@@ -28,10 +29,7 @@ let qemuStorageDaemon: String? = {
 let qsdMissing =
   "qemu-storage-daemon is not installed and could not be installed (apt-get install qemu-system-common, as root)"
 
-struct FixtureError: Error, CustomStringConvertible {
-  var description: String
-  init(_ d: String) { description = d }
-}
+typealias FixtureError = TestFailure
 
 /// One qemu-storage-daemon serving a fresh raw file of `size` bytes on a private socket.
 final class StorageDaemon {
@@ -55,7 +53,7 @@ final class StorageDaemon {
     close(fd)
 
     let log = directory + "/qsd.log"
-    pid = try spawn(
+    pid = try spawnProcess(
       binary,
       [
         "--blockdev", "driver=file,node-name=f,filename=\(image)" + (discard ? ",discard=unmap" : ""),
@@ -146,38 +144,6 @@ func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
     x ^= x << 17
     return UInt8(truncatingIfNeeded: x)
   }
-}
-
-/// posix_spawn with an empty signal mask and default signal dispositions (test threads block
-/// signals, and a child would inherit that), stdin and stdout on /dev/null, stderr to a file.
-func spawn(_ path: String, _ args: [String], stderrPath: String, environment: [String] = []) throws -> pid_t {
-  var actions = posix_spawn_file_actions_t()
-  posix_spawn_file_actions_init(&actions)
-  defer { posix_spawn_file_actions_destroy(&actions) }
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-  posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-  var attr = posix_spawnattr_t()
-  posix_spawnattr_init(&attr)
-  defer { posix_spawnattr_destroy(&attr) }
-  var empty = sigset_t()
-  sigemptyset(&empty)
-  posix_spawnattr_setsigmask(&attr, &empty)
-  var defaults = sigset_t()
-  sigemptyset(&defaults)
-  for s in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
-  posix_spawnattr_setsigdefault(&attr, &defaults)
-  posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-  let argv = ([path] + args).map { strdup($0) } + [nil]
-  let envp = (ProcessInfo.processInfo.environment.map { "\($0)=\($1)" } + environment).map { strdup($0) } + [nil]
-  defer {
-    for p in argv { free(p) }
-    for p in envp { free(p) }
-  }
-  var pid: pid_t = 0
-  let r = posix_spawn(&pid, path, &actions, &attr, argv, envp)
-  guard r == 0 else { throw FixtureError("posix_spawn \(path): errno \(r)") }
-  return pid
 }
 
 /// Waits for a child and returns its exit status (-1 if it did not exit normally).
