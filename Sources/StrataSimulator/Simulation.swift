@@ -110,6 +110,9 @@ public final class Simulation {
   private var faultsSettled = 0
   /// The last operation ended with a checkpoint when one was due.
   private var checkpointDue = false
+  /// Recent flush points (`strata timeline`): the seq a view at that point takes and the disk
+  /// it must show. Durable once recorded, so crashes never take them away.
+  private var flushPoints: [(seq: UInt64, disk: DiskModel)] = []
 
   public init(seed: UInt64, config: SimulationConfig) {
     self.seed = seed
@@ -215,6 +218,11 @@ public final class Simulation {
       if try attempt("flush", { try self.current.flush() }) == .done {
         markFlushed()
         counts.flushes += 1
+        // The flush closed a record marked as a flush point; the next seq names it.
+        if let seq = try? current.info.nextSeq {
+          flushPoints.append((seq, model.head))
+          if flushPoints.count > 8 { flushPoints.removeFirst() }
+        }
       }
     case 730..<770:  // snapshot (deleting one first when there are enough)
       if model.snapshots.count >= config.maxSnapshots, let victim = rng.element(of: model.order) {
@@ -278,6 +286,12 @@ public final class Simulation {
       image = try open("reopen")
       faultSinceOpen = false
       try withoutFaults { try checkAccounting(current, log) }
+    case 860..<880:  // read the disk as it was at a past flush point (point-in-time view)
+      guard let point = rng.element(of: flushPoints) else { return }
+      let (offset, count) = work.range(size: point.disk.size, length: work.length())
+      try read("view at seq \(point.seq) read \(offset)+\(count)", point.disk, offset, count) {
+        try self.current.view(atSeq: point.seq).read(at: offset, count: count)
+      }
     default:  // the accounting, now and then
       guard !storage.isPoweredOff else {
         // The power failed at the end of the last operation: the recount would meet it.
