@@ -201,17 +201,22 @@ public final class ImageQueue {
     try submitImmediate(tag: tag) { try $0.writeZeroes(at: offset, length: length) }
   }
 
-  /// Reads `buffer.count` bytes at `offset`. Blocks still in the in-memory log tail are copied
-  /// at once; stored blocks are read by the engine.
-  public func submitRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, tag: UInt64) throws {
-    try submitRead(segments: 1, at: offset, tag: tag) { _ in buffer }
+  /// Reads `buffer.count` bytes at `offset` of the head, or of `view` (a snapshot or a point in
+  /// time of the same image). Blocks still in the in-memory log tail are copied at once; stored
+  /// blocks are read by the engine.
+  public func submitRead(
+    into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, tag: UInt64, view: SnapshotView? = nil
+  ) throws {
+    try submitRead(segments: 1, at: offset, tag: tag, view: view) { _ in buffer }
   }
 
   /// A vectored read: fills `buffer(0)`, `buffer(1)`, … `buffer(segments - 1)` with consecutive
   /// bytes from `offset`, as one request (one completion, one tag).
   public func submitRead(
-    segments: Int, at offset: UInt64, tag: UInt64, buffer: (Int) -> UnsafeMutableRawBufferPointer
+    segments: Int, at offset: UInt64, tag: UInt64, view: SnapshotView? = nil,
+    buffer: (Int) -> UnsafeMutableRawBufferPointer
   ) throws {
+    precondition(view.map { $0.image === image } ?? true, "a view of another image")
     let s = try takeSlot(tag: tag)
     do {
       var pieces = 0
@@ -219,16 +224,17 @@ public final class ImageQueue {
         try image.checkOpen()
         var total = 0
         for i in 0..<segments { total += buffer(i).count }
-        try image.checkRange(offset, UInt64(total), size: image.size)
+        let map = view?.view.map ?? image.map
+        try image.checkRange(offset, UInt64(total), size: view?.size ?? image.size)
         var position = offset
         var bounceUsed = 0
         for i in 0..<segments {
           let b = buffer(i)
           if let base = b.baseAddress, b.count > 0 {
             if total > Self.maxRequestBytes {
-              try image.read(into: b, at: position)
+              try image.readMapped(map, into: b, at: position)
             } else {
-              try plan(s, base, b.count, position, pieces: &pieces, bounceUsed: &bounceUsed)
+              try plan(s, map, base, b.count, position, pieces: &pieces, bounceUsed: &bounceUsed)
             }
           }
           position += UInt64(b.count)
@@ -255,7 +261,7 @@ public final class ImageQueue {
   /// Adds one buffer of a read to slot `s`: engine requests (in `requests`, `pieces` of them so
   /// far) and checks to run on completion. Runs under the image lock.
   private func plan(
-    _ s: Int, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64, pieces: inout Int,
+    _ s: Int, _ map: BlockMap, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64, pieces: inout Int,
     bounceUsed: inout Int
   ) throws {
     let bs = image.blockSize
@@ -266,11 +272,11 @@ public final class ImageQueue {
       let block = position / UInt64(bs)
       let inBlock = Int(position % UInt64(bs))
       let n = min(bs - inBlock, count - done)
-      let entry = try image.map.entry(block)
+      let entry = try map.entry(block)
       let dest = base + done
       if entry.state == .unallocated && image.backingImage != nil {
         // The backing chain holds it: read it synchronously through the image.
-        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+        try image.readMapped(map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
       } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
       } else if image.writer?.isPending(page: entry.page) ?? false
@@ -280,7 +286,7 @@ public final class ImageQueue {
         || (n < bs && bounceUsed == 2)
         || pieces == piecesPerRequest
       {
-        try image.readMapped(image.map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
+        try image.readMapped(map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
       } else {
         let whole = n == bs
         let target = whole ? dest : slots[s].bounce.baseAddress! + bounceUsed * bs

@@ -87,6 +87,8 @@ final class NBDConnection: @unchecked Sendable {
   /// are submitted together and reaped together (many reads in flight, the image lock held only
   /// for map lookups), their replies filled in place in `output`.
   private var queue: ImageQueue?
+  /// The export's frozen view (snapshot or point in time), which queued reads go through.
+  private var currentView: SnapshotView?
   private var pendingReads: [PendingRead] = []
   /// Where in `output` the first batched reply goes (replies before it are sent first).
   private var batchStart = 0
@@ -422,14 +424,13 @@ final class NBDConnection: @unchecked Sendable {
 
   private func transmit(_ export: OpenExport) throws {
     logger.debug("serving \(export.name.name) (\(export.size) bytes\(export.readOnly ? ", read-only" : ""))")
-    if export.view == nil {
-      do {
-        // Made in this thread, which alone uses it (its io_uring is single-issuer).
-        queue = try ImageQueue(shared: image, depth: Self.queueDepth, ownerThreadOnly: true)
-      } catch {
-        logger.warning("no image queue (\(error)); reads are synchronous")
-      }
+    do {
+      // Made in this thread, which alone uses it (its io_uring is single-issuer).
+      queue = try ImageQueue(shared: image, depth: Self.queueDepth, ownerThreadOnly: true)
+    } catch {
+      logger.warning("no image queue (\(error)); reads are synchronous")
     }
+    currentView = export.view
     let header = UnsafeMutableRawBufferPointer.allocate(byteCount: NBDRequest.size, alignment: 8)
     defer { header.deallocate() }
     while true {
@@ -539,7 +540,7 @@ final class NBDConnection: @unchecked Sendable {
     let length = Int(r.length)
     let head = structured ? NBDReplyHeader.chunkSize + 8 : NBDReplyHeader.simpleSize
     let total = head + length
-    if export.view == nil, queue != nil, length <= ImageQueue.maxRequestBytes {
+    if queue != nil, length <= ImageQueue.maxRequestBytes {
       // The data goes where its whole blocks land page-aligned (the queue reads them O_DIRECT),
       // its header just before; the send skips the gaps.
       let skew = Int(r.offset % UInt64(Self.dataAlignment))
@@ -755,7 +756,7 @@ final class NBDConnection: @unchecked Sendable {
       for (i, p) in pendingReads.enumerated() {
         let data = UnsafeMutableRawBufferPointer(rebasing: output[(p.start + p.head)..<(p.start + p.size)])
         do {
-          try queue.submitRead(into: data, at: p.request.offset, tag: UInt64(i))
+          try queue.submitRead(into: data, at: p.request.offset, tag: UInt64(i), view: currentView)
           submitted += 1
         } catch {
           failed[i] = Self.nbdError(for: error)

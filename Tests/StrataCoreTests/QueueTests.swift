@@ -219,3 +219,32 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   }
   try reopened.close()
 }
+
+/// Reads of a snapshot and of a past flush point through the queue return the frozen disk, not
+/// the head that has moved on.
+@Test func queueReadsSnapshotAndPointViews() throws {
+  let path = temporaryDirectory() + "/v.strata"
+  let img = try StrataImage.create(path: path, virtualSize: 4 << 20, overwrite: true)
+  let bs = img.blockSize
+  for b in 0..<64 { try img.write(pattern(block: b, version: 1, blockSize: bs), at: UInt64(b * bs)) }
+  try img.flush()
+  let point = try #require(try img.timeline().last { $0.kind == .flush })
+  try img.createSnapshot(name: "one")
+  for b in 0..<64 { try img.write(pattern(block: b, version: 2, blockSize: bs), at: UInt64(b * bs)) }
+  let queue = try ImageQueue(image: img, depth: 8)
+  defer { queue.close() }
+  let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * bs, alignment: 4096)
+  defer { buffer.deallocate() }
+  for view in [try img.snapshotView(name: "one"), try img.view(atSeq: point.seq)] {
+    buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+    try queue.submitRead(into: buffer, at: 0, tag: 1, view: view)
+    _ = try reapAll(queue, 1)
+    for b in 0..<64 {
+      #expect(Array(buffer[(b * bs)..<((b + 1) * bs)]) == pattern(block: b, version: 1, blockSize: bs), "block \(b)")
+    }
+  }
+  try queue.submitRead(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<bs]), at: 0, tag: 2)
+  _ = try reapAll(queue, 1)
+  #expect(Array(buffer[..<bs]) == pattern(block: 0, version: 2, blockSize: bs), "the head")
+  try img.close()
+}
