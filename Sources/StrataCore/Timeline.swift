@@ -105,3 +105,71 @@ extension StrataImage {
     throw StrataError(.notFound, "no checkpoint precedes seq \(seq): that point is not retained")
   }
 }
+
+/// RFC 3339 times, as `--at`, `timeline --since` and NBD's `at/TIME` exports take them.
+public enum RFC3339 {
+  /// Nanoseconds since the Unix epoch of `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, or nil when
+  /// the text is not such a time (or lies before 1970).
+  public static func nanoseconds(_ text: String) -> UInt64? {
+    let b = Array(text.utf8)
+    var i = 0
+    func number(_ digits: Int) -> Int? {
+      guard i + digits <= b.count else { return nil }
+      var v = 0
+      for k in i..<(i + digits) {
+        guard b[k] >= 0x30 && b[k] <= 0x39 else { return nil }
+        v = v * 10 + Int(b[k] - 0x30)
+      }
+      i += digits
+      return v
+    }
+    func expect(_ c: UInt8...) -> Bool {
+      guard i < b.count, c.contains(b[i]) else { return false }
+      i += 1
+      return true
+    }
+    guard let year = number(4), expect(0x2D), let month = number(2), expect(0x2D), let day = number(2),
+      expect(0x54, 0x74, 0x20), let hour = number(2), expect(0x3A), let minute = number(2), expect(0x3A),
+      let second = number(2)
+    else { return nil }
+    var fraction: UInt64 = 0
+    if i < b.count && b[i] == 0x2E {
+      i += 1
+      var digits = 0
+      while i < b.count, b[i] >= 0x30 && b[i] <= 0x39 {
+        if digits < 9 { fraction = fraction * 10 + UInt64(b[i] - 0x30) }
+        digits += 1
+        i += 1
+      }
+      guard digits > 0 else { return nil }
+      if digits < 9 {
+        for _ in digits..<9 { fraction *= 10 }
+      }
+    }
+    var offset = 0
+    if expect(0x5A, 0x7A) {
+      offset = 0
+    } else if i < b.count, b[i] == 0x2B || b[i] == 0x2D {
+      let sign = b[i] == 0x2D ? -1 : 1
+      i += 1
+      guard let oh = number(2), expect(0x3A), let om = number(2), oh < 24, om < 60 else { return nil }
+      offset = sign * (oh * 3600 + om * 60)
+    } else {
+      return nil
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+    let monthDays = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+    guard i == b.count, (1...12).contains(month), day >= 1, day <= monthDays[month - 1], hour < 24, minute < 60,
+      second <= 60
+    else { return nil }
+    // Days from the civil date (H. Hinnant's algorithm), then seconds.
+    let y = month <= 2 ? year - 1 : year
+    let era = y / 400
+    let yoe = y - era * 400
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset
+    guard seconds >= 0 else { return nil }
+    return UInt64(seconds) * 1_000_000_000 + fraction
+  }
+}

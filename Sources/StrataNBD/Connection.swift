@@ -45,6 +45,7 @@ final class OpenExport {
     case .head: "image head"
     case .snapshot(let s): "snapshot \(s), read-only"
     case .pointInTime(let seq): "the image just before operation \(seq), read-only"
+    case .pointAtTime(_, let text): "the image at \(text), read-only"
     }
   }
 
@@ -319,6 +320,14 @@ final class NBDConnection: @unchecked Sendable {
   }
 
   /// Parses an export name and checks that the export exists.
+  /// The seq of the latest timeline point at or before `ns` (an `at/TIME` export).
+  private static func seq(atOrBefore ns: UInt64, _ text: String, in image: StrataImage) throws -> UInt64 {
+    guard let point = try image.point(atOrBefore: ns) else {
+      throw StrataError(.notFound, "no point of the timeline at or before \(text)")
+    }
+    return point.seq
+  }
+
   private func resolve(_ text: String) -> Result<NBDExportName, Failure> {
     guard let name = NBDExportName(text) else {
       return .failure(
@@ -328,7 +337,7 @@ final class NBDConnection: @unchecked Sendable {
     switch name {
     case .head: return .success(name)
     // Whether the log still reaches that point shows when the view is made (`open`).
-    case .pointInTime: return .success(name)
+    case .pointInTime, .pointAtTime: return .success(name)
     case .snapshot(let s):
       return snapshotExists(s)
         ? .success(name) : .failure(Failure(reply: NBDReply.errUnknown, message: "no snapshot \"\(s)\""))
@@ -351,6 +360,7 @@ final class NBDConnection: @unchecked Sendable {
             case .head: nil
             case .snapshot(let s): try img.snapshotView(name: s)
             case .pointInTime(let seq): try img.view(atSeq: seq)
+            case .pointAtTime(let ns, let text): try img.view(atSeq: Self.seq(atOrBefore: ns, text, in: img))
             }
           let export = OpenExport(
             name: name, size: view?.size ?? img.size, readOnly: serverReadOnly || img.readOnly || view != nil,

@@ -1,4 +1,5 @@
 // Export names, metadata context names and listen addresses: parsing only.
+import StrataCore
 
 /// What an export name refers to.
 public enum NBDExportName: Equatable, Sendable {
@@ -8,6 +9,8 @@ public enum NBDExportName: Equatable, Sendable {
   case snapshot(String)
   /// "at/SEQ": the image just before log operation SEQ (a point of `strata timeline`), read-only.
   case pointInTime(UInt64)
+  /// "at/TIME" (RFC 3339): the latest point of the timeline at or before that time, read-only.
+  case pointAtTime(nanoseconds: UInt64, text: String)
 
   public init?(_ name: String) {
     if name.isEmpty || name == "head" {
@@ -16,6 +19,8 @@ public enum NBDExportName: Equatable, Sendable {
       self = .snapshot(String(name.dropFirst("snapshot/".count)))
     } else if name.hasPrefix("at/"), let seq = UInt64(name.dropFirst("at/".count)) {
       self = .pointInTime(seq)
+    } else if name.hasPrefix("at/"), let ns = RFC3339.nanoseconds(String(name.dropFirst("at/".count))) {
+      self = .pointAtTime(nanoseconds: ns, text: String(name.dropFirst("at/".count)))
     } else {
       return nil
     }
@@ -26,6 +31,7 @@ public enum NBDExportName: Equatable, Sendable {
     case .head: "head"
     case .snapshot(let s): "snapshot/\(s)"
     case .pointInTime(let seq): "at/\(seq)"
+    case .pointAtTime(_, let text): "at/\(text)"
     }
   }
 }

@@ -111,3 +111,19 @@ func timelineEveryFlushPointReadsBackAsItWas(seed: UInt64) throws {
   #expect(throws: StrataError.self) { try reopened.view(atSeq: 1 << 40) }
   try reopened.close()
 }
+
+@Test func rfc3339Times() {
+  #expect(RFC3339.nanoseconds("1970-01-01T00:00:00Z") == 0)
+  #expect(RFC3339.nanoseconds("2026-11-26T09:30:00Z") == 1_795_685_400_000_000_000)
+  #expect(RFC3339.nanoseconds("2026-11-26t09:30:00.123456789z") == 1_795_685_400_123_456_789)
+  #expect(RFC3339.nanoseconds("2026-11-26T09:30:00.5Z") == 1_795_685_400_500_000_000)
+  #expect(RFC3339.nanoseconds("2026-11-26T09:30:00.1234567891234Z") == 1_795_685_400_123_456_789)
+  #expect(RFC3339.nanoseconds("2024-02-29T23:59:59+01:00") == 1_709_247_599_000_000_000)
+  #expect(RFC3339.nanoseconds("2000-03-01T00:00:00-05:30") == 951_888_600_000_000_000)
+  for bad in [
+    "", "2026-11-26", "2026-11-26T09:30:00", "2026-13-01T00:00:00Z", "2023-02-29T00:00:00Z", "2026-11-26T24:00:00Z",
+    "2026-11-26T09:30:00.Z", "2026-11-26T09:30:00Zjunk", "1969-12-31T23:59:59Z", "yesterday", "12345",
+  ] {
+    #expect(RFC3339.nanoseconds(bad) == nil, "\(bad)")
+  }
+}

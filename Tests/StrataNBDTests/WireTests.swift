@@ -85,6 +85,10 @@ private func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws
   #expect(NBDExportName("snapshot/") == nil)
   #expect(NBDExportName("at/42") == .pointInTime(42))
   #expect(NBDExportName("at/x") == nil)
+  #expect(
+    NBDExportName("at/2026-11-26T09:30:00Z")
+      == .pointAtTime(nanoseconds: 1_795_685_400_000_000_000, text: "2026-11-26T09:30:00Z"))
+  #expect(NBDExportName("at/2026-11-26T09:30:00Z")?.name == "at/2026-11-26T09:30:00Z")
   #expect(NBDExportName("other") == nil)
 
   let snaps = ["a", "b"]

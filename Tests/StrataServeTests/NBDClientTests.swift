@@ -185,6 +185,16 @@ struct NBDClientTests {
       }
       let info = try s.client(nbdinfo, [s.nbdURI("at/\(snapshotSeq)")])
       #expect(String(decoding: info.stdout, as: UTF8.self).contains("is_read_only: true"))
+      // at/TIME: the latest point at or before the time; far ahead, that is the last flush (the
+      // head as the image was closed); before the image existed, there is none.
+      let latest = s.directory + "/latest.raw"
+      let head = s.directory + "/head.raw"
+      for (name, file) in [("at/2100-01-01T00:00:00Z", latest), ("head", head)] {
+        let r = try s.client(qemuImg, ["convert", "-f", "raw", "-O", "raw", s.nbdURI(name), file])
+        #expect(r.succeeded, "\(name): \(r.stderr)")
+      }
+      #expect(try s.read(latest) == s.read(head), "at/TIME far ahead is the last flush point")
+      #expect(!(try s.client(nbdinfo, [s.nbdURI("at/2000-01-01T00:00:00Z")])).succeeded)
     }
   }
 

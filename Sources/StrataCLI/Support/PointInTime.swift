@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import StrataCore
 
 /// `--at SEQ|TIME`: a point of the image's timeline, by sequence number (`strata timeline`
@@ -10,15 +9,7 @@ enum PointInTime: Equatable {
 
   static func parse(_ text: String) throws -> PointInTime {
     if let seq = UInt64(text) { return .seq(seq) }
-    for options: ISO8601DateFormatter.Options in [
-      [.withInternetDateTime, .withFractionalSeconds], [.withInternetDateTime],
-    ] {
-      let formatter = ISO8601DateFormatter()
-      formatter.formatOptions = options
-      if let date = formatter.date(from: text), date.timeIntervalSince1970 >= 0 {
-        return .time(nanoseconds: UInt64(date.timeIntervalSince1970 * 1e9))
-      }
-    }
+    if let ns = RFC3339.nanoseconds(text) { return .time(nanoseconds: ns) }
     throw StrataError(
       .invalidArgument,
       "'\(text)' is neither a sequence number nor an RFC 3339 time (e.g. 2026-11-26T09:30:00Z); see `strata timeline`")
