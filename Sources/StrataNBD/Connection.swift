@@ -288,7 +288,10 @@ final class NBDConnection: @unchecked Sendable {
             listing && (q == "strata:" || q == NBDMetaContext.changedPrefix)
             ? try listedSnapshots().map(\.name)
             : q.hasPrefix(NBDMetaContext.changedPrefix)
-              ? [String(q.dropFirst(NBDMetaContext.changedPrefix.count))].filter(snapshotExists) : []
+              ? [String(q.dropFirst(NBDMetaContext.changedPrefix.count))].filter {
+                Self.isPoint($0) || snapshotExists($0)
+              }
+              : []
           for c in NBDMetaContext.matching(q, snapshots: candidates, listing: listing) where !found.contains(c) {
             found.append(c)
           }
@@ -320,6 +323,24 @@ final class NBDConnection: @unchecked Sendable {
   }
 
   /// Parses an export name and checks that the export exists.
+  /// Whether a `strata:changed:` base names a point of the timeline (`at/SEQ`, `at/TIME`), which
+  /// is checked when the view is made rather than looked up.
+  private static func isPoint(_ name: String) -> Bool {
+    switch NBDExportName(name) {
+    case .pointInTime, .pointAtTime: true
+    default: false
+    }
+  }
+
+  /// What a `strata:changed:BASE` context compares with: a point of the timeline or a snapshot.
+  private static func baseView(_ name: String, in image: StrataImage) throws -> SnapshotView {
+    switch NBDExportName(name) {
+    case .pointInTime(let seq): try image.view(atSeq: seq)
+    case .pointAtTime(let ns, let text): try image.view(atSeq: seq(atOrBefore: ns, text, in: image))
+    default: try image.snapshotView(name: name)
+    }
+  }
+
   /// The seq of the latest timeline point at or before `ns` (an `at/TIME` export).
   private static func seq(atOrBefore ns: UInt64, _ text: String, in image: StrataImage) throws -> UInt64 {
     guard let point = try image.point(atOrBefore: ns) else {
@@ -367,7 +388,7 @@ final class NBDConnection: @unchecked Sendable {
             view: view)
           for (i, c) in wanted.enumerated() {
             var since: SnapshotView?
-            if case .changed(let s) = c { since = try img.snapshotView(name: s) }
+            if case .changed(let s) = c { since = try Self.baseView(s, in: img) }
             export.contexts.append(OpenExport.Context(id: UInt32(i + 1), context: c, since: since))
           }
           return export

@@ -185,6 +185,11 @@ struct NBDClientTests {
       }
       let info = try s.client(nbdinfo, [s.nbdURI("at/\(snapshotSeq)")])
       #expect(String(decoding: info.stdout, as: UTF8.self).contains("is_read_only: true"))
+      // Changes since a point of the timeline: at the snapshot's seq, the same as since the snapshot.
+      let sincePoint = try s.client(nbdinfo, ["--map=strata:changed:at/\(snapshotSeq)", s.nbdURI("head")])
+      let sinceSnapshot = try s.client(nbdinfo, ["--map=strata:changed:s1", s.nbdURI("head")])
+      #expect(sincePoint.succeeded, "\(sincePoint.stderr)")
+      #expect(sincePoint.stdout == sinceSnapshot.stdout && !sincePoint.stdout.isEmpty)
       // at/TIME: the latest point at or before the time; far ahead, that is the last flush (the
       // head as the image was closed); before the image existed, there is none.
       let latest = s.directory + "/latest.raw"
