@@ -132,4 +132,14 @@ extension SimulatorFindingsTests {
     defer { recovered.abandon() }
     #expect(try recovered.read(at: 0, count: 4096) == new, "a flushed read-back was lost")
   }
+
+  /// Seed 21294 of the long run (3000 operations): a write-out's injected EIO surfaced only in
+  /// the run's final flush, which the simulator took for a failure of the image instead of a
+  /// fault to report and recover from (the next flush succeeds).
+  @Test func lateWriteFailureInTheFinalFlush() throws {
+    var config = SimulationConfig()
+    config.operations = 3000
+    let stats = try Simulation(seed: 21294, config: config).run()
+    #expect(stats.faultsInjected > 0)
+  }
 }
