@@ -39,6 +39,13 @@ public struct ImageOptions: Sendable {
   public init() {}
 }
 
+/// Nanoseconds of CLOCK_MONOTONIC: for intervals and deadlines (never steps back).
+public func monotonicNanoseconds() -> UInt64 {
+  var ts = timespec()
+  clock_gettime(CLOCK_MONOTONIC, &ts)
+  return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
 public func wallClockNanoseconds() -> UInt64 {
   var ts = timespec()
   clock_gettime(CLOCK_REALTIME, &ts)

@@ -114,12 +114,6 @@ enum Bench {
   }
 }
 
-func monotonicNanoseconds() -> UInt64 {
-  var ts = timespec()
-  clock_gettime(CLOCK_MONOTONIC, &ts)
-  return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
-
 /// A small, fast, seeded generator: benchmark offsets repeat run to run.
 struct SplitMix64 {
   private var state: UInt64
