@@ -304,6 +304,7 @@ public final class SimulatedStorage: ImageStorage {
     c.isPoweredOff = isPoweredOff
     c.faults = faults
     c.failedSyncDropsUnsynced = failedSyncDropsUnsynced
+    c.offersAnyThreadIO = offersAnyThreadIO
     c.powerFailCountdown = powerFailCountdown
     c.powerFailCounts = powerFailCounts
     return c
@@ -573,6 +574,28 @@ public final class SimulatedStorage: ImageStorage {
     completed(.preallocate)
   }
 
+  /// Offer `anyThreadIO`, the write and sync that group commit runs outside the image lock
+  /// (`SharedImage.durably`). Off by default: the image then writes and syncs under its lock.
+  /// The simulator calls them from its one thread, so runs stay deterministic.
+  public var offersAnyThreadIO = false
+  /// Called before each `anyThreadIO` write or sync (outside the image lock): the simulator
+  /// reads the image there, as other threads may while a group sync runs.
+  public var beforeAnyThreadIO: ((Operation) -> Void)?
+
+  public var anyThreadIO: AnyThreadIO? {
+    guard offersAnyThreadIO else { return nil }
+    let storage = UncheckedStorage(self)
+    return AnyThreadIO(
+      write: { bytes, offset in
+        storage.value.beforeAnyThreadIO?(.write)
+        try storage.value.write(bytes, at: offset)
+      },
+      sync: {
+        storage.value.beforeAnyThreadIO?(.sync)
+        try storage.value.sync()
+      })
+  }
+
   public func close() throws {
     guard isOpen else {
       counters.misuse += 1
@@ -746,4 +769,11 @@ public final class SimulatedStorage: ImageStorage {
       }
     }
   }
+}
+
+/// The storage inside `AnyThreadIO`'s closures: it is not thread-safe, and needs not be, since
+/// the simulator calls them from the one thread that drives the image.
+private struct UncheckedStorage: @unchecked Sendable {
+  let value: SimulatedStorage
+  init(_ value: SimulatedStorage) { self.value = value }
 }

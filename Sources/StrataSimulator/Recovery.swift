@@ -103,10 +103,32 @@ public func openAndVerify(
   _ storage: SimulatedStorage, _ options: ImageOptions, _ model: CrashModel, _ log: RunLog, fullScan: Bool,
   what: String
 ) throws -> (StrataImage, CrashModel) {
+  try openAndVerify(storage, options, [model], log, fullScan: fullScan, what: what)
+}
+
+/// Opens the image after a crash and checks it against each of `models` in turn: it must match
+/// one of them (the first failure is reported when it matches none).
+public func openAndVerify(
+  _ storage: SimulatedStorage, _ options: ImageOptions, _ models: [CrashModel], _ log: RunLog, fullScan: Bool,
+  what: String
+) throws -> (StrataImage, CrashModel) {
   let image = try log.run("open after \(what)") { try StrataImage.open(storage: storage, options: options) }
   do {
-    let recovered = try verifyRecovered(image, model, log, fullScan: fullScan, what: what)
-    return (image, recovered)
+    var first: SimulationFailure?
+    for (i, model) in models.enumerated() {
+      do {
+        let recovered = try verifyRecovered(image, model, log, fullScan: fullScan, what: what)
+        if i > 0 { log.note("\(what): matches alternative \(i)") }
+        return (image, recovered)
+      } catch let f as SimulationFailure {
+        if first == nil { first = f }
+      }
+    }
+    if let first {
+      if models.count == 1 { throw first }
+      throw log.fail("\(what): the image matches none of \(models.count) allowed states; first: \(first.reason)")
+    }
+    throw log.fail("\(what): no model to check against")
   } catch {
     image.abandon()
     throw error

@@ -51,6 +51,12 @@ public struct SimulationStats: Sendable, Equatable {
   public var flushes = 0
   public var snapshotsCreated = 0
   public var restores = 0
+  /// Flushes that went through group commit (`SharedImage.durably`), of `flushes`.
+  public var groupCommits = 0
+  /// External clones made (each a child on real files with its own workload), and the crashes
+  /// they went through.
+  public var clones = 0
+  public var cloneCrashes = 0
   public var digest: UInt32 = 0
 
   public init() {}
@@ -66,6 +72,9 @@ public struct SimulationStats: Sendable, Equatable {
     a.flushes += b.flushes
     a.snapshotsCreated += b.snapshotsCreated
     a.restores += b.restores
+    a.groupCommits += b.groupCommits
+    a.clones += b.clones
+    a.cloneCrashes += b.cloneCrashes
     a.digest = CRC32C.checksum([a.digest, b.digest].flatMap { withUnsafeBytes(of: $0) { Array($0) } })
   }
 }
@@ -93,26 +102,30 @@ public final class Simulation {
     s.faultsInjected = storage.counters.faultsHit
     return s
   }
-  private var counts = SimulationStats()
+  var counts = SimulationStats()
 
-  private var rng: SeededRandom
-  private var work: Workload
-  private let options: ImageOptions
-  private let storage: SimulatedStorage
-  private var image: StrataImage?
-  private var model: CrashModel
-  private var nextSnapshot = 0
+  var rng: SeededRandom
+  var work: Workload
+  let options: ImageOptions
+  let storage: SimulatedStorage
+  var image: StrataImage?
+  var model: CrashModel
+  var nextSnapshot = 0
   /// An injected fault was reported since the image was opened: a refusal is allowed.
-  private var faultSinceOpen = false
+  var faultSinceOpen = false
   /// Injected faults hit up to the last successful flush, open or crash: a failure is an
   /// injected one if a fault hit since (a write's failure surfaces when it completes, in a
   /// later call, but never after a flush that returned).
-  private var faultsSettled = 0
+  var faultsSettled = 0
   /// The last operation ended with a checkpoint when one was due.
-  private var checkpointDue = false
+  var checkpointDue = false
+  /// What a crash during the current call may leave instead of `model` (see `crash`).
+  var crashAlternatives: [CrashModel] = []
+  /// Fingerprints of the clones' files (part of the run's digest).
+  var cloneDigest: UInt32 = 0
   /// Recent flush points (`strata timeline`): the seq a view at that point takes and the disk
   /// it must show. Durable once recorded, so crashes never take them away.
-  private var flushPoints: [(seq: UInt64, disk: DiskModel)] = []
+  var flushPoints: [(seq: UInt64, disk: DiskModel)] = []
 
   public init(seed: UInt64, config: SimulationConfig) {
     self.seed = seed
@@ -165,29 +178,29 @@ public final class Simulation {
     try crash("final")
     try log.run("close") { try current.close() }
     image = nil
-    counts.digest = CRC32C.checksum(storage.durable)
+    counts.digest = CRC32C.checksum(storage.durable + withUnsafeBytes(of: cloneDigest.littleEndian) { Array($0) })
     return stats
   }
 
   /// A flush (or close) returned: everything so far is durable, and every fault hit before it
   /// has been reported.
-  private func markFlushed() {
+  func markFlushed() {
     model.markDurable()
     faultsSettled = storage.counters.faultsHit
   }
 
-  private var current: StrataImage {
+  var current: StrataImage {
     guard let image else { preconditionFailure("no image open") }
     return image
   }
 
   // MARK: Operations
 
-  private func step() throws {
+  func step() throws {
     checkpointDue = false
     // Calls go through `current`: a crash or a reopen inside an operation replaces the image.
-    switch rng.int(in: 0..<1000) {
-    case 0..<380:  // write
+    switch OpKind.pick(rng.int(in: 0..<OpKind.totalWeight)) {
+    case .write:
       let (offset, count) = range(length: work.length())
       let data = work.data(count: count, at: offset)
       try mutate("write \(offset)+\(count)", blocks: DiskModel.blocks(offset, UInt64(count))) {
@@ -195,82 +208,71 @@ public final class Simulation {
       } call: {
         try self.current.write(data, at: offset)
       }
-    case 380..<480:  // read (compared with the head)
+    case .read:  // compared with the head
       let (offset, count) = range(length: work.length())
       try read("read \(offset)+\(count)", model.head, offset, count) {
         try self.current.read(at: offset, count: count)
       }
-    case 480..<530:  // discard
+    case .discard:
       let (offset, count) = range(length: work.length(max: 1 << 20))
       try mutate("discard \(offset)+\(count)", blocks: DiskModel.blocks(offset, UInt64(count))) {
         $0.discard(at: offset, length: UInt64(count))
       } call: {
         try self.current.discard(at: offset, length: UInt64(count))
       }
-    case 530..<580:  // writeZeroes
+    case .writeZeroes:
       let (offset, count) = range(length: work.length(max: 1 << 20))
       try mutate("writeZeroes \(offset)+\(count)", blocks: DiskModel.blocks(offset, UInt64(count))) {
         $0.zero(at: offset, length: UInt64(count))
       } call: {
         try self.current.writeZeroes(at: offset, length: UInt64(count))
       }
-    case 580..<730:  // flush
+    case .flush:
       log.note("flush")
       if try attempt("flush", { try self.current.flush() }) == .done {
         markFlushed()
         counts.flushes += 1
-        // The flush closed a record marked as a flush point; the next seq names it.
-        if let seq = try? current.info.nextSeq {
-          flushPoints.append((seq, model.head))
-          if flushPoints.count > 8 { flushPoints.removeFirst() }
-        }
+        recordFlushPoint()
       }
-    case 730..<770:  // snapshot (deleting one first when there are enough)
+    case .groupCommit:
+      try groupCommit()
+    case .snapshot:  // deleting one first when there are enough
       if model.snapshots.count >= config.maxSnapshots, let victim = rng.element(of: model.order) {
         try deleteSnapshot(victim)
       }
-      nextSnapshot += 1
-      let name = "s\(nextSnapshot)"
+      let name = newSnapshotName()
       log.note("create snapshot \(name)")
       model.createSnapshot(name)
       if try attempt("createSnapshot \(name)", { try self.current.createSnapshot(name: name) }) == .done {
         counts.snapshotsCreated += 1
       }
-    case 770..<790:  // delete a snapshot
+    case .deleteSnapshot:
       guard let victim = rng.element(of: model.order) else { return }
       try deleteSnapshot(victim)
-    case 790..<820:  // read a snapshot view
+    case .snapshotRead:
       guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { return }
       let (offset, count) = work.range(size: frozen.size, length: work.length())
       try read("view \(name) read \(offset)+\(count)", frozen, offset, count) {
         try self.current.snapshotView(name: name).read(at: offset, count: count)
       }
-    case 820..<830:  // restore, then flush: the head after it is durable
+    case .restoreSnapshot:
       guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { return }
-      if try mutate(
-        "restore \(name)", blocks: nil, model: { $0 = frozen },
-        call: {
-          try self.current.restore(snapshot: name)
-          try self.current.flush()
-        }) == .done
-      {
-        markFlushed()
-        counts.restores += 1
-      }
-    case 830..<840:  // grow or shrink, then flush
+      try restore("restore \(name)", to: frozen) { try self.current.restore(snapshot: name) }
+    case .restorePoint:
+      try restoreToFlushPoint()
+    case .resize:
+      // A resize ends with a checkpoint, which flushes the log: durable once it returns.
       let step = UInt64(rng.int(in: 1...2048)) * 512
       let size = model.head.size
       let newSize = rng.chance(0.7) || step >= size ? size + step : size - step
       if try mutate(
         "resize \(size) -> \(newSize)", blocks: nil, model: { $0.resize(to: newSize) },
-        call: {
-          try self.current.resize(to: newSize, allowShrink: true)
-          try self.current.flush()
-        }) == .done
+        call: { try self.current.resize(to: newSize, allowShrink: true) }) == .done
       {
         markFlushed()
+        recordFlushPoint()
       }
-    case 840..<860:  // close and reopen cleanly (a close makes everything durable)
+    case .reopen:  // close and reopen cleanly (a close makes everything durable)
       log.note("close and reopen")
       let outcome = try attempt("close", { try self.current.close() }) { _ in
         try self.reopen(after: "a failed close", closed: true)
@@ -287,13 +289,18 @@ public final class Simulation {
       image = try open("reopen")
       faultSinceOpen = false
       try withoutFaults { try checkAccounting(current, log) }
-    case 860..<880:  // read the disk as it was at a past flush point (point-in-time view)
+    case .pointRead:  // the disk as it was at a past flush point (point-in-time view)
       guard let point = rng.element(of: flushPoints) else { return }
       let (offset, count) = work.range(size: point.disk.size, length: work.length())
       try read("view at seq \(point.seq) read \(offset)+\(count)", point.disk, offset, count) {
         try self.current.view(atSeq: point.seq).read(at: offset, count: count)
       }
-    default:  // the accounting, now and then
+    case .clone:
+      try cloneSession()
+    case .compact:
+      // Pending: the segment cleaner is being written in StrataCore (see `OpKind.compact`).
+      return
+    case .recount:  // the accounting, now and then
       guard !storage.isPoweredOff else {
         // The power failed at the end of the last operation: the recount would meet it.
         try crash("power failed after the last operation")
@@ -304,7 +311,23 @@ public final class Simulation {
     }
   }
 
-  private func range(length: Int) -> (UInt64, Int) {
+  func newSnapshotName() -> String {
+    nextSnapshot += 1
+    return "s\(nextSnapshot)"
+  }
+
+  /// A flush (or an operation that ends with one) returned: the disk now is what a view at the
+  /// next seq must show, after any crash (bounded: the last `keptFlushPoints`).
+  func recordFlushPoint() {
+    guard let seq = try? current.info.nextSeq else { return }
+    flushPoints.append((seq, model.head))
+    if flushPoints.count > Self.keptFlushPoints { flushPoints.removeFirst() }
+  }
+
+  /// Model states kept for flush points (each a copy-on-write `DiskModel`).
+  static let keptFlushPoints = 8
+
+  func range(length: Int) -> (UInt64, Int) {
     if config.spread && rng.chance(0.7) {
       let count = min(length, Int(min(model.head.size, 1 << 20)))
       return (rng.uint64(in: 0...(model.head.size - UInt64(count))), count)
@@ -312,7 +335,7 @@ public final class Simulation {
     return work.range(size: model.head.size, length: length)
   }
 
-  private func deleteSnapshot(_ name: String) throws {
+  func deleteSnapshot(_ name: String) throws {
     log.note("delete snapshot \(name)")
     model.deleteSnapshot(name)
     _ = try attempt("deleteSnapshot \(name)") { try self.current.deleteSnapshot(name: name) }
@@ -321,7 +344,7 @@ public final class Simulation {
   /// A change: applied to the model first (the image may have applied it even if the call
   /// fails), then to the image.
   @discardableResult
-  private func mutate(
+  func mutate(
     _ what: String, blocks: Range<UInt64>?, model change: (inout DiskModel) -> Void, call: () throws -> Void
   ) throws -> Outcome {
     log.note(what)
@@ -334,7 +357,7 @@ public final class Simulation {
 
   /// A read of the head or a view, compared with `want`; after an injected fault, the read is
   /// retried once the fault cleared and must then succeed.
-  private func read(_ what: String, _ want: DiskModel, _ offset: UInt64, _ count: Int, _ body: () throws -> [UInt8])
+  func read(_ what: String, _ want: DiskModel, _ offset: UInt64, _ count: Int, _ body: () throws -> [UInt8])
     throws
   {
     log.note(what)
@@ -363,7 +386,7 @@ public final class Simulation {
 
   /// Runs a call against the image. A power loss in it leads to a crash; an injected I/O error
   /// is checked for clarity and followed by recovery from it; anything else is a failure.
-  private func attempt(
+  func attempt(
     _ what: String, _ body: () throws -> Void, afterFault: ((_ refused: Bool) throws -> Void)? = nil
   ) throws -> Outcome {
     do {
@@ -379,6 +402,7 @@ public final class Simulation {
       counts.failedCalls += 1
       try checkReported(e, what)
       faultSinceOpen = true
+      crashAlternatives = []  // the model now follows what the image shows
       if let afterFault {
         try afterFault(isRefusal(e))
       } else {
@@ -391,13 +415,13 @@ public final class Simulation {
   }
 
   /// The image refuses further work until it is reopened (after a failure it cannot retry).
-  private func isRefusal(_ e: StrataError) -> Bool {
+  func isRefusal(_ e: StrataError) -> Bool {
     e.code == .io && e.message.contains("must be reopened")
   }
 
   /// An I/O error must say what failed: the code matches the errno, and the message names the
   /// system call (or, for a refusal, that the image must be reopened).
-  private func checkReported(_ e: StrataError, _ what: String) throws {
+  func checkReported(_ e: StrataError, _ what: String) throws {
     if isRefusal(e) {
       try log.check(faultSinceOpen || e.errno == nil, "\(what): refused without an earlier fault: \(e)")
       return
@@ -412,7 +436,7 @@ public final class Simulation {
 
   /// After an injected fault: the fault clears, the image shows old or new content per block;
   /// a flush must then succeed and `check` be clean, unless the image refuses until reopened.
-  private func recoverFromFault(after what: String, refused: Bool) throws {
+  func recoverFromFault(after what: String, refused: Bool) throws {
     storage.clearFaults()
     storage.cancelPowerFail()
     let image = current
@@ -453,7 +477,7 @@ public final class Simulation {
   /// (`failedSyncDropsUnsynced`, Linux buffered I/O): a new session would build on a log tail
   /// that never reaches the disk. No open can tell (PostgreSQL's "fsyncgate"); Strata avoids
   /// the page cache with O_DIRECT, and the simulator restarts from what is durable instead.
-  private func reopen(after why: String, closed: Bool) throws {
+  func reopen(after why: String, closed: Bool) throws {
     storage.clearFaults()
     if storage.failedSyncDropsUnsynced {
       try crash("restart after \(why)")
@@ -478,7 +502,7 @@ public final class Simulation {
 
   /// Opens the image again; an open that meets an armed fault must fail clearly, and succeed
   /// once the fault cleared.
-  private func open(_ what: String) throws -> StrataImage {
+  func open(_ what: String) throws -> StrataImage {
     do {
       return try StrataImage.open(storage: storage, options: options)
     } catch let e as StrataError where storage.counters.faultsHit > faultsSettled {
@@ -493,7 +517,12 @@ public final class Simulation {
   }
 
   /// Power loss: crash the storage, reopen, verify, continue from what survived.
-  private func crash(_ reason: String) throws {
+  ///
+  /// The recovered image must match `model`, or one of `crashAlternatives` (set around a call
+  /// that is atomic across crashes, such as a restore: either it is in the durable log and the
+  /// head is exactly its result, or it is not and the head is what it was before). Then a few
+  /// retained flush points must still read as they did (`view(atSeq:)`).
+  func crash(_ reason: String) throws {
     let mode = config.crashModes[counts.crashPoints % config.crashModes.count]
     counts.crashPoints += 1
     if reason.hasPrefix("power failed") { counts.midOperationCrashes += 1 }
@@ -502,22 +531,25 @@ public final class Simulation {
     faultsSettled = storage.counters.faultsHit  // failed writes still in flight are gone
     log.note("crash (\(reason)) mode \(mode): \(survived) of \(unsynced) unsynced writes survived")
     current.abandon()  // closed already, or lost with the power
-    let (reopened, recovered) = try openAndVerify(
-      storage, options, model, log, fullScan: config.fullScan, what: "crash \(counts.crashPoints) (\(mode))")
+    let models = crashAlternatives.isEmpty ? [model] : crashAlternatives
+    crashAlternatives = []
+    let what = "crash \(counts.crashPoints) (\(mode))"
+    let (reopened, recovered) = try openAndVerify(storage, options, models, log, fullScan: config.fullScan, what: what)
     image = reopened
     model = recovered
     faultSinceOpen = false
+    try checkFlushPoints(what)
   }
 
   /// Runs a check of the simulator's own past armed faults (they stay armed for the workload).
-  private func withoutFaults(_ body: () throws -> Void) throws {
+  func withoutFaults(_ body: () throws -> Void) throws {
     let armed = storage.faults
     storage.faults = []
     defer { storage.faults = armed }
     try body()
   }
 
-  private func armFault() {
+  func armFault() {
     guard let op = rng.element(of: config.faultOperations), let e = rng.element(of: config.faultErrnos) else { return }
     let skip = rng.int(in: 0...3)
     let partial: SimulatedStorage.PartialWrite = rng.bool() ? .prefix(granularity: rng.bool() ? 1 : 512) : .none
@@ -526,7 +558,7 @@ public final class Simulation {
   }
 
   /// Invariants that hold after every operation.
-  private func checkBounds() throws {
+  func checkBounds() throws {
     let image = current
     try log.check(storage.violations.isEmpty, "storage contract broken: \(storage.violations)")
     // Bounded metadata memory, whatever the disk size.

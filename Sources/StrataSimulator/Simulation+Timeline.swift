@@ -1,0 +1,64 @@
+@_spi(Simulation) import StrataCore
+import StrataSimulation
+
+/// Restores and point-in-time reads.
+///
+/// The durability rule, from the code: `restore(snapshot:)` and `restore(toSeq:)` append one
+/// RESTORE operation and then write a checkpoint, which flushes the log (the RESTORE, and
+/// everything before it, is durable once that flush returns) before it points the superblock at
+/// the checkpoint. So:
+///   - once the call returns, the restored head is durable, like after a flush;
+///   - a crash inside it leaves either exactly the restored head (the RESTORE reached the
+///     durable log, and with it every operation before it: snapshots created since the last
+///     flush exist, deleted ones are gone) or the state before the call (any crash outcome
+///     allowed then), never a mix of the two.
+extension Simulation {
+  /// A restore of the head to `target` through `call`; checks the rule above.
+  func restore(_ what: String, to target: DiskModel, call: () throws -> Void) throws {
+    log.note(what)
+    let before = model
+    var exact = model
+    exact.change { $0 = target }
+    exact.markDurable()
+    // An injected fault may leave either state too: the model allows both per block then.
+    model.change { $0 = target }
+    crashAlternatives = [exact, before]
+    defer { crashAlternatives = [] }
+    let outcome = try attempt(what, call)
+    checkpointDue = outcome == .done
+    guard outcome == .done else { return }
+    markFlushed()
+    counts.restores += 1
+    recordFlushPoint()
+    // The rule says nothing unsynced is left: a power loss right now must keep the restore.
+    if rng.chance(0.2) && !storage.isPoweredOff { try crash("right after \(what)") }
+  }
+
+  /// Restores the head to a flush point that `timeline()` lists and whose disk the model kept.
+  func restoreToFlushPoint() throws {
+    guard let oldest = flushPoints.first?.seq else { return }
+    var listed: [TimelinePoint] = []
+    guard try attempt("timeline since \(oldest)", { listed = try self.current.timeline(since: oldest) }) == .done
+    else { return }
+    let flushSeqs = Set(listed.filter { $0.kind == .flush }.map(\.seq))
+    let candidates = flushPoints.filter { flushSeqs.contains($0.seq) }
+    guard let point = rng.element(of: candidates) else { return }
+    try restore("restore to seq \(point.seq)", to: point.disk) { try self.current.restore(toSeq: point.seq) }
+  }
+
+  /// After a recovery: a few retained flush points, read back whole through `view(atSeq:)`,
+  /// show the disk as it was then. (Every snapshot was read back whole by `observe`.)
+  func checkFlushPoints(_ what: String) throws {
+    guard !flushPoints.isEmpty else { return }
+    let image = current
+    for _ in 0..<min(2, flushPoints.count) {
+      guard let point = rng.element(of: flushPoints) else { return }
+      let view = try log.run("\(what): view at seq \(point.seq)") { try image.view(atSeq: point.seq) }
+      try log.check(
+        view.size == point.disk.size,
+        "\(what): view at seq \(point.seq) has size \(view.size), expected \(point.disk.size)")
+      try compareAll(
+        { try view.read(at: $0, count: $1) }, point.disk, "\(what): view at seq \(point.seq)", log, rng: &rng)
+    }
+  }
+}
