@@ -23,8 +23,8 @@ extension Simulation {
     // An injected fault may leave either state too: the model allows both per block then.
     model.change { $0 = target }
     crashAlternatives = [exact, before]
-    defer { crashAlternatives = [] }
     let outcome = try attempt(what, call)
+    crashAlternatives = []
     checkpointDue = outcome == .done
     guard outcome == .done else { return }
     markFlushed()
