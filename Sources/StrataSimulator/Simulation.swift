@@ -320,6 +320,7 @@ public final class Simulation {
   /// next seq must show, after any crash (bounded: the last `keptFlushPoints`).
   func recordFlushPoint() {
     guard let seq = try? current.info.nextSeq else { return }
+    log.note("flush point \(seq)")
     flushPoints.append((seq, model.head))
     if flushPoints.count > Self.keptFlushPoints { flushPoints.removeFirst() }
   }
