@@ -43,7 +43,7 @@ extension Simulation {
     } else {
       parentDisk = model.head
     }
-    var session = try CloneSession(seed: rng.next(), log: log)
+    var session = try CloneSession(seed: rng.next(), log: log, fullScan: config.fullScan)
     defer { session.remove() }
     try session.run(parentFile: storage.durable, snapshot: source, parentDisk: parentDisk, work: &work)
     counts.clones += 1
@@ -56,6 +56,8 @@ extension Simulation {
 struct CloneSession {
   private var rng: SeededRandom
   private let log: RunLog
+  /// Read every block after a crash, or only the tracked ones and the data extents.
+  private let fullScan: Bool
   private let directory: String
   private var parentPath: String { directory + "/parent.strata" }
   private var childPath: String { directory + "/child.strata" }
@@ -63,9 +65,10 @@ struct CloneSession {
   /// The child's final file, for the run's digest.
   private(set) var digest: [UInt8] = []
 
-  init(seed: UInt64, log: RunLog) throws {
+  init(seed: UInt64, log: RunLog, fullScan: Bool) throws {
     rng = SeededRandom(seed: seed)
     self.log = log
+    self.fullScan = fullScan
     var template = Array("/tmp/strata-sim-XXXXXX".utf8CString)
     guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
       throw log.fail("clone: mkdtemp failed: errno \(errno)")
@@ -115,7 +118,7 @@ struct CloneSession {
     }
     var flushedFile = try readFile(childPath)
     do {
-      model = try verifyRecovered(child, model, log, fullScan: true, what: "clone: new child")
+      model = try verifyRecovered(child, model, log, fullScan: fullScan, what: "clone: new child")
       for _ in 0..<rng.int(in: 20...60) {
         switch rng.int(in: 0..<100) {
         case 0..<45:
@@ -178,7 +181,7 @@ struct CloneSession {
       try StrataImage.open(path: childPath, options: options)
     }
     do {
-      let recovered = try verifyRecovered(reopened, model, log, fullScan: true, what: what)
+      let recovered = try verifyRecovered(reopened, model, log, fullScan: fullScan, what: what)
       return (reopened, recovered, try readFile(childPath))
     } catch {
       try? reopened.close()
