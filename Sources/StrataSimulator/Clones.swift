@@ -130,7 +130,9 @@ struct CloneSession {
         case 45..<55:
           let (offset, count) = work.range(size: size, length: work.length(max: 1 << 20))
           log.note("clone: discard \(offset)+\(count)")
-          model.change(blocks: DiskModel.blocks(offset, UInt64(count))) { $0.discard(at: offset, length: UInt64(count)) }
+          model.change(blocks: DiskModel.blocks(offset, UInt64(count))) {
+            $0.discard(at: offset, length: UInt64(count))
+          }
           try log.run("clone: discard") { try child.discard(at: offset, length: UInt64(count)) }
         case 55..<65:
           let (offset, count) = work.range(size: size, length: work.length(max: 1 << 20))
@@ -172,7 +174,9 @@ struct CloneSession {
     crashes += 1
     let processCrash = rng.bool()
     let file = processCrash ? try readFile(childPath) : flushedFile
-    log.note("clone: crash \(crashes) (\(processCrash ? "process: every completed write kept" : "power: back to the last flush"))")
+    log.note(
+      "clone: crash \(crashes) (\(processCrash ? "process: every completed write kept" : "power: back to the last flush"))"
+    )
     // Release the file (a close writes a checkpoint, which the copy then undoes).
     try log.run("clone: close before the crash") { try child.close() }
     try writeFile(childPath, file)

@@ -14,7 +14,8 @@ import StrataSimulation
 ///     allowed then), never a mix of the two.
 extension Simulation {
   /// A restore of the head to `target` through `call`; checks the rule above.
-  func restore(_ what: String, to target: DiskModel, call: () throws -> Void) throws {
+  @discardableResult
+  func restore(_ what: String, to target: DiskModel, call: () throws -> Void) throws -> Bool {
     log.note(what)
     let before = model
     var exact = model
@@ -26,12 +27,13 @@ extension Simulation {
     let outcome = try attempt(what, call)
     crashAlternatives = []
     checkpointDue = outcome == .done
-    guard outcome == .done else { return }
+    guard outcome == .done else { return false }
     markFlushed()
     counts.restores += 1
     recordFlushPoint()
     // The rule says nothing unsynced is left: a power loss right now must keep the restore.
     if rng.chance(0.2) && !storage.isPoweredOff { try crash("right after \(what)") }
+    return true
   }
 
   /// Restores the head to a flush point that `timeline()` lists and whose disk the model kept.
@@ -45,10 +47,15 @@ extension Simulation {
     if candidates.count < flushPoints.count {
       // A flush that found its last record already closed (by a view, a restore, a checkpoint)
       // marks no flush point: the timeline does not list that seq, though it is restorable.
-      log.note("timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))")
+      log.note(
+        "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"
+      )
     }
     guard let point = rng.element(of: candidates) else { return }
-    try restore("restore to seq \(point.seq)", to: point.disk) { try self.current.restore(toSeq: point.seq) }
+    if try restore("restore to seq \(point.seq)", to: point.disk, call: { try self.current.restore(toSeq: point.seq) })
+    {
+      counts.pointRestores += 1
+    }
   }
 
   /// After a recovery: a few retained flush points, read back whole through `view(atSeq:)`,

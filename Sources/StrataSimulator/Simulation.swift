@@ -51,6 +51,8 @@ public struct SimulationStats: Sendable, Equatable {
   public var flushes = 0
   public var snapshotsCreated = 0
   public var restores = 0
+  /// Of which to a flush point (`restore(toSeq:)`).
+  public var pointRestores = 0
   /// Flushes that went through group commit (`SharedImage.durably`), of `flushes`.
   public var groupCommits = 0
   /// External clones made (each a child on real files with its own workload), and the crashes
@@ -72,6 +74,7 @@ public struct SimulationStats: Sendable, Equatable {
     a.flushes += b.flushes
     a.snapshotsCreated += b.snapshotsCreated
     a.restores += b.restores
+    a.pointRestores += b.pointRestores
     a.groupCommits += b.groupCommits
     a.clones += b.clones
     a.cloneCrashes += b.cloneCrashes

@@ -132,7 +132,7 @@ struct StrataSim: ParsableCommand {
     "\(s.operations) ops, \(s.crashPoints) crash points (\(s.midOperationCrashes) inside an operation), "
       + "\(s.faultsInjected) faults injected (\(s.failedCalls) failed calls, \(s.refusals) refusals), "
       + "\(s.flushes) flushes (\(s.groupCommits) group commits), \(s.snapshotsCreated) snapshots, "
-      + "\(s.restores) restores, \(s.reopens) reopens, \(s.clones) clones (\(s.cloneCrashes) crashes), "
+      + "\(s.restores) restores (\(s.pointRestores) to flush points), \(s.reopens) reopens, \(s.clones) clones (\(s.cloneCrashes) crashes), "
       + "digest \(String(s.digest, radix: 16))"
   }
 
