@@ -72,7 +72,7 @@ struct CloneSession {
     // tmpfs when there is one: real fdatasyncs would make clones cost seconds of waiting.
     let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
     var template = Array("\(base)/strata-sim-XXXXXX".utf8CString)
-    guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+    guard let made = template.withUnsafeMutableBufferPointer({ $0.baseAddress.flatMap { mkdtemp($0) } }) else {
       throw log.fail("clone: mkdtemp failed: errno \(errno)")
     }
     directory = String(cString: made)
@@ -204,7 +204,9 @@ struct CloneSession {
     var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
     var done = 0
     while done < bytes.count {
-      let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+      let n = bytes.withUnsafeMutableBytes { buffer in
+        buffer.baseAddress.map { pread(fd, $0 + done, buffer.count - done, off_t(done)) } ?? -1
+      }
       guard n > 0 else { throw log.fail("clone: read \(path): errno \(errno)") }
       done += n
     }
@@ -217,7 +219,9 @@ struct CloneSession {
     defer { close(fd) }
     var done = 0
     while done < bytes.count {
-      let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+      let n = bytes.withUnsafeBytes { buffer in
+        buffer.baseAddress.map { pwrite(fd, $0 + done, buffer.count - done, off_t(done)) } ?? -1
+      }
       guard n > 0 else { throw log.fail("clone: write \(path): errno \(errno)") }
       done += n
     }
