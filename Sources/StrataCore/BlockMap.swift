@@ -203,12 +203,20 @@ final class BlockMap {
     let node: MapNode
     if let d = dirty[NodeKey(level: level, index: index)] {
       node = d
-    } else if !ref.isNull, let loaded = try? source.load(ref, level: level, index: index) {
-      node = loaded
-    } else {
-      // Empty, or unreadable: a damaged subtree being discarded (by `check --repair` or a guest)
-      // must not fail the discard; its pages stay counted, a leak that `check` reports.
+    } else if ref.isNull {
       return
+    } else {
+      do {
+        node = try source.load(ref, level: level, index: index)
+      } catch let e as StrataError where e.code == .io || e.code == .noSpace {
+        // A read that failed (EIO, ENOSPC) says nothing about the node: skipping it would leave
+        // its pages counted for good (found by strata-sim, seed 31073). The operation fails.
+        throw e
+      } catch {
+        // Damaged: a damaged subtree being discarded (by `check --repair` or a guest) must not
+        // fail the discard; its pages stay counted, a leak that `check` reports.
+        return
+      }
     }
     for i in 0..<Layout.mapFanout {
       if level == 0 {
