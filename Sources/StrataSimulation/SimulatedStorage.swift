@@ -224,6 +224,8 @@ public final class SimulatedStorage: ImageStorage {
     public var failures = 0
     /// Of which failed by an injected fault (not by a power loss).
     public var faultsHit = 0
+    /// Of which reads (a read fails in the call that made it, never later).
+    public var readFaultsHit = 0
     public var crashes = 0
     /// Calls made while the storage was closed or after a second `close` (misuse by the caller).
     public var misuse = 0
@@ -384,6 +386,7 @@ public final class SimulatedStorage: ImageStorage {
       if faults[i].probability < 1 && !random.chance(faults[i].probability) { continue }
       let hit = faults[i]
       counters.faultsHit += 1
+      if op == .read { counters.readFaultsHit += 1 }
       if faults[i].remaining != .max { faults[i].remaining -= 1 }
       faults.removeAll { $0.remaining == 0 }
       return hit

@@ -393,8 +393,13 @@ public final class Simulation {
   func attempt(
     _ what: String, _ body: () throws -> Void, afterFault: ((_ refused: Bool) throws -> Void)? = nil
   ) throws -> Outcome {
+    let readFaults = storage.counters.readFaultsHit
     do {
       try body()
+      // A read fails in the call that made it: one that succeeded swallowed the error (as
+      // dropping a map subtree once did, seed 31073).
+      try log.check(
+        storage.counters.readFaultsHit == readFaults, "\(what) succeeded although a read in it failed (injected)")
       return .done
     } catch let e as SimulationFailure {
       throw e
