@@ -14,8 +14,9 @@ struct StrataSim: ParsableCommand {
     commandName: "strata-sim",
     abstract: "Deterministic crash and I/O-error simulation of Strata images.",
     discussion: """
-      Runs a seeded random workload (writes, reads, discards, write-zeroes, flushes, snapshots, \
-      restores, resizes, reopens) over fault-injecting storage, with power losses at random points \
+      Runs a seeded random workload (writes, reads, discards, write-zeroes, flushes, group commits, \
+      snapshots, point-in-time reads, restores to snapshots and flush points, resizes, reopens, \
+      external clones) over fault-injecting storage, with power losses at random points \
       and EIO/ENOSPC on reads, writes, syncs and preallocation, checking every flushed write against \
       a model and `check` after every recovery. The same seed replays the same run. Exits 0 when \
       every invariant held, 1 with the seed, the operation and what failed otherwise.
