@@ -15,7 +15,8 @@ import StrataSimulation
 ///   - the parent is the simulated image's file as a power loss right after a flush leaves it
 ///     (its log tail is replayed by the child's read-only open), or that file restored to one of
 ///     its snapshots and closed;
-///   - the child gets its own small workload (writes, discards, write-zeroes, reads, flushes)
+///   - the child gets its own small workload (writes, discards, write-zeroes, reads, flushes,
+///     snapshots, snapshot-view reads, restores)
 ///     and crashes of two kinds whose outcome is a real state of the file: a process crash
 ///     (every completed write kept: the file as it is) and a power loss right after the last
 ///     flush (the file as that flush left it; everything since lost);
@@ -62,6 +63,7 @@ struct CloneSession {
   private var parentPath: String { directory + "/parent.strata" }
   private var childPath: String { directory + "/child.strata" }
   private(set) var crashes = 0
+  private var snapshots = 0
   /// The child's final file, for the run's digest.
   private(set) var digest: [UInt8] = []
 
@@ -123,28 +125,52 @@ struct CloneSession {
       model = try verifyRecovered(child, model, log, fullScan: fullScan, what: "clone: new child")
       for _ in 0..<rng.int(in: 20...60) {
         switch rng.int(in: 0..<100) {
-        case 0..<45:
+        case 0..<40:
           let (offset, count) = work.range(size: size, length: work.length())
           let data = work.data(count: count, at: offset)
           log.note("clone: write \(offset)+\(count)")
           model.change(blocks: DiskModel.blocks(offset, UInt64(count))) { $0.write(data, at: offset) }
           try log.run("clone: write") { try child.write(data, at: offset) }
-        case 45..<55:
+        case 40..<48:
           let (offset, count) = work.range(size: size, length: work.length(max: 1 << 20))
           log.note("clone: discard \(offset)+\(count)")
           model.change(blocks: DiskModel.blocks(offset, UInt64(count))) {
             $0.discard(at: offset, length: UInt64(count))
           }
           try log.run("clone: discard") { try child.discard(at: offset, length: UInt64(count)) }
-        case 55..<65:
+        case 48..<56:
           let (offset, count) = work.range(size: size, length: work.length(max: 1 << 20))
           log.note("clone: writeZeroes \(offset)+\(count)")
           model.change(blocks: DiskModel.blocks(offset, UInt64(count))) { $0.zero(at: offset, length: UInt64(count)) }
           try log.run("clone: writeZeroes") { try child.writeZeroes(at: offset, length: UInt64(count)) }
-        case 65..<75:
+        case 56..<64:
           let (offset, count) = work.range(size: size, length: work.length())
           try compareRead({ try child.read(at: $0, count: $1) }, model.head, offset, count, "clone: head", log)
-        case 75..<90:
+        case 64..<70:
+          if model.order.count >= 3, let oldest = model.order.first {
+            log.note("clone: delete snapshot \(oldest)")
+            model.deleteSnapshot(oldest)
+            try log.run("clone: delete snapshot") { try child.deleteSnapshot(name: oldest) }
+          }
+          snapshots += 1
+          let name = "c\(snapshots)"
+          log.note("clone: create snapshot \(name)")
+          model.createSnapshot(name)
+          try log.run("clone: create snapshot") { _ = try child.createSnapshot(name: name) }
+        case 70..<74:  // a snapshot view of a child reads through to the parent too
+          guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { break }
+          let (offset, count) = work.range(size: frozen.size, length: work.length())
+          try compareRead(
+            { try child.snapshotView(name: name).read(at: $0, count: $1) }, frozen, offset, count,
+            "clone: view \(name)", log)
+        case 74..<77:  // durable once it returns, like any restore
+          guard let name = rng.element(of: model.order), let frozen = model.snapshots[name] else { break }
+          log.note("clone: restore \(name)")
+          model.change { $0 = frozen }
+          try log.run("clone: restore") { try child.restore(snapshot: name) }
+          model.markDurable()
+          flushedFile = try readFile(childPath)
+        case 77..<90:
           log.note("clone: flush")
           try log.run("clone: flush") { try child.flush() }
           model.markDurable()
