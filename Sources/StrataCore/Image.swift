@@ -344,7 +344,7 @@ public final class StrataImage {
         snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
         checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
-        features: superblock.features, backingChain: backingChain)
+        features: superblock.features, backingChain: backingChain, cdpWindow: superblock.cdpWindow)
     }
   }
 
@@ -374,6 +374,7 @@ public final class StrataImage {
 
   static func validateCreate(virtualSize: UInt64, options: ImageOptions) throws {
     try validateSize(virtualSize)
+    if let window = options.cdpWindow { try validateCDPWindow(window) }
     if let id = options.imageID, id.count != 16 {
       throw StrataError(.invalidArgument, "an image ID has 16 bytes, not \(id.count)")
     }
