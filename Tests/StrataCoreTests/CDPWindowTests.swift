@@ -1,7 +1,8 @@
 import StrataFormat
+import StrataSimulation
 import Testing
 
-@testable import StrataCore
+@_spi(Simulation) @testable import StrataCore
 
 #if canImport(Glibc)
   import Glibc
@@ -212,4 +213,35 @@ private func expectedDurationSeq(_ points: [TimelinePoint], cutoff: UInt64, head
     }
   }
   try img.close()
+}
+
+/// Power fails while the window changes: the image opens with the old window or the new one,
+/// never without a usable superblock; once `setCDPWindow` returned, the new one survives.
+@Test(arguments: [1, 2, 3, 4, 5, 6, 7, 8] as [UInt64])
+func cdpWindowChangeSurvivesPowerLoss(seed: UInt64) throws {
+  let storage = SimulatedStorage(seed: seed)
+  var options = ImageOptions()
+  options.clock = SimulatedClock().function
+  let old = CDPWindow.duration(nanoseconds: 3_600_000_000_000)
+  let new = CDPWindow.size(bytes: 1 << 30)
+  options.cdpWindow = old
+  var image = try StrataImage.create(storage: storage, virtualSize: 1 << 20, options: options)
+  try image.write([UInt8](repeating: 1, count: 4096), at: 0)
+  try image.flush()
+  // The superblock write lands (whole or torn), the sync does not.
+  storage.powerFail(after: 1, counting: [.write])
+  #expect(throws: StrataError.self) { try image.setCDPWindow(new) }
+  #expect(image.cdpWindow == old, "a failed change is not taken")
+  storage.crash(mode: seed % 2 == 0 ? .tornPrefix(granularity: 1) : .randomSectors(sectorSize: 512))
+  image.abandon()
+  image = try StrataImage.open(storage: storage, options: options)
+  #expect(image.cdpWindow == old || image.cdpWindow == new, "\(String(describing: image.cdpWindow))")
+  #expect(try image.read(at: 0, count: 4096) == [UInt8](repeating: 1, count: 4096))
+
+  try image.setCDPWindow(new)
+  storage.crash(mode: .dropUnsynced)
+  image.abandon()
+  image = try StrataImage.open(storage: storage, options: options)
+  #expect(image.cdpWindow == new)
+  try image.close()
 }
