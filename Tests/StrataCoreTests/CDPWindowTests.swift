@@ -35,7 +35,7 @@ private func superblockOnDisk(_ path: String) throws -> Superblock {
   let slots = try [0, 4096].map { offset in
     try Array(bytes[offset..<(offset + 4096)]).withUnsafeBytes { try Superblock.decode($0) }
   }
-  return slots.max { $0.generation < $1.generation }!
+  return try #require(slots.max { $0.generation < $1.generation })
 }
 
 private func headerLengthOnDisk(_ path: String, slot: Int) throws -> UInt32 {
