@@ -46,7 +46,9 @@ extension StrataImage {
   ///   included; the unused end of a sealed segment not), counted to the end of the log.
   ///
   /// Reads record headers only, from the checkpoint before the window's start on: the
-  /// checkpoints' links lead there without reading the log before it.
+  /// checkpoints' links lead there without reading the log before it. Points the cleaner already
+  /// reclaimed (before the log start) are gone: the oldest one left is the oldest candidate.
+  /// `compact` keeps every point from here on.
   public func cdpRetainedSeq(nowNanoseconds: UInt64) throws -> UInt64? {
     try checkOpen()
     guard let window = superblock.cdpWindow else { return nil }
@@ -72,7 +74,9 @@ extension StrataImage {
     // Back along the checkpoints to the newest one at or before the cutoff (or the oldest one
     // still in the log): the points the window needs all come after it.
     var link = try newestCheckpointLink()
-    while link.timestamp > cutoff, let previous = try checkpointLink(at: link.previous, before: link.seq) {
+    while link.timestamp > cutoff, link.page != logStart,
+      let previous = try checkpointLink(at: link.previous, before: link.seq)
+    {
       link = previous
     }
     var boundary: UInt64?
@@ -115,7 +119,7 @@ extension StrataImage {
       tail += walked
       guard tail <= budget else { break }
       later = start
-      link = try checkpointLink(at: start.previous, before: start.seq)
+      link = start.page == logStart ? nil : try checkpointLink(at: start.previous, before: start.seq)
     }
     return oldest ?? headSeq
   }
@@ -136,7 +140,8 @@ extension StrataImage {
   }
 
   /// The checkpoint at `page` if the log still holds it: a CHECKPOINT record older than the one
-  /// that links to it (a reused segment holds newer records there).
+  /// that links to it (a reused segment holds newer records there). The walks stop at the log
+  /// start anyway: the cleaner may have reclaimed what came before.
   private func checkpointLink(at page: UInt64, before seq: UInt64) throws -> CheckpointLink? {
     guard page != 0, let stored = try pages.record(at: page), stored.header.seq < seq,
       case .checkpoint(let body) = stored.record.ops.last

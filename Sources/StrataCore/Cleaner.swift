@@ -8,7 +8,8 @@ public struct CompactOptions: Sendable {
   /// Segments fuller than this (live pages / written pages) are not worth copying.
   public var maxLiveRatio: Double
   /// Every point at or after this seq must stay restorable (the continuous-protection
-  /// window); nil keeps only the named snapshots.
+  /// window); nil keeps only the named snapshots. `compact` adds the image's CDP window
+  /// (`cdpRetainedSeq`), whichever keeps more.
   public var retainFromSeq: UInt64?
   /// Free segments kept allocated for the log to reuse; the rest are punched out of the file.
   public var keepAllocated: Int
@@ -177,6 +178,9 @@ extension StrataImage {
   {
     try checkWritable()
     guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
+    var options = options
+    // The image's CDP window (format-spec 5.2) keeps the points it protects, whatever is asked.
+    if let window = try cdpRetainedSeq() { options.retainFromSeq = min(options.retainFromSeq ?? window, window) }
     var report = CompactReport()
     // A clean head and a fresh checkpoint C0: victims hold only records before it.
     try checkpoint()

@@ -245,3 +245,51 @@ func cdpWindowChangeSurvivesPowerLoss(seed: UInt64) throws {
   #expect(image.cdpWindow == new)
   try image.close()
 }
+
+/// The cleaner keeps every point the window protects and reclaims what lies before it; with
+/// the window removed, the next pass reclaims those points too.
+@Test func compactKeepsThePointsOfTheWindow() throws {
+  let path = temporaryDirectory() + "/c.strata"
+  let clock = ManualClock()
+  var options = ImageOptions()
+  options.clock = { clock.now }
+  options.segmentSize = Layout.minSegmentSize
+  options.checkpointIntervalPages = 512
+  options.cdpWindow = .duration(nanoseconds: 35_000_000_000)
+  let blocks = 256
+  let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * 4096), options: options)
+  defer { if !image.isClosed { try? image.close() } }
+  var disk = [UInt8](repeating: 0, count: blocks * 4096)
+  var states: [(seq: UInt64, time: UInt64, disk: [UInt8])] = []
+  var random = SeededRandom(seed: 9)
+  for round in 0..<12 {
+    clock.advance(seconds: 10)
+    for _ in 0..<(2 * blocks) {
+      let b = Int.random(in: 0..<blocks, using: &random)
+      let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: round &* 31 &+ b | 1), count: 4096)
+      disk.replaceSubrange((b * 4096)..<((b + 1) * 4096), with: bytes)
+      try image.write(bytes, at: UInt64(b * 4096))
+    }
+    try image.flush()
+    states.append((try image.info.nextSeq, clock.now, disk))
+  }
+  let retained = try #require(try image.cdpRetainedSeq())
+  // 35 s back from the last flush: the flush of 40 s ago is the disk when the window begins.
+  let boundary = try #require(states.last { $0.time <= clock.now - 35_000_000_000 })
+  #expect(retained == boundary.seq)
+  var report = try image.compact()
+  #expect(report.segmentsFreed > 0, "the log before the window is reclaimed")
+  #expect(report.logStartSeq <= retained)
+  for state in states where state.seq >= retained {
+    #expect(try image.view(atSeq: state.seq).read(at: 0, count: blocks * 4096) == state.disk, "point \(state.seq)")
+  }
+  #expect(try image.timeline().contains { $0.seq == retained })
+  #expect(try image.check().result == .clean)
+
+  try image.setCDPWindow(nil)
+  report = try image.compact()
+  #expect(report.logStartSeq > retained)
+  #expect(throws: StrataError.self) { _ = try image.view(atSeq: boundary.seq).read(at: 0, count: 4096) }
+  #expect(try image.read(at: 0, count: blocks * 4096) == disk)
+  try image.close()
+}
