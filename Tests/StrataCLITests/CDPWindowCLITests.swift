@@ -140,4 +140,27 @@ struct CDPWindowCLITests {
     let timelineHelp = try s.ok(["timeline", "--help"]).output
     #expect(timelineHelp.contains("CDP window"))
   }
+
+  @Test func timelineSinceSeqAndTime() throws {
+    let s = try Sandbox()
+    try s.ok(["create", "vm.strata", "--size", "16M", "--cdp-window", "7d"])
+    for i in 0..<4 {
+      try s.ok(
+        ["write", "vm.strata", "--offset", "\(i * 4096)", "--input", "-"], stdin: randomBytes(4096, seed: UInt64(i)))
+    }
+    let all = try #require(try s.json(["timeline", "vm.strata", "--output", "json"]) as? [[String: Any]])
+    #expect(all.count >= 5)
+    let middle = all[all.count / 2]
+    let seq = try #require(middle["seq"] as? UInt64)
+    let since = try #require(
+      try s.json(["timeline", "vm.strata", "--since", "\(seq)", "--output", "json"]) as? [[String: Any]])
+    #expect(since.first?["seq"] as? UInt64 == seq)
+    #expect(since.allSatisfy { ($0["seq"] as? UInt64 ?? 0) >= seq })
+    let time = try #require(middle["time"] as? String)
+    let byTime = try #require(
+      try s.json(["timeline", "vm.strata", "--since", time, "--output", "json"]) as? [[String: Any]])
+    #expect((byTime.first?["seq"] as? UInt64 ?? .max) <= seq)
+    #expect(byTime.contains { $0["seq"] as? UInt64 == seq })
+    try s.fails(["timeline", "vm.strata", "--since", "yesterday"], status: 64, mentioning: ["RFC 3339"])
+  }
 }

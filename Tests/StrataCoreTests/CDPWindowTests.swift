@@ -150,6 +150,10 @@ private func expectedDurationSeq(_ points: [TimelinePoint], cutoff: UInt64, head
   let head = try img.info.nextSeq
   #expect(points.count > 70)
   #expect(points.contains { $0.kind == .snapshot } && points.contains { $0.kind == .checkpoint })
+  // `since` a point lists it first, whatever its kind.
+  for point in points {
+    #expect(try img.timeline(since: point.seq, limit: 1).first?.seq == point.seq, "\(point.kind) \(point.seq)")
+  }
 
   // Every window length from nothing to longer than the image's life, at several instants.
   for now in [end, end + 5_000_000_000, end + 3_600_000_000_000] {
