@@ -168,6 +168,19 @@ extension StrataImage {
     return out
   }
 
+  /// Space of the log: bytes its sealed segments hold and how much of that the head no longer
+  /// references (some of it snapshots or the window may still need), and free segments.
+  public var logSpace: (sealedBytes: UInt64, garbageBytes: UInt64, freeSegments: Int) {
+    var sealed: UInt64 = 0
+    var garbage: UInt64 = 0
+    for e in usage.entries where e.isSealed {
+      sealed += UInt64(e.writtenPages)
+      garbage += UInt64(e.writtenPages - min(e.writtenPages, e.livePages))
+    }
+    let page = UInt64(Layout.pageSize)
+    return (sealed * page, garbage * page, usage.freeSegments.count)
+  }
+
   /// Reclaims log segments (format-spec 15): picks victims by cost-benefit among the sealed
   /// segments no retained point needs, copies the head's live blocks and metadata out of them,
   /// and frees them for the log to reuse. Crash-safe at every step: a segment is marked free
@@ -179,7 +192,7 @@ extension StrataImage {
     try checkWritable()
     guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
     var options = options
-    // The image's CDP window (format-spec 5.2) keeps the points it protects, whatever is asked.
+    // The image's CDP window (format-spec 5.3) keeps the points it protects, whatever is asked.
     if let window = try cdpRetainedSeq() { options.retainFromSeq = min(options.retainFromSeq ?? window, window) }
     var report = CompactReport()
     // A clean head and a fresh checkpoint C0: victims hold only records before it.
