@@ -13,9 +13,10 @@ struct SetCommand: ParsableCommand {
       it. 'none' removes the window. Units: s, m, h, d, w for durations; K, M, G, T for sizes \
       (powers of 1024). Only m depends on case: 30m is 30 minutes, 30M is 30 MiB.
 
-      The segment cleaner reclaims the log of points outside the window; snapshots stay \
-      whatever the window says. Until the cleaner runs nothing is reclaimed, so every point \
-      stays. The setting is stored in the image and durable when the command returns.
+      The cleaner (`strata compact`, and `strata serve` in the background) reclaims the log of \
+      points outside the window; snapshots stay whatever the window says. Without a window it \
+      keeps only snapshots and the current disk. The setting is stored in the image and durable \
+      when the command returns; a served image must be stopped first.
 
       Examples:
         strata set vm.strata --cdp-window 24h
