@@ -30,7 +30,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
 
   public init(
     image: SharedImage, logger: Logger, triggerRatio: Double = 0.25, triggerBytes: UInt64 = 64 << 20,
-    options: CompactOptions = CompactOptions(maxSegments: 4, maxLiveRatio: 0.75, keepAllocated: 8),
+    options: CompactOptions = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8),
     retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
   ) {
     self.image = image
@@ -92,7 +92,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
         if report.segmentsFreed > 0 {
           logger.debug(
             "cleaner freed \(report.segmentsFreed) segments, copied \(report.blocksCopied) blocks")
-          interval = Self.minInterval
+          interval = 0  // keep up with the guest: the next pass at once while garbage remains
         } else {
           interval = min(interval * 2, Self.maxInterval)
         }
