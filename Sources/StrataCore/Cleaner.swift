@@ -371,9 +371,9 @@ public final class CleaningPass {
     // need the whole tail; a RESTORE inside any of these needs its own base and range too.
     var bases: [UInt64] = []
     var ranges: [Range<UInt64>] = []
-    try image.catalog.forEach { e in
-      bases.append(e.baseCheckpoint)
-      ranges.append(try pins.checkpoint(at: e.baseCheckpoint).seq..<e.seq)
+    for (base, snapshots) in try image.catalog.baseRanges() {
+      bases.append(base)
+      ranges.append(try pins.checkpoint(at: base).seq..<snapshots.last)
     }
     var tail = c0
     if let from = options.retainFromSeq {

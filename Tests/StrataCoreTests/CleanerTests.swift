@@ -253,6 +253,36 @@ struct CleanerTests {
     queue.reset()
   }
 
+  /// The cleaner's per-base summary of the catalog, built once and then kept up to date by
+  /// every snapshot created and deleted, matches a fresh count at every step.
+  @Test func snapshotBaseIndexFollowsTheCatalog() throws {
+    let path = temporaryDirectory() + "/x.strata"
+    let image = try StrataImage.create(path: path, virtualSize: 1 << 20, options: smallSegments())
+    defer { try? image.close() }
+    func fresh() throws -> [UInt64: Catalog.BaseRange] {
+      var out: [UInt64: Catalog.BaseRange] = [:]
+      try image.catalog.forEach { out[$0.baseCheckpoint, default: .empty].include($0.seq) }
+      return out
+    }
+    var rng = SeededRandom(seed: 9)
+    var names: [String] = []
+    for i in 0..<40 {
+      if i % 7 == 0 { try image.checkpoint() }
+      try image.createSnapshot(name: "s\(i)")
+      names.append("s\(i)")
+      if i == 10 { #expect(try image.catalog.baseRanges() == (try fresh())) }
+    }
+    for round in 0..<30 {
+      if rng.next() % 3 == 0 {
+        try image.createSnapshot(name: "n\(round)")
+        names.append("n\(round)")
+      } else if !names.isEmpty {
+        try image.deleteSnapshot(name: names.remove(at: Int(rng.next() % UInt64(names.count))))
+      }
+      #expect(try image.catalog.baseRanges() == (try fresh()))
+    }
+  }
+
   /// `check` walks the log from its start: a damaged record before the last checkpoint (which
   /// recovery never reads) breaks the points after it, and check says so.
   @Test func checkFindsABreakInTheLog() throws {
