@@ -83,9 +83,10 @@ public struct SimulationStats: Sendable, Equatable {
 }
 
 /// One seeded run of the random workload over fault-injecting storage: writes, reads,
-/// discards, write-zeroes, flushes, snapshots (create, delete, view reads, restore), resizes
-/// and reopens; power losses between and inside operations; EIO and ENOSPC on reads, writes,
-/// syncs and preallocation. Every invariant is checked as the run goes; the first violation
+/// discards, write-zeroes, flushes (also through group commit), snapshots (create, delete, view
+/// reads, restore), reads at and restores to past flush points, resizes, reopens and external
+/// clones (`OpKind`); power losses between and inside operations; EIO and ENOSPC on reads,
+/// writes, syncs and preallocation. Every invariant is checked as the run goes; the first violation
 /// throws a `SimulationFailure` naming the seed and the operation.
 ///
 /// After a power loss the image must open and hold what every flushed write put there (an
