@@ -16,12 +16,8 @@ enum OpKind: CaseIterable {
   /// An external clone on real files: a child of the head or of a snapshot, its own small
   /// workload, crashes and checks (see `cloneSession`).
   case clone
-  /// Pending: the segment cleaner (`compact`) is being written in StrataCore. When it lands,
-  /// give it a weight and run it in `Simulation.step`: the model does not change (the head,
-  /// every snapshot and every retained flush point read the same before and after, and after a
-  /// crash inside it), the recount and `check` stay clean, and the flush points it reclaims
-  /// drop out of `timeline()` (prune `flushPoints` to the ones still listed; `restorePoint`
-  /// already picks only among listed ones).
+  /// A pass of the segment cleaner (`compact`): the model does not change, the flush points it
+  /// may drop leave `flushPoints` (see `compactPass`).
   case compact
   /// A recount of the accounting.
   case recount
@@ -43,7 +39,7 @@ enum OpKind: CaseIterable {
     case .reopen: 20
     case .pointRead: 20
     case .clone: 2
-    case .compact: 0  // pending
+    case .compact: 8
     case .recount: 106
     }
   }

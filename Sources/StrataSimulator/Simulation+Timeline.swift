@@ -74,3 +74,28 @@ extension Simulation {
     }
   }
 }
+
+extension Simulation {
+  /// A cleaner pass. Nothing the model holds changes: the head, every snapshot and every kept
+  /// flush point must read the same after it, also after a crash or an I/O error inside it.
+  /// Half the passes keep the kept flush points (a window from the oldest); the others may drop
+  /// them (every point before the new log start goes), so the model forgets them first.
+  /// Small passes (a few segments, a free reserve or none) as often as whole ones.
+  func compactPass() throws {
+    var options = CompactOptions(
+      maxSegments: rng.chance(0.5) ? .max : rng.int(in: 1...3), maxLiveRatio: rng.chance(0.5) ? 0.9 : 1,
+      keepAllocated: rng.int(in: 0...2))
+    options.checkpointFirst = rng.chance(0.7)
+    if rng.chance(0.5), let oldest = flushPoints.first?.seq {
+      options.retainFromSeq = oldest
+    } else {
+      flushPoints.removeAll()
+    }
+    log.note("compact (window from \(options.retainFromSeq.map(String.init) ?? "none"), at most \(options.maxSegments) segments)")
+    var report = CompactReport()
+    if try attempt("compact", { report = try self.current.compact(options) }) == .done {
+      counts.compactions += 1
+      counts.segmentsFreed += report.segmentsFreed
+    }
+  }
+}

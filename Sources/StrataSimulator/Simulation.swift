@@ -59,6 +59,9 @@ public struct SimulationStats: Sendable, Equatable {
   /// they went through.
   public var clones = 0
   public var cloneCrashes = 0
+  /// Cleaner passes completed (`compact`), and the segments they freed.
+  public var compactions = 0
+  public var segmentsFreed = 0
   public var digest: UInt32 = 0
 
   public init() {}
@@ -78,14 +81,16 @@ public struct SimulationStats: Sendable, Equatable {
     a.groupCommits += b.groupCommits
     a.clones += b.clones
     a.cloneCrashes += b.cloneCrashes
+    a.compactions += b.compactions
+    a.segmentsFreed += b.segmentsFreed
     a.digest = CRC32C.checksum([a.digest, b.digest].flatMap { withUnsafeBytes(of: $0) { Array($0) } })
   }
 }
 
 /// One seeded run of the random workload over fault-injecting storage: writes, reads,
 /// discards, write-zeroes, flushes (also through group commit), snapshots (create, delete, view
-/// reads, restore), reads at and restores to past flush points, resizes, reopens and external
-/// clones (`OpKind`); power losses between and inside operations; EIO and ENOSPC on reads,
+/// reads, restore), reads at and restores to past flush points, resizes, reopens, external
+/// clones and cleaner passes (`OpKind`); power losses between and inside operations; EIO and ENOSPC on reads,
 /// writes, syncs and preallocation. Every invariant is checked as the run goes; the first violation
 /// throws a `SimulationFailure` naming the seed and the operation.
 ///
@@ -302,8 +307,7 @@ public final class Simulation {
     case .clone:
       try cloneSession()
     case .compact:
-      // Pending: the segment cleaner is being written in StrataCore (see `OpKind.compact`).
-      return
+      try compactPass()
     case .recount:  // the accounting, now and then
       guard !storage.isPoweredOff else {
         // The power failed at the end of the last operation: the recount would meet it.

@@ -134,6 +134,7 @@ struct StrataSim: ParsableCommand {
       + "\(s.faultsInjected) faults injected (\(s.failedCalls) failed calls, \(s.refusals) refusals), "
       + "\(s.flushes) flushes (\(s.groupCommits) group commits), \(s.snapshotsCreated) snapshots, "
       + "\(s.restores) restores (\(s.pointRestores) to flush points), \(s.reopens) reopens, \(s.clones) clones (\(s.cloneCrashes) crashes), "
+      + "\(s.compactions) compactions (\(s.segmentsFreed) segments freed), "
       + "digest \(String(s.digest, radix: 16))"
   }
 

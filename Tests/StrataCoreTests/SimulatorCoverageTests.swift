@@ -18,5 +18,7 @@ struct SimulatorCoverageTests {
     #expect(stats.clones >= 1, "external clones")
     #expect(stats.cloneCrashes >= 1)
     #expect(stats.faultsInjected >= 1)
+    #expect(stats.compactions >= 3, "cleaner passes")
+    #expect(stats.segmentsFreed >= 1, "segments the cleaner freed")
   }
 }
