@@ -222,6 +222,15 @@ func expectReapedMinimum(
 /// userData values with the high bits set, to check they come back unchanged.
 func tag(_ i: Int) -> UInt64 { 0xA5A5_0000_0000_0000 | UInt64(i) }
 
+/// One write of a page per block `b` of `blocks`, in that order: page `b` of `buffer` to offset
+/// `b * page`, with userData `tag(b)`.
+func pageWrites(_ buffer: UnsafeMutableRawBufferPointer, _ blocks: some Sequence<Int>) -> [IORequest] {
+  blocks.map { b in
+    IORequest(
+      opcode: .write, buffer: buffer.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
+  }
+}
+
 // MARK: - Suite
 
 @Suite("IOEngine conformance")
@@ -240,11 +249,7 @@ struct EngineConformanceTests {
     let engine = try f.makeEngine(kind)
 
     // Writes, submitted in reverse file order.
-    let writes = (0..<blocks).reversed().map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let writes = pageWrites(source, (0..<blocks).reversed())
     var done = Completions(writes, depth: depth)
     var next = try submit(engine, writes)
     #expect(next == depth, "submit of \(blocks) on an empty queue of depth \(depth)")
@@ -282,10 +287,7 @@ struct EngineConformanceTests {
     defer { f.release() }
     let buf = f.buffer(depth * page, pattern: 13)
     let engine = try f.makeEngine(kind)
-    let writes = (0..<depth).map { b in
-      IORequest(
-        opcode: .write, buffer: buf.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
-    }
+    let writes = pageWrites(buf, 0..<depth)
     #expect(try submit(engine, writes) == depth)
     var seen: [UInt64: Int32] = [:]
     var small = [IOCompletion](repeating: IOCompletion(userData: 0, result: 0), count: 4)
@@ -356,11 +358,7 @@ struct EngineConformanceTests {
     let source = f.buffer(blocks * page, pattern: 19)
     let check = f.buffer(blocks * page)
     let engine = try f.makeEngine(kind)
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let writes = pageWrites(source, 0..<blocks)
     #expect(try submit(engine, writes) == blocks)
     try engine.flushSubmissions()
     try engine.flushSubmissions()  // idempotent
@@ -430,11 +428,7 @@ struct EngineConformanceTests {
 
     do {
       let engine = try f.makeEngine(kind)
-      let writes = (0..<blocks).map { b in
-        IORequest(
-          opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page),
-          userData: tag(b))
-      }
+      let writes = pageWrites(source, 0..<blocks)
       for (_, r) in try runAll(engine, writes) { #expect(r == Int32(page)) }
       #expect(engine.inFlight == 0)
       let flush = try runAll(engine, [.fsync(userData: 0xF1F1_F1F1_F1F1_F1F1)])
@@ -581,10 +575,7 @@ struct EngineConformanceTests {
     let blocks = 128
     let buf = f.buffer(blocks * page, pattern: 9)
     let engine = try f.makeEngine(kind)
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: buf.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
-    }
+    let writes = pageWrites(buf, 0..<blocks)
     let results = try runAll(engine, writes)
     let enospc = results.values.filter { $0 == -ENOSPC }.count
     #expect(enospc > 0, "no -ENOSPC writing \(blocks * page) bytes to a 256 KiB tmpfs")
@@ -634,11 +625,7 @@ struct EngineConformanceTests {
     let check = f.buffer(blocks * page)
 
     let engine = try f.makeEngine(kind)
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let writes = pageWrites(source, 0..<blocks)
     #expect(try submit(engine, writes) == blocks)
     f.closeEngines()  // engine.close() with every write in flight
 
