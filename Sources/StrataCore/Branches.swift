@@ -186,6 +186,7 @@ extension StrataImage {
   /// The branches of the image at `imagePath`, by name. An image without branches has none
   /// (and no directory).
   public static func branches(of imagePath: String) throws -> [BranchInfo] {
+    guard access(imagePath, F_OK) == 0 else { throw StrataError(.notFound, "\(imagePath): no such file") }
     var out: [BranchInfo] = []
     for name in try branchFiles(of: imagePath) {
       let path = branchPath(of: imagePath, name: name)
