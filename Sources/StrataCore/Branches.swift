@@ -80,7 +80,18 @@ extension StrataImage {
   ) throws -> StrataImage {
     try validateBranchName(name)
     let path = try prepareBranchPath(of: imagePath, name: name)
-    return try makeBranch(path, of: imagePath, snapshot: snapshot, virtualSize: nil, pinnedAt: nil, options: options)
+    do {
+      return try makeBranch(path, of: imagePath, snapshot: snapshot, virtualSize: nil, pinnedAt: nil, options: options)
+    } catch {
+      removeFailedBranch(path, of: imagePath)
+      throw error
+    }
+  }
+
+  /// Removes what a failed creation left: the branch file, and the directory if it is empty.
+  private static func removeFailedBranch(_ path: String, of imagePath: String) {
+    _ = unlink(path)
+    _ = rmdir(branchDirectory(of: imagePath))
   }
 
   /// Creates the branch file at `path` over snapshot `snapshot` of the image; with `pinnedAt`,
@@ -145,6 +156,7 @@ extension StrataImage {
       try image.close()
     } catch {
       try? image.close()
+      _ = rmdir(branchDirectory(of: imagePath))
       throw error
     }
     do {
@@ -174,7 +186,7 @@ extension StrataImage {
       }
     } catch {
       // Leave nothing behind: no half-copied branch, no pin.
-      _ = unlink(path)
+      removeFailedBranch(path, of: imagePath)
       if let image = try? open(path: imagePath, options: imageOptions) {
         try? image.deleteSnapshot(name: pinName)
         try? image.close()
@@ -225,6 +237,13 @@ extension StrataImage {
     }
     guard let point = descriptor.point else {
       throw StrataError(.invalidArgument, "\(path) is not a branch of \(imagePath) (its backing file is no snapshot)")
+    }
+    let nested = try branchFiles(of: path)
+    guard nested.isEmpty else {
+      throw StrataError(
+        .invalidArgument,
+        "branch \"\(name)\" has branches of its own (\(nested.joined(separator: ", ")) in "
+          + "\(branchDirectory(of: path))): delete them first")
     }
     // Holding the branch's lock keeps a served branch from being removed under its server.
     let lock = try FileStorage(path: path, mode: .readWrite, engine: .threads)

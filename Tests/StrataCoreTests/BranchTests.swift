@@ -202,7 +202,7 @@ private func parentWithSnapshot(_ dir: String) throws -> (path: String, atSnapsh
   } catch let e as StrataError {
     #expect(e.code == .notFound && e.message.contains("nope"))
   }
-  #expect(access(StrataImage.branchPath(of: path, name: "b"), F_OK) != 0, "no branch file is left behind")
+  #expect(access(StrataImage.branchDirectory(of: path), F_OK) != 0, "no branch file or directory is left behind")
   try StrataImage.createBranch(of: path, name: "b", snapshot: "s").close()
   do {
     _ = try StrataImage.createBranch(of: path, name: "b", snapshot: "s")
@@ -224,18 +224,31 @@ private func parentWithSnapshot(_ dir: String) throws -> (path: String, atSnapsh
   }
 }
 
-/// A version-2 backing page round-trips; version 1 (no point) is written as before.
-@Test func backingPagePointRoundTrips() throws {
-  let id = [UInt8](repeating: 7, count: 16)
-  let plain = BackingDescriptor(path: "golden.strata", parentImageID: id, parentSize: 4096)
-  let plainPage = try plain.encode()
-  #expect(plainPage[8] == 1 && plainPage[40] == UInt8(ascii: "g"))
-  #expect(try plainPage.withUnsafeBytes { try BackingDescriptor.decode($0) } == plain)
-  let point = BackingPoint(name: "branch:x", seq: 42, baseCheckpoint: 9, originSeq: 17, ownedByBranch: true)
-  let branch = BackingDescriptor(path: "../vm.strata", parentImageID: id, parentSize: 8192, point: point)
-  var page = try branch.encode()
-  #expect(page[8] == 2 && page[12] == 1 && page[328] == UInt8(ascii: "."))
-  #expect(try page.withUnsafeBytes { try BackingDescriptor.decode($0) } == branch)
-  page[100] ^= 1
-  #expect(throws: FormatError.self) { try page.withUnsafeBytes { try BackingDescriptor.decode($0) } }
+/// A branch is an image: it has snapshots and branches of its own, which read through both
+/// layers; it cannot be deleted while a branch of it exists.
+@Test func branchOfABranch() throws {
+  let dir = temporaryDirectory()
+  let (path, original) = try parentWithSnapshot(dir)
+  let b = try StrataImage.createBranch(of: path, name: "b", snapshot: "s")
+  let mine = pattern(4096, seed: 30)
+  try b.write(mine, at: 8192)
+  try b.createSnapshot(name: "bs")
+  try b.write(pattern(4096, seed: 31), at: 8192)
+  try b.close()
+  let bPath = StrataImage.branchPath(of: path, name: "b")
+  let sub = try StrataImage.createBranch(of: bPath, name: "sub", snapshot: "bs")
+  var expected = original
+  expected.replaceSubrange(8192..<12_288, with: mine)
+  #expect(try sub.read(at: 0, count: mib) == expected)
+  #expect(sub.backingChain == ["../b", "../vm.strata"])
+  try sub.close()
+  do {
+    try StrataImage.deleteBranch(of: path, name: "b")
+    Issue.record("a branch with a branch of its own was deleted")
+  } catch let e as StrataError {
+    #expect(e.message.contains("sub"))
+  }
+  try StrataImage.deleteBranch(of: bPath, name: "sub")
+  try StrataImage.deleteBranch(of: path, name: "b")
+  #expect(try StrataImage.branches(of: path).isEmpty)
 }
