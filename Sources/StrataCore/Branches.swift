@@ -7,7 +7,7 @@ import StrataFormat
 /// A branch as `branches(of:)` lists it.
 public struct BranchInfo: Equatable, Sendable {
   public var name: String
-  /// The branch's image file (`IMAGE.branches/NAME`).
+  /// The branch's image file (`IMAGE.branches/NAME.strata`).
   public var path: String
   /// The parent's snapshot the branch reads through to, and its seq.
   public var snapshot: String
@@ -24,7 +24,7 @@ public struct BranchInfo: Equatable, Sendable {
 }
 
 /// Branches (format-spec 5.1 and 5.2): writable heads that share the image's data. A branch of
-/// `IMAGE` is an external clone in `IMAGE.branches/NAME` whose backing page names a snapshot of
+/// `IMAGE` is an external clone in `IMAGE.branches/NAME.strata` whose backing page names a snapshot of
 /// `IMAGE` (a version-2 page) instead of its head, with a relative path (`../IMAGE`), so the
 /// image and its branches move together. Blocks the branch never wrote read as that snapshot
 /// does, whatever the image's head does afterwards; a snapshot's view is immutable log data, so
@@ -44,10 +44,13 @@ extension StrataImage {
   /// The directory that holds the branches of the image at `imagePath`.
   public static func branchDirectory(of imagePath: String) -> String { imagePath + ".branches" }
 
-  /// The image file of branch `name` of the image at `imagePath`.
+  /// The image file of branch `name` of the image at `imagePath` (`IMAGE.branches/NAME.strata`:
+  /// the extension lets tools such as `strata convert` tell it is a Strata image).
   public static func branchPath(of imagePath: String, name: String) -> String {
-    branchDirectory(of: imagePath) + "/" + name
+    branchDirectory(of: imagePath) + "/" + name + branchExtension
   }
+
+  static let branchExtension = ".strata"
 
   /// Branch names are file names and, behind `branch:`, snapshot names: 1 to 248 bytes of
   /// UTF-8, no `/`, no control characters, not starting with `.`.
@@ -375,7 +378,7 @@ extension StrataImage {
     return path
   }
 
-  /// The names in the branch directory that may be branches (not hidden files).
+  /// The names of the `NAME.strata` files in the branch directory (not hidden ones).
   static func branchFiles(of imagePath: String) throws -> [String] {
     let directory = branchDirectory(of: imagePath)
     guard let dir = opendir(directory) else {
@@ -388,7 +391,9 @@ extension StrataImage {
       let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
         String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
       }
-      if !name.hasPrefix("."), !name.isEmpty { names.append(name) }
+      if !name.hasPrefix("."), name.hasSuffix(branchExtension), name.utf8.count > branchExtension.utf8.count {
+        names.append(String(name.dropLast(branchExtension.count)))
+      }
     }
     return names
   }

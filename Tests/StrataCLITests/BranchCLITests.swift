@@ -36,7 +36,7 @@ extension CLITests {
 
     let made = try #require(
       try box.json(["clone", "disk.strata", "--from", "base", "--name", "test", "--output", "json"]) as? [String: Any])
-    #expect(made["snapshot"] as? String == "base" && made["path"] as? String == "disk.strata.branches/test")
+    #expect(made["snapshot"] as? String == "base" && made["path"] as? String == "disk.strata.branches/test.strata")
     let readAll = ["--length", "1M"]
     #expect(try box.ok(["read", "disk.strata", "--branch", "test", "--length", "65536"]).stdout == Data(first))
     try box.ok(["write", "disk.strata", "--branch", "test", "--offset", "100K", "--input", "patch"])
@@ -68,7 +68,7 @@ extension CLITests {
     try box.fails(["diff", "disk.strata", "branch/nope"], status: 1, mentioning: ["no branch named", "nope"])
 
     let map = try box.ok(["map", "disk.strata", "--branch", "test"]).output
-    #expect(map.contains("disk.strata.branches/test") && map.contains("../disk.strata"), "\(map)")
+    #expect(map.contains("disk.strata.branches/test.strata") && map.contains("../disk.strata"), "\(map)")
 
     let list = try #require(try box.json(["branch", "list", "disk.strata", "--output", "json"]) as? [[String: Any]])
     #expect(list.map { $0["name"] as? String } == ["other", "test"])

@@ -240,7 +240,7 @@ private func parentWithSnapshot(_ dir: String) throws -> (path: String, atSnapsh
   var expected = original
   expected.replaceSubrange(8192..<12_288, with: mine)
   #expect(try sub.read(at: 0, count: mib) == expected)
-  #expect(sub.backingChain == ["../b", "../vm.strata"])
+  #expect(sub.backingChain == ["../b.strata", "../vm.strata"])
   try sub.close()
   do {
     try StrataImage.deleteBranch(of: path, name: "b")

@@ -6,7 +6,7 @@ struct BranchCommand: ParsableCommand {
     commandName: "branch",
     abstract: "List and delete the branches of an image (create them with 'strata clone').",
     discussion: """
-      A branch of IMAGE is the image IMAGE.branches/NAME: a writable disk that shares the data of \
+      A branch of IMAGE is the image IMAGE.branches/NAME.strata: a writable disk that shares the data of \
       the snapshot it is based on. Read, write, map, serve and diff take --branch NAME.
       """,
     subcommands: [BranchListCommand.self, BranchDeleteCommand.self]
@@ -55,7 +55,7 @@ struct BranchDeleteCommand: ParsableCommand {
     commandName: "delete",
     abstract: "Delete a branch (and the snapshot that pins it, for a branch made with --at).",
     discussion: """
-      Removes IMAGE.branches/NAME. Refused while the branch is in use. The snapshot the branch \
+      Removes IMAGE.branches/NAME.strata. Refused while the branch is in use. The snapshot the branch \
       was based on can be deleted afterwards; a pin (branch:NAME) is deleted with the branch, \
       which needs the image open for writing.
       """

@@ -6,7 +6,7 @@ struct CloneCommand: ParsableCommand {
     commandName: "clone",
     abstract: "Create a branch: a writable disk that starts as a snapshot or point of the image and shares its data.",
     discussion: """
-      The branch is an image of its own, IMAGE.branches/NAME, whose unwritten blocks read as the \
+      The branch is an image of its own, IMAGE.branches/NAME.strata, whose unwritten blocks read as the \
       snapshot it is based on: nothing is copied, and whatever the image's head does afterwards, \
       the branch keeps its snapshot's data. Use it with --branch NAME on read, write, map, serve \
       and diff; 'strata branch list' and 'strata branch delete' manage branches. Moving IMAGE \

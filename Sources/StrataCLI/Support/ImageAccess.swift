@@ -92,7 +92,7 @@ struct ImageSource {
   }
 }
 
-/// `--branch NAME`: use branch NAME of the image (the file `IMAGE.branches/NAME`, see `strata
+/// `--branch NAME`: use branch NAME of the image (the file `IMAGE.branches/NAME.strata`, see `strata
 /// clone`) instead of the image itself (read, write, map, serve, diff).
 struct BranchOption: ParsableArguments {
   @Option(help: ArgumentHelp("Use this branch of the image (see 'strata clone').", valueName: "name"))
