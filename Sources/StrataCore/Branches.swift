@@ -69,6 +69,17 @@ extension StrataImage {
     }
   }
 
+  /// Opens the image read-only without its file lock, to read snapshots, points of the
+  /// timeline and branches (immutable log data) while another process may be writing it (`strata
+  /// serve`). The head is whatever recovery found in the file at that moment, possibly behind
+  /// the writer's: do not rely on it.
+  public static func openForViews(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
+    var options = options
+    options.readOnly = true
+    options.unlocked = true
+    return try open(path: path, options: options)
+  }
+
   /// The file path the image was opened from (nil for other storage).
   var path: String? { (storage as? FileStorage)?.path }
 

@@ -131,8 +131,9 @@ extension CLITests {
 
   #if canImport(Glibc)
     /// While another process holds the image's writer lock (as `strata serve` does), its
-    /// branches can still be made from a snapshot, read, written and mapped: they read only the
-    /// snapshot's immutable log data. A branch at a point needs the image for writing.
+    /// branches can still be made from a snapshot, read, written, mapped and diffed with its
+    /// snapshots: they read only immutable log data. A branch at a point needs the image for
+    /// writing, a diff with the head needs the head.
     @Test func branchesWorkWhileTheImageIsInUse() throws {
       let box = try Sandbox()
       try box.ok(["create", "disk.strata", "--size", "1M"])
@@ -149,6 +150,10 @@ extension CLITests {
       #expect(try box.ok(["read", "disk.strata", "--branch", "b", "--length", "8192"]).stdout == Data(first))
       try box.ok(["write", "disk.strata", "--branch", "b", "--input", "first", "--offset", "64K"])
       try box.ok(["map", "disk.strata", "--branch", "b"])
+      let diff = try #require(
+        try box.json(["diff", "disk.strata", "s", "branch/b", "--output", "json"]) as? [[String: Any]])
+      #expect(diff.count == 1 && diff[0]["offset"] as? Int == 65536 && diff[0]["length"] as? Int == 8192, "\(diff)")
+      try box.fails(["diff", "disk.strata", "branch/b", "head"], status: 1, mentioning: ["in use"])
       try box.ok(["branch", "list", "disk.strata"])
       try box.fails(["clone", "disk.strata", "--at", "1", "--name", "c"], status: 1, mentioning: ["in use"])
       _ = flock(fd, LOCK_UN)

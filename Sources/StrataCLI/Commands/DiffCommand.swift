@@ -13,7 +13,8 @@ struct DiffCommand: ParsableCommand {
       changed. This is what an incremental backup from FROM to TO must copy. Between a branch \
       and another point, the ranges are those the branch wrote itself plus those that differ \
       between the snapshot it is based on and that point. With --branch, the points are those \
-      of that branch (its head, its snapshots, its timeline, its own branches).
+      of that branch (its head, its snapshots, its timeline, its own branches). Unless FROM or \
+      TO is the head, this works while the image is served (only immutable log data is read).
 
       Examples:
         strata diff vm.strata nightly
@@ -38,7 +39,14 @@ struct DiffCommand: ParsableCommand {
   func run() throws {
     try runReportingErrors {
       let path = try branch.path(of: image)
-      let ranges = try ImageAccess.with(path, readOnly: true) { opened -> [DiffRange] in
+      // Without the head, only immutable log data is read: an image in use (served) will do.
+      let opened: StrataImage
+      do { opened = try ImageAccess.open(path, readOnly: true) } catch let e as FileError
+        where e.underlying.code == .locked && from != "head" && to != "head"
+      {
+        opened = try about(path) { try StrataImage.openForViews(path: path) }
+      }
+      let ranges = try ImageAccess.withOpened(opened, path: path) { opened -> [DiffRange] in
         var branches: [StrataImage] = []
         defer {
           for b in branches { try? b.close() }
