@@ -266,7 +266,15 @@ extension StrataImage {
     if point.ownedByBranch {
       var imageOptions = options
       imageOptions.readOnly = false
-      let opened = try open(path: imagePath, options: imageOptions)
+      let opened: StrataImage
+      do { opened = try open(path: imagePath, options: imageOptions) } catch let e as StrataError
+        where e.code == .locked
+      {
+        throw StrataError(
+          .locked,
+          "branch \"\(name)\" is deleted with its pin snapshot \"\(point.name)\", which needs \(imagePath) for "
+            + "writing: \(e.message)")
+      }
       let sharers: [String]
       do { sharers = try opened.branchPins()[point.seq] ?? [] } catch {
         try? opened.close()

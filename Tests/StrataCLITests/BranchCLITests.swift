@@ -141,6 +141,9 @@ extension CLITests {
       try box.write("first", first)
       try box.ok(["write", "disk.strata", "--input", "first"])
       try box.ok(["snapshot", "create", "disk.strata", "s"])
+      let points = try #require(try box.json(["timeline", "disk.strata", "--output", "json"]) as? [[String: Any]])
+      let flush = try #require(points.last { $0["kind"] as? String == "flush" }?["seq"] as? Int)
+      try box.ok(["clone", "disk.strata", "--at", String(flush), "--name", "p"])
       let fd = open(box.path("disk.strata"), O_RDONLY)
       try #require(fd >= 0)
       defer { close(fd) }
@@ -155,8 +158,13 @@ extension CLITests {
       #expect(diff.count == 1 && diff[0]["offset"] as? Int == 65536 && diff[0]["length"] as? Int == 8192, "\(diff)")
       try box.fails(["diff", "disk.strata", "branch/b", "head"], status: 1, mentioning: ["in use"])
       try box.ok(["branch", "list", "disk.strata"])
-      try box.fails(["clone", "disk.strata", "--at", "1", "--name", "c"], status: 1, mentioning: ["in use"])
+      try box.fails(["clone", "disk.strata", "--at", String(flush), "--name", "c"], status: 1, mentioning: ["in use"])
+      // Deleting a branch made at a point deletes its pin: that needs the image.
+      try box.fails(["branch", "delete", "disk.strata", "p"], status: 1, mentioning: ["pin", "in use"])
+      try box.ok(["read", "disk.strata", "--branch", "p", "--length", "1"])
       _ = flock(fd, LOCK_UN)
+      try box.ok(["branch", "delete", "disk.strata", "p"])
+      #expect(!(try box.ok(["snapshot", "list", "disk.strata"]).output.contains("branch:p")))
     }
   #endif
 }
