@@ -32,6 +32,7 @@ public struct StrataCommand: ParsableCommand {
       ConvertCommand.self,
       ResizeCommand.self,
       InspectCommand.self,
+      CompactCommand.self,
       CheckCommand.self,
       BenchCommand.self,
       ServeCommand.self,

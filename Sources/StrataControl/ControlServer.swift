@@ -11,6 +11,7 @@ import StrataCore
 ///     {"command":"snapshot","name":"x"}    -> {"ok":true,"snapshot":{"name":"x","seq":N,...}}
 ///     {"command":"resize","size":BYTES}    -> {"ok":true,"size":BYTES}   (grow only)
 ///     {"command":"flush"}                  -> {"ok":true}
+///     {"command":"compact"}                -> {"ok":true,"segments_freed":N,...}
 ///
 /// A failure is `{"ok":false,"error":"...","code":"..."}`; a malformed line gets one too and the
 /// connection stays open. Clients are served one at a time, in a thread of their own.
@@ -21,13 +22,17 @@ public final class ControlServer: @unchecked Sendable {
     public var status: @Sendable () -> [String: any Sendable]
     /// Called after the image grew, to tell the clients (the guest) about it.
     public var resized: @Sendable (UInt64) -> Void
+    /// The oldest point the cleaner must keep restorable (the protection window), if any.
+    public var retainFromSeq: @Sendable (StrataImage) throws -> UInt64?
 
     public init(
       status: @escaping @Sendable () -> [String: any Sendable] = { [:] },
-      resized: @escaping @Sendable (UInt64) -> Void = { _ in }
+      resized: @escaping @Sendable (UInt64) -> Void = { _ in },
+      retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
     ) {
       self.status = status
       self.resized = resized
+      self.retainFromSeq = retainFromSeq
     }
   }
 
@@ -185,8 +190,21 @@ public final class ControlServer: @unchecked Sendable {
       case "flush":
         try image.durably { _ in }
         return ["ok": true]
+      case "compact":
+        // A whole pass under the image lock: the guest waits for it (the background cleaner
+        // takes small steps instead).
+        let report = try image.with { img in
+          try img.compact(CompactOptions(retainFromSeq: try hooks.retainFromSeq(img)))
+        }
+        logger.info("control: compact freed \(report.segmentsFreed) segments")
+        return [
+          "ok": true, "segments_freed": report.segmentsFreed, "segments_pinned": report.segmentsPinned,
+          "blocks_copied": report.blocksCopied, "bytes_reclaimed": report.bytesReclaimed,
+          "bytes_punched": report.bytesPunched, "log_start_seq": report.logStartSeq,
+        ]
       default:
-        throw StrataError(.invalidArgument, "unknown command \"\(command)\" (status, snapshot, resize, flush)")
+        throw StrataError(
+          .invalidArgument, "unknown command \"\(command)\" (status, snapshot, resize, flush, compact)")
       }
     } catch let e as StrataError {
       return failure(e)

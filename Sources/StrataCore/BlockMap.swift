@@ -100,6 +100,24 @@ final class BlockMap {
     return node
   }
 
+  /// Makes node (level, index) dirty when the head stores it at `page`, so that the next
+  /// checkpoint writes it elsewhere (the cleaner empties a segment this way). False when the
+  /// head's node lives elsewhere, is dirty already, or does not exist.
+  func relocateNode(level: Int, index: UInt64, from page: UInt64) throws -> Bool {
+    guard level < depth, dirty[NodeKey(level: level, index: index)] == nil else { return false }
+    let ref: ChildRef
+    if level == depth - 1 {
+      guard index == 0 else { return false }
+      ref = root
+    } else {
+      guard case .node(let parent) = try resolve(level: level + 1, index: index >> 8) else { return false }
+      ref = parent.child(Int(index & 0xFF))
+    }
+    guard !ref.isNull, ref.page == page else { return false }
+    _ = try mutableNode(level: level, index: index)
+    return true
+  }
+
   /// Sets one block's entry and keeps the live accounting; returns the entry it replaced.
   @discardableResult
   func setEntry(_ block: UInt64, _ new: MapEntry) throws -> MapEntry {

@@ -130,6 +130,14 @@ final class Catalog {
     return e
   }
 
+  /// Copies the stored nodes whose pages `moves` selects, to be written elsewhere at the next
+  /// checkpoint (the cleaner). Returns how many nodes it copied.
+  func relocate(where moves: (UInt64) -> Bool) throws -> Int {
+    let copied = try bySeq.relocate(where: moves) + byName.relocate(where: moves)
+    if copied > 0 { isDirty = true }
+    return copied
+  }
+
   /// Writes the changed nodes of both trees through `write` (kind, page bytes → reference) and
   /// returns what the checkpoint stores. An empty catalog is stored flat (no pages), so images
   /// without snapshots stay readable by version-1 readers.

@@ -357,6 +357,44 @@ final class CatalogTree<Item: CatalogItem> {
     n.removeChild(at: left + 1)
   }
 
+  /// Copies every stored node whose page `moves` says must move (and the path to it), so that
+  /// the next checkpoint writes them elsewhere: the cleaner empties a segment this way. Reads
+  /// the whole tree. Returns how many nodes it copied.
+  func relocate(where moves: (UInt64) -> Bool) throws -> Int {
+    guard let root else { return 0 }
+    var copied = 0
+    if let moved = try relocate(root, level: nil, firstKey: nil, moves, &copied) { self.root = moved }
+    return copied
+  }
+
+  /// A dirty replacement for `link` when it or a node under it moved, else nil (a dirty node
+  /// is changed in place: its parent is dirty too and already points at it).
+  private func relocate(
+    _ link: Node.Link, level: Int?, firstKey: Item.Key?, _ moves: (UInt64) -> Bool, _ copied: inout Int
+  ) throws -> Node.Link? {
+    let n = try node(link, level: level, firstKey: firstKey)
+    var target: Node?
+    if case .dirty = link { target = n }
+    func copy() -> Node {
+      let c = n.copy()
+      dirtyNodes += 1
+      copied += 1
+      return c
+    }
+    if case .stored(let ref) = link, moves(ref.page) { target = copy() }
+    if n.level > 0 {
+      for i in n.keys.indices {
+        guard let moved = try relocate(n.links[i], level: n.level - 1, firstKey: n.keys[i], moves, &copied) else {
+          continue
+        }
+        if target == nil { target = copy() }
+        target?.links[i] = moved
+      }
+    }
+    if case .dirty = link { return nil }
+    return target.map { .dirty($0) }
+  }
+
   // MARK: Checkpoint
 
   /// Writes every dirty node bottom-up through `write` (which stores a page and returns its

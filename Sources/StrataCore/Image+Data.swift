@@ -94,7 +94,7 @@ extension StrataImage {
   }
 
   /// Appends whole blocks; all-zero blocks become ZERO operations and store nothing.
-  private func writeBlocks(_ first: UInt64, _ bytes: UnsafeRawBufferPointer, count: Int) throws {
+  func writeBlocks(_ first: UInt64, _ bytes: UnsafeRawBufferPointer, count: Int) throws {
     guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
     precondition(bytes.count == count * geometry.blockSize)
     let bs = geometry.blockSize

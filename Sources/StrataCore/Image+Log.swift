@@ -16,6 +16,7 @@ struct LoadedCheckpoint {
   var catalog: Catalog
   var page: UInt64
   var seq: UInt64
+  var logStart: UInt64 = 0
 
   static func load(_ stored: StoredRecord, pages: PageReader) throws -> LoadedCheckpoint {
     guard case .checkpoint(let body) = stored.record.ops.last else {
@@ -53,7 +54,7 @@ struct LoadedCheckpoint {
     return LoadedCheckpoint(
       virtualSize: body.virtualSize, map: map,
       usage: UsageTable(geometry: g, entries: entries, pageRefs: body.usagePages), catalog: catalog,
-      page: stored.page, seq: stored.header.seq)
+      page: stored.page, seq: stored.header.seq, logStart: body.logStart)
   }
 }
 
@@ -188,6 +189,8 @@ extension StrataImage {
     do {
       let end = try image.replay(after: stored)
       image.recoveredEnd = end
+      // Free segments in a durable checkpoint may take the log (section 15, the cleaner).
+      image.reclaim.reusable = image.usage.freeSegments
       if !options.readOnly {
         image.startWriter(at: end)
         try image.checkpointIfDue()  // a long replayed tail: bound the dirty map right away
@@ -269,12 +272,17 @@ extension StrataImage {
       catalog = state.catalog
       lastCheckpointPage = state.page
       lastCheckpointSeq = state.seq
+      logStart = state.logStart
     case .seal(let next):
       let local = geometry.pageInSegment(record.page) + record.header.totalPages
-      guard Int(clamping: next) == usage.segmentCount else {
-        throw StrataError(.corrupt, "seal at seq \(seq) continues in segment \(next), expected \(usage.segmentCount)")
+      let reuses = next < UInt64(usage.segmentCount) && usage.entries[Int(next)].isFree
+      guard next == UInt64(usage.segmentCount) || reuses else {
+        throw StrataError(
+          .corrupt,
+          "seal at seq \(seq) continues in segment \(next), which is neither free nor the next new one (\(usage.segmentCount))"
+        )
       }
-      _ = applySeal(segment: geometry.segment(ofPage: record.page), writtenPages: local, seq: seq)
+      _ = applySeal(segment: geometry.segment(ofPage: record.page), writtenPages: local, seq: seq, next: Int(next))
     default:
       try apply(op, seq: seq, payloadPage: payloadPage, timestamp: record.header.timestampNanoseconds)
     }
@@ -359,10 +367,15 @@ extension StrataImage {
     }
   }
 
-  /// Seals `segment` and allocates the next one (append-only allocation in version 1).
-  func applySeal(segment: Int, writtenPages: Int, seq: UInt64) -> Int {
+  /// Seals `segment` and opens the next one: `next` when replaying a SEAL, else a free segment
+  /// the cleaner released (lowest first) or a new one at the end.
+  func applySeal(segment: Int, writtenPages: Int, seq: UInt64, next: Int? = nil) -> Int {
     usage.seal(segment: segment, writtenPages: writtenPages, seq: seq)
-    return usage.appendSegment()
+    let chosen = next ?? reclaim.takeReusable()
+    guard let chosen, chosen < usage.segmentCount else { return usage.appendSegment() }
+    reclaim.reusable.removeAll { $0 == chosen }
+    usage.reopen(chosen)
+    return chosen
   }
 
   // MARK: Views
@@ -446,7 +459,7 @@ extension StrataImage {
       virtualSize: virtualSize, blockSize: UInt32(geometry.blockSize), mapDepth: UInt8(map.depth), root: map.root,
       dataBlocks: map.dataBlocks, previousCheckpoint: lastCheckpointPage, segmentCount: UInt64(usage.segmentCount),
       snapshotCount: UInt64(catalog.count), usagePages: usage.pageRefs, catalogPages: catalog.stored.refs,
-      catalogFormat: catalog.stored.format)
+      catalogFormat: catalog.stored.format, logStart: logStart)
   }
 
   /// Sets the catalog-tree incompatible bit in a superblock that still names the last durable

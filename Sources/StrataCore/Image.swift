@@ -21,6 +21,10 @@ public final class StrataImage {
   var catalog: Catalog
   var lastCheckpointPage: UInt64
   var lastCheckpointSeq: UInt64
+  /// The oldest checkpoint from which the log is whole (0: since creation); see `compact`.
+  var logStart: UInt64
+  /// Segments the cleaner freed, and reads that may still target them.
+  let reclaim = Reclaim()
 
   /// Appends to the log; nil when read-only and while recovery replays the log.
   private(set) var writer: LogWriter?
@@ -56,6 +60,7 @@ public final class StrataImage {
     self.catalog = state.catalog
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
+    self.logStart = state.logStart
     self.scratch = ImageScratch(
       blockSize: pages.geometry.blockSize, maxBlocksPerWrite: LogWriter.maxBlocksPerWrite(pages.geometry))
     map.accounting = usage
@@ -131,8 +136,13 @@ public final class StrataImage {
     }
     if writer != nil && changedSinceCheckpoint { try checkpoint() }
     if let writer {
-      // Space allocated ahead of the log end holds nothing: give it back.
-      let end = max(Geometry.byteOffset(ofPage: writer.position), geometry.dataOffset)
+      // Space allocated ahead of the log end holds nothing: give it back. The log may end in a
+      // reused segment below the last one, which then bounds the file.
+      let last = usage.segmentCount - 1
+      let end =
+        writer.segment == last
+        ? max(Geometry.byteOffset(ofPage: writer.position), geometry.dataOffset)
+        : Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: last + 1))
       if try storage.size() > end { try storage.setSize(end) }
     }
   }

@@ -92,7 +92,8 @@ public struct InspectReport: Codable, Sendable {
 }
 
 extension StrataImage {
-  /// Walks the whole log from its first record; keeps the last `recordLimit` records.
+  /// Walks the whole log from its first record (or its start, after cleaning); keeps the last
+  /// `recordLimit` records.
   public func inspect(recordLimit: Int = 100) throws -> InspectReport {
     try checkOpen()
     writer?.closeRecord()
@@ -107,14 +108,14 @@ extension StrataImage {
           virtualSize: body.virtualSize, mapDepth: Int(body.mapDepth), rootPage: body.root.page,
           dataBlocks: body.dataBlocks, segments: body.segmentCount, snapshots: body.snapshotCount,
           previousCheckpointPage: body.previousCheckpoint))
-      page = body.previousCheckpoint
+      page = page == logStart ? 0 : body.previousCheckpoint
     }
     let openSegment = writer?.segment ?? recoveredEnd.segment
     let openFill = writer?.tailPage ?? recoveredEnd.page
     let segments = usage.entries.enumerated().map { i, e in
       let open = i == openSegment
       return InspectReport.Segment(
-        index: i, state: open ? "open" : "sealed",
+        index: i, state: open ? "open" : (e.isFree ? "free" : "sealed"),
         fileOffset: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: i)),
         liveBytes: UInt64(e.livePages) * UInt64(Layout.pageSize),
         filledBytes: UInt64(open ? openFill : Int(e.writtenPages)) * UInt64(Layout.pageSize),
@@ -122,8 +123,9 @@ extension StrataImage {
     }
     var records: [InspectReport.Record] = []
     var total = 0
-    var current = try pages.record(at: geometry.firstPage(ofSegment: 0))
-    if let first = current,
+    // From the first record, or from the log start once the cleaner reclaimed what came before.
+    var current = try pages.record(at: logStart != 0 ? logStart : geometry.firstPage(ofSegment: 0))
+    if logStart == 0, let first = current,
       first.header.seq != 1 || first.header.previousChecksum != CRC32C.checksum(superblock.imageID)
     {
       current = nil

@@ -111,6 +111,9 @@ final class LogWriter {
   deinit { buffers.forEach { $0.deallocate() } }
 
   var pendingPages: Int { tailPage - writtenPages }
+  /// The segment sealed last: its buffer may still be written again after a failed sync, so
+  /// the cleaner leaves it alone.
+  var previousSegment: Int? { previous?.segment }
   var pagesLeft: Int { geometry.pagesPerSegment - tailPage - 1 }  // one page stays for the SEAL
   var position: UInt64 { geometry.firstPage(ofSegment: segment) + UInt64(tailPage) }
 
@@ -289,6 +292,7 @@ final class LogWriter {
       throw error
     }
     unfinishedSeal = nil
+    allocatedTo = 0  // the next segment may lie anywhere in the file (a reused one, lower)
     previous = (segment, bufferedFrom, tailPage, syncedPages, storage.writeMark)
     rewritePrevious = false
     current ^= 1

@@ -23,9 +23,10 @@ public struct QueueCompletion {
 ///
 /// A queue made from a `SharedImage` takes the image lock only for what touches the image (map
 /// lookups, log appends, flushes); its reads run and complete outside it, so queues on several
-/// threads overlap their I/O. Stored pages are never rewritten in place (the log only appends),
-/// so a read planned under the lock stays valid after it is released; the checksum check on
-/// completion would catch it if that ever changed.
+/// threads overlap their I/O. A read planned under the lock stays valid after it is released:
+/// the log rewrites a page only in a segment the cleaner freed, and a freed segment waits until
+/// no read planned before it was freed is in flight (`Reclaim`); the checksum check on
+/// completion would catch it if that ever failed.
 public final class ImageQueue {
   public let depth: Int
   public let engineDescription: String
@@ -49,6 +50,8 @@ public final class ImageQueue {
     var checkCount = 0
     var pieceLengths: UnsafeMutablePointer<Int32>
     var bounce: UnsafeMutableRawBufferPointer
+    /// The cleaner's epoch when the read was planned (0: no engine read in flight).
+    var epoch: UInt64 = 0
   }
 
   private let image: StrataImage
@@ -62,6 +65,8 @@ public final class ImageQueue {
   private let engineCompletions: UnsafeMutableBufferPointer<IOCompletion>
   private let registered: [UnsafeMutableRawBufferPointer]
   private var closed = false
+  /// Which cleaner epochs this queue's reads come from (see `Reclaim`).
+  private let epochs = ReadEpochs()
 
   /// Requests larger than this are served synchronously (virtio-blk and NBD limits are lower).
   public static let maxRequestBytes = 4 << 20
@@ -129,6 +134,7 @@ public final class ImageQueue {
     }
     freeSlots = Array((0..<depth).reversed())
     ready.reserveCapacity(depth)
+    if let shared { shared.with { $0.reclaim.register(epochs) } } else { image.reclaim.register(epochs) }
   }
 
   deinit {
@@ -146,6 +152,7 @@ public final class ImageQueue {
   public func close() {
     precondition(!closed)
     engine.close()
+    epochs.reset()
     closed = true
   }
 
@@ -161,6 +168,10 @@ public final class ImageQueue {
   }
 
   private func completeNow(_ slot: Int, _ error: StrataError?) {
+    if slots[slot].epoch != 0 {
+      epochs.end(slots[slot].epoch)
+      slots[slot].epoch = 0
+    }
     ready.append(QueueCompletion(tag: slots[slot].tag, error: error))
     freeSlots.append(slot)
   }
@@ -239,6 +250,8 @@ public final class ImageQueue {
           }
           position += UInt64(b.count)
         }
+        // Published before the lock is released: the cleaner then keeps what this reads.
+        if pieces > 0 { slots[s].epoch = epochs.begin(image.reclaim.epoch) }
       }
       guard pieces > 0 else { return try finish(s) }
       slots[s].piecesLeft = pieces

@@ -35,6 +35,9 @@ public protocol ImageStorage: AnyObject {
   /// Reserves space for a range about to be written (a new log segment), so that the writes
   /// neither extend the file nor fail half-way for lack of space.
   func preallocate(at offset: UInt64, length: UInt64) throws
+  /// Gives the space of a byte range back to the file system (the file keeps its size; what
+  /// the range then reads is unspecified): the cleaner shrinks the image in `du` this way.
+  func punchHole(at offset: UInt64, length: UInt64) throws
   /// A write and a sync that another thread may run while the image's thread keeps using the
   /// storage (group commit writes and syncs outside the image lock); nil when the storage
   /// cannot, and the caller then does both under its lock.
@@ -57,6 +60,8 @@ public struct AnyThreadIO: Sendable {
 }
 
 extension ImageStorage {
+  /// Storage that cannot give space back keeps it (the log reuses it all the same).
+  public func punchHole(at offset: UInt64, length: UInt64) throws {}
   public func submitWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(bytes, at: offset) }
   public var anyThreadIO: AnyThreadIO? { nil }
   public func completeWrites() throws {}
@@ -357,6 +362,14 @@ public final class FileStorage: ImageStorage {
       let e = Glibc.errno
       if e == EOPNOTSUPP || e == ENOSYS { return }  // a file system without fallocate: plain appends
       throw StrataError.system("fallocate", path, errno: e)
+    }
+  }
+
+  public func punchHole(at offset: UInt64, length: UInt64) throws {
+    if Self.retrying({ strata_punch_hole(fd, off_t(offset), off_t(length)) }) != 0 {
+      let e = Glibc.errno
+      if e == EOPNOTSUPP || e == ENOSYS { return }  // the space stays allocated; the log reuses it
+      throw StrataError.system("fallocate(PUNCH_HOLE)", path, errno: e)
     }
   }
 

@@ -17,16 +17,26 @@ public struct TimelinePoint: Equatable, Sendable {
 
 /// Point-in-time access. The log keeps every operation and every checkpoint links to the one
 /// before it, so any point can be rebuilt: the last checkpoint before it plus the log replayed
-/// up to it (what a snapshot view does). Retention is the cleaner's business: until it reclaims
-/// a segment, every point since the image was created stays reachable.
+/// up to it (what a snapshot view does). Retention is the cleaner's business: every point
+/// from the log start on stays reachable, and `compact` moves the log start forward only past
+/// points that no snapshot and no continuous-protection window retains.
 extension StrataImage {
   /// Restorable points, oldest first, from `since` (a seq) on, at most `limit` of them.
-  /// Reads the log from the last checkpoint before `since`.
+  /// Reads the log from the last checkpoint before `since`; snapshots older than the log start
+  /// (the cleaner reclaimed the log around them) come from the catalog.
   public func timeline(since: UInt64 = 0, limit: Int = .max) throws -> [TimelinePoint] {
     try checkOpen()
     writer?.closeRecord()
-    var points: [TimelinePoint] = []
-    var current = try pages.record(at: try checkpoint(before: since + 1, orOldest: true).page)
+    let start = try checkpoint(before: since + 1, orOldest: true).page
+    guard let first = try pages.record(at: start) else {
+      throw StrataError(.corrupt, "the checkpoint at page \(start) cannot be read")
+    }
+    var points = try catalog.entries(after: since == 0 ? 0 : since - 1, limit: limit).prefix {
+      $0.seq < first.header.seq
+    }.map {
+      TimelinePoint(seq: $0.seq, timestampNanoseconds: $0.timestampNanoseconds, kind: .snapshot, name: $0.name)
+    }
+    var current: StoredRecord? = first
     while let stored = current, points.count < limit {
       var seq = stored.header.seq
       for op in stored.record.ops where points.count < limit {
@@ -99,7 +109,8 @@ extension StrataImage {
       }
       if stored.header.seq < seq { return (page, stored.header.timestampNanoseconds) }
       oldest = (page, stored.header.timestampNanoseconds)
-      page = body.previousCheckpoint
+      // The cleaner may have reclaimed the log before its start.
+      page = page == logStart ? 0 : body.previousCheckpoint
     }
     if orOldest, let oldest { return oldest }
     throw StrataError(.notFound, "no checkpoint precedes seq \(seq): that point is not retained")

@@ -22,6 +22,9 @@ final class UsageTable: LiveAccounting {
 
   private func touch(_ segment: Int) { dirtyPages.insert(segment / SegmentUsage.perPage) }
 
+  /// Usage page `index` is written again at the next checkpoint (the cleaner moves it).
+  func touchPage(_ index: Int) { dirtyPages.insert(index) }
+
   func acquire(page: UInt64, count: Int) {
     let s = geometry.segment(ofPage: page)
     precondition(s < entries.count, "page \(page) lies in unallocated segment \(s)")
@@ -36,13 +39,33 @@ final class UsageTable: LiveAccounting {
     touch(s)
   }
 
-  /// A new segment joins the log (append-only allocation in format version 1).
+  /// A new segment joins the log at the end of the segment area.
   func appendSegment() -> Int {
     entries.append(SegmentUsage())
     if pageRefs.count < Self.pageCount(entries.count) { pageRefs.append(.null) }
     touch(entries.count - 1)
     return entries.count - 1
   }
+
+  /// A segment the cleaner freed continues the log (SEGMENT_REUSE): open again, empty.
+  func reopen(_ segment: Int) {
+    precondition(entries[segment].isFree, "segment \(segment) is not free")
+    entries[segment] = SegmentUsage()
+    touch(segment)
+  }
+
+  /// The cleaner emptied `segment`: nothing references it any more.
+  func markFree(_ segment: Int) {
+    precondition(entries[segment].isSealed && entries[segment].livePages == 0, "segment \(segment) is not reclaimable")
+    entries[segment] = .free
+    touch(segment)
+  }
+
+  /// Segments marked free, lowest first.
+  var freeSegments: [Int] { entries.indices.filter { entries[$0].isFree } }
+
+  /// Pages of the segment area the log occupies (sealed segments' fill; free ones hold nothing).
+  var writtenPagesTotal: UInt64 { entries.reduce(0) { $0 + UInt64($1.isFree ? 0 : $1.writtenPages) } }
 
   func seal(segment: Int, writtenPages: Int, seq: UInt64) {
     entries[segment].writtenPages = UInt32(writtenPages)

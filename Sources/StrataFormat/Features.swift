@@ -19,10 +19,13 @@ public struct FeatureSet: Equatable, Sendable {
   public static let catalogTree: UInt64 = 1 << 2
   /// Blocks this image never wrote are read from a parent image (page 2 names it).
   public static let backingFile: UInt64 = 1 << 3
+  /// The cleaner reuses segments: a SEAL may continue the log in a segment the usage table marks
+  /// free, and checkpoints name where the retained log starts.
+  public static let segmentReuse: UInt64 = 1 << 4
 
   /// Incompatible bits this implementation understands. Bits 0 and 1 are reserved for
   /// compressed payloads and content-hash dedup.
-  public static let knownIncompatible: UInt64 = catalogTree | backingFile
+  public static let knownIncompatible: UInt64 = catalogTree | backingFile | segmentReuse
   public static let knownCompatible: UInt64 = 0
   public static let knownAutoclear: UInt64 = 0
 

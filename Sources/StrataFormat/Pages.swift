@@ -185,6 +185,14 @@ public struct SegmentUsage: Equatable, Sendable {
   public static let encodedLength = 16
   public static let perPage = Layout.pageSize / encodedLength
 
+  /// `lastSeq` of a segment the cleaner freed (SEGMENT_REUSE): no seq reaches 2^64 − 1, so the
+  /// marker cannot be mistaken for a sealed segment.
+  public static let freeMarker = UInt64.max
+  public static let free = SegmentUsage(livePages: 0, writtenPages: 0, lastSeq: freeMarker)
+  public var isFree: Bool { lastSeq == Self.freeMarker }
+  /// Sealed and holding records (neither open nor free).
+  public var isSealed: Bool { lastSeq != 0 && !isFree }
+
   public static func encodePage(_ entries: ArraySlice<SegmentUsage>) -> [UInt8] {
     precondition(entries.count <= perPage)
     var w = ByteWriter(capacity: Layout.pageSize)

@@ -109,14 +109,19 @@ public struct CheckpointBody: Equatable, Sendable {
   /// (`catalogFormat` 1).
   public var catalogPages: [PageRef]
   public var catalogFormat: CatalogFormat
+  /// Page address of the oldest checkpoint record from which the log is still whole: every
+  /// record from it to this one is retained, what came before may have been reclaimed by the
+  /// cleaner (segment reuse). 0: nothing was ever reclaimed, the log is whole from its start.
+  public var logStart: UInt64 = 0
 
   public init(
     virtualSize: UInt64, blockSize: UInt32, mapDepth: UInt8, root: ChildRef, dataBlocks: UInt64,
     previousCheckpoint: UInt64,
     segmentCount: UInt64, snapshotCount: UInt64, usagePages: [PageRef], catalogPages: [PageRef],
-    catalogFormat: CatalogFormat = .flat
+    catalogFormat: CatalogFormat = .flat, logStart: UInt64 = 0
   ) {
     self.catalogFormat = catalogFormat
+    self.logStart = logStart
     self.virtualSize = virtualSize
     self.blockSize = blockSize
     self.mapDepth = mapDepth
@@ -129,7 +134,9 @@ public struct CheckpointBody: Equatable, Sendable {
     self.catalogPages = catalogPages
   }
 
-  var encodedLength: Int { 72 + 16 * (usagePages.count + catalogPages.count) }
+  /// The log-start extension (16 bytes after the page lists) is written only when set, so that
+  /// images that never reclaimed anything keep the version-1 layout byte for byte.
+  var encodedLength: Int { 72 + 16 * (usagePages.count + catalogPages.count) + (logStart != 0 ? 16 : 0) }
 }
 
 /// An operation of a log record. Sequence numbers are implicit (record seq + index).
@@ -257,6 +264,10 @@ public enum LogOp: Equatable, Sendable {
       w.u32(UInt32(b.catalogPages.count))
       for ref in b.usagePages { ref.encode(into: &w) }
       for ref in b.catalogPages { ref.encode(into: &w) }
+      if b.logStart != 0 {
+        w.u64(b.logStart)
+        w.u64(0)
+      }
     }
     w.align(to: 8)
     assert(w.count - start == encodedLength)
@@ -369,12 +380,18 @@ public enum LogOp: Equatable, Sendable {
       guard format == .flat || (catalogCount == 2 && snapshotCount > 0) else {
         throw FormatError(.invalidField, name, "a catalog tree needs 2 roots and a snapshot, got \(catalogCount)")
       }
-      op = .checkpoint(
-        CheckpointBody(
-          virtualSize: size, blockSize: blockSize, mapDepth: depth, root: root, dataBlocks: dataBlocks,
-          previousCheckpoint: previous,
-          segmentCount: segmentCount, snapshotCount: snapshotCount, usagePages: usage, catalogPages: catalog,
-          catalogFormat: format))
+      var checkpoint = CheckpointBody(
+        virtualSize: size, blockSize: blockSize, mapDepth: depth, root: root, dataBlocks: dataBlocks,
+        previousCheckpoint: previous,
+        segmentCount: segmentCount, snapshotCount: snapshotCount, usagePages: usage, catalogPages: catalog,
+        catalogFormat: format)
+      if body.remaining >= 16 {
+        checkpoint.logStart = try body.u64()
+        guard checkpoint.logStart <= Layout.maxPageAddress else {
+          throw FormatError(.invalidField, name, "log start \(checkpoint.logStart) is not a page address")
+        }
+      }
+      op = .checkpoint(checkpoint)
     }
     return op
   }

@@ -328,6 +328,31 @@ struct CLITests {
     try box.ok(["check", "disk.strata"])
   }
 
+  @Test func compactReclaimsAndKeepsSnapshots() throws {
+    let box = try Sandbox()
+    try box.ok(["create", "disk.strata", "--size", "4M", "--segment-size", "1M"])
+    let first = randomBytes(4 << 20, seed: 8)
+    try box.write("first", first)
+    try box.ok(["write", "disk.strata", "--input", "first"])
+    try box.ok(["snapshot", "create", "disk.strata", "one"])
+    var last = first
+    for round in 0..<4 {
+      last = randomBytes(4 << 20, seed: 20 + UInt64(round))
+      try box.write("next", last)
+      try box.ok(["write", "disk.strata", "--input", "next"])
+    }
+    let report = try #require(try box.json(["compact", "disk.strata", "--output", "json"]) as? [String: Any])
+    #expect((report["segments_freed"] as? Int ?? 0) > 0, "\(report)")
+    #expect((report["disk_usage_after"] as? Int ?? .max) < (report["disk_usage_before"] as? Int ?? 0), "\(report)")
+    let human = try box.ok(["compact", "disk.strata"]).output
+    #expect(human.contains("timeline is whole from seq"), "\(human)")
+    #expect(try box.ok(["read", "disk.strata", "--length", "4M"]).stdout == Data(last))
+    #expect(try box.ok(["read", "disk.strata", "--length", "4M", "--snapshot", "one"]).stdout == Data(first))
+    try box.ok(["check", "disk.strata"])
+    try box.fails(["compact", "disk.strata", "--max-live", "150"], status: 64, mentioning: ["between 0 and 100"])
+    try box.fails(["compact", "missing.strata"], status: 1, mentioning: ["missing.strata"])
+  }
+
   @Test func mapShowsDataZeroAndUnallocated() throws {
     let box = try Sandbox()
     try box.ok(["create", "disk.strata", "--size", "1M"])

@@ -103,6 +103,47 @@ import VhostProtocol
     #expect(access(control, F_OK) != 0)
   }
 
+  /// While the guest overwrites its disk, the background cleaner frees segments (reported in
+  /// `status`), the guest reads back what it wrote, and `compact --control` runs a whole pass.
+  @Test func backgroundCleanerReclaimsWhileServing() throws {
+    let control = "/tmp/strata-control-\(UUID().uuidString.prefix(8)).sock"
+    defer { unlink(control) }
+    let size = 16 << 20
+    try withServer(size: UInt64(size), arguments: ["--control", control]) { s in
+      let c = try s.client(ServeProcess.options(queues: 1))
+      defer { c.shutdown() }
+      let chunk = 64 << 10
+      var expected = [[UInt8]](repeating: [], count: size / chunk)
+      var freed = 0
+      var round: UInt64 = 0
+      let deadline = Date().addingTimeInterval(60)
+      while freed == 0 && Date() < deadline {
+        round += 1
+        for i in 0..<expected.count {
+          let data = pattern(chunk, seed: round << 16 | UInt64(i))
+          #expect(try c.perform(.write(sector: UInt64(i * chunk / 512), data: data)).isOK)
+          expected[i] = data
+        }
+        let status = try ControlClient.request(["command": "status"], path: control)
+        freed = (status["cleaner"] as? [String: Any])?["segments_freed"] as? Int ?? 0
+      }
+      #expect(freed > 0, "the background cleaner freed nothing after \(round) overwrites of the disk")
+      for (i, data) in expected.enumerated() {
+        let r = try c.perform(.read(sector: UInt64(i * chunk / 512), length: chunk))
+        #expect(r.isOK && r.data == data, "chunk \(i)")
+      }
+      let pass = try s.strata(["compact", s.image, "--control", control, "--output", "json"])
+      #expect(pass.succeeded, "compact --control: \(pass.stderr)")
+      #expect(String(decoding: pass.stdout, as: UTF8.self).contains("segments_freed"))
+      for (i, data) in expected.enumerated() {
+        #expect(try c.perform(.read(sector: UInt64(i * chunk / 512), length: chunk)).data == data, "chunk \(i)")
+      }
+      s.stop()
+      let check = try s.strata(["check", s.image])
+      #expect(check.succeeded, "check after serving: \(check.stderr)")
+    }
+  }
+
   /// `--snapshot-every` takes auto- snapshots while the guest writes and keeps the newest two;
   /// after the server stops, `snapshot prune` and `timeline` see them.
   @Test func periodicSnapshotsWithRetention() throws {

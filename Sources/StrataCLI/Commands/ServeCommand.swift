@@ -79,6 +79,9 @@ struct ServeCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Keep only the newest N auto snapshots (0: keep all).", valueName: "n"))
   var snapshotKeep = 0
 
+  @Flag(help: "Do not reclaim overwritten space in the background (strata compact does it on demand).")
+  var noClean = false
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
   var logLevel = Logger.Level.info
 
@@ -128,6 +131,9 @@ struct ServeCommand: ParsableCommand {
         let nbdServer = try nbdOptions.map {
           try NBDServer(image: shared, options: $0, logger: logger, stopOnSignals: vhost == nil)
         }
+        let cleaner = readOnly || noClean ? nil : BackgroundCleaner(image: shared, logger: logger)
+        cleaner?.start()
+        defer { cleaner?.stop() }
         let controlServer = try control.map { path in
           try ControlServer(
             path: path, image: shared,
@@ -136,6 +142,13 @@ struct ServeCommand: ParsableCommand {
                 var status: [String: any Sendable] = [:]
                 if let vhost { status["vhost"] = Self.status(of: vhost) }
                 if let nbdServer { status["nbd"] = ["connections": nbdServer.connectionCount] }
+                if let t = cleaner?.totals {
+                  status["cleaner"] = [
+                    "passes": t.passes as any Sendable, "segments_freed": t.segmentsFreed,
+                    "blocks_copied": t.blocksCopied,
+                    "bytes_reclaimed": t.bytesReclaimed,
+                  ]
+                }
                 return status
               },
               // NBD has no way to tell a connected client; new connections see the new size.

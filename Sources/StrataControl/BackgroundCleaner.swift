@@ -1,0 +1,100 @@
+import CStrataLinux
+import Foundation
+import Logging
+import StrataCore
+
+/// The cleaner of a served image: small passes in the background, under the image lock, when
+/// enough of the log is garbage. Each pass frees at most a few segments, so the guest's I/O
+/// waits at most one pass; a pass that frees nothing (what is left is pinned by snapshots or
+/// the protection window, or too full to be worth copying) backs off.
+public final class BackgroundCleaner: @unchecked Sendable {
+  /// What the cleaner did since the server started (the control socket's `status`).
+  public struct Totals: Sendable {
+    public var passes = 0
+    public var segmentsFreed = 0
+    public var blocksCopied = 0
+    public var bytesReclaimed: UInt64 = 0
+  }
+
+  let image: SharedImage
+  let logger: Logger
+  /// A pass starts when garbage is at least this share of the sealed log…
+  let triggerRatio: Double
+  /// …and at least this many bytes.
+  let triggerBytes: UInt64
+  let options: CompactOptions
+  let retainFromSeq: @Sendable (StrataImage) throws -> UInt64?
+  private var thread: WorkerThread?
+  private let lock = NSLock()
+  private var totalsValue = Totals()
+
+  public init(
+    image: SharedImage, logger: Logger, triggerRatio: Double = 0.25, triggerBytes: UInt64 = 64 << 20,
+    options: CompactOptions = CompactOptions(maxSegments: 4, maxLiveRatio: 0.75, keepAllocated: 8),
+    retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
+  ) {
+    self.image = image
+    self.logger = logger
+    self.triggerRatio = triggerRatio
+    self.triggerBytes = triggerBytes
+    self.options = options
+    self.retainFromSeq = retainFromSeq
+  }
+
+  public var totals: Totals { lock.withLock { totalsValue } }
+
+  public func start() {
+    let t = WorkerThread { [self] stopFd in run(stopFd) }
+    thread = t
+    t.start()
+  }
+
+  public func stop() {
+    thread?.stop()
+    thread = nil
+  }
+
+  static let minInterval: UInt64 = 250_000_000
+  static let maxInterval: UInt64 = 30_000_000_000
+
+  private func run(_ stopFd: Int32) {
+    var fds = [pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]
+    var interval = Self.minInterval
+    while true {
+      let r = poll(&fds, 1, Int32(clamping: interval / 1_000_000))
+      if r < 0 && errno == EINTR { continue }
+      if r != 0 { return }  // stopped (or poll failed: stop rather than spin)
+      do {
+        let report = try image.with { img -> CompactReport? in
+          let space = img.logSpace
+          guard space.garbageBytes >= triggerBytes,
+            Double(space.garbageBytes) >= triggerRatio * Double(space.sealedBytes)
+          else { return nil }
+          var pass = options
+          pass.retainFromSeq = try retainFromSeq(img)
+          return try img.compact(pass)
+        }
+        guard let report else {
+          interval = Self.minInterval
+          continue
+        }
+        lock.withLock {
+          totalsValue.passes += 1
+          totalsValue.segmentsFreed += report.segmentsFreed
+          totalsValue.blocksCopied += report.blocksCopied
+          totalsValue.bytesReclaimed += report.bytesReclaimed
+        }
+        if report.segmentsFreed > 0 {
+          logger.debug(
+            "cleaner freed \(report.segmentsFreed) segments, copied \(report.blocksCopied) blocks")
+          interval = Self.minInterval
+        } else {
+          interval = min(interval * 2, Self.maxInterval)
+        }
+      } catch {
+        logger.error("cleaner pass failed: \(error)")
+        interval = Self.maxInterval
+      }
+    }
+  }
+}
