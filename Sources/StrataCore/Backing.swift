@@ -141,7 +141,17 @@ extension StrataImage {
     parentOptions.backingDepth = depth
     let resolved = parentPath.hasPrefix("/") ? parentPath : directory(of: childPath) + "/" + parentPath
     do {
-      return try open(path: resolved, options: parentOptions)
+      // Read without the lock, the file may change under recovery (the writer checkpoints, the
+      // cleaner reuses a segment the superblock read a moment ago named): that looks like
+      // damage and passes on the next try.
+      var attempt = 1
+      while true {
+        do { return try open(path: resolved, options: parentOptions) } catch let e as StrataError
+          where e.code == .corrupt && !locked && attempt < 3
+        {
+          attempt += 1
+        }
+      }
     } catch let e as StrataError where e.code == .notFound {
       throw StrataError(.notFound, "backing file \(resolved) not found (named \(parentPath) in \(childPath))")
     }

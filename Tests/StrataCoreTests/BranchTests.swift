@@ -252,3 +252,40 @@ private func parentWithSnapshot(_ dir: String) throws -> (path: String, atSnapsh
   try StrataImage.deleteBranch(of: path, name: "b")
   #expect(try StrataImage.branches(of: path).isEmpty)
 }
+
+/// The cleaner keeps what a branch reads: its snapshot is a retained point, so compacting the
+/// parent (open for writing at the same time) frees and reuses other segments while the branch,
+/// open throughout and opened anew, still reads the snapshot.
+@Test func aBranchSurvivesCompactionOfItsParent() throws {
+  let dir = temporaryDirectory()
+  let path = dir + "/vm.strata"
+  var options = ImageOptions()
+  options.segmentSize = Layout.minSegmentSize
+  options.checkpointIntervalPages = 512
+  let size = 2 * mib
+  let parent = try StrataImage.create(path: path, virtualSize: UInt64(size), options: options, overwrite: true)
+  let original = pattern(size, seed: 50)
+  try parent.write(original, at: 0)
+  try parent.createSnapshot(name: "s")
+  try parent.flush()
+  let branch = try StrataImage.createBranch(of: path, name: "b", snapshot: "s")
+  var freed = 0
+  for round in 0..<4 {
+    try parent.write(pattern(size, seed: UInt8(51 + round)), at: 0)
+    try parent.flush()
+    freed += try parent.compact().segmentsFreed
+    #expect(try branch.read(at: 0, count: size) == original, "round \(round)")
+  }
+  #expect(freed > 0, "the cleaner freed segments the snapshot does not need")
+  try branch.close()
+  try parent.write(pattern(size, seed: 60), at: 0)
+  try parent.flush()
+  do {
+    let again = try StrataImage.open(path: StrataImage.branchPath(of: path, name: "b"))
+    #expect(try again.read(at: 0, count: size) == original)
+    try again.close()
+  } catch {
+    Issue.record("opening the branch again while the parent is compacted: \(error)")
+  }
+  try parent.close()
+}
