@@ -146,11 +146,12 @@ extension StrataImage {
       // damage and passes on the next try.
       var attempt = 1
       while true {
-        do { return try open(path: resolved, options: parentOptions) } catch let e as StrataError
-          where e.code == .corrupt && !locked && attempt < 3
-        {
-          attempt += 1
-        }
+        do {
+          let parent = try open(path: resolved, options: parentOptions)
+          guard !locked, attempt < 3, !parent.recoveryProblems.isEmpty else { return parent }
+          try? parent.close()  // it fell back to an older checkpoint: try again
+        } catch let e as StrataError where e.code == .corrupt && !locked && attempt < 3 {}
+        attempt += 1
       }
     } catch let e as StrataError where e.code == .notFound {
       throw StrataError(.notFound, "backing file \(resolved) not found (named \(parentPath) in \(childPath))")
