@@ -194,6 +194,16 @@ public func strata_snapshot_delete(_ p: OpaquePointer?, _ name: UnsafePointer<CC
   }
 }
 
+@_cdecl("strata_compact")
+public func strata_compact(_ p: OpaquePointer?, _ maxSegments: UInt32, _ freed: UnsafeMutablePointer<UInt32>?) -> Int32
+{
+  call {
+    let options = CompactOptions(maxSegments: maxSegments == 0 ? .max : Int(maxSegments))
+    let report = try handle(p).image.with { try $0.compact(options) }
+    freed?.pointee = UInt32(clamping: report.segmentsFreed)
+  }
+}
+
 @_cdecl("strata_snapshot_read")
 public func strata_snapshot_read(
   _ p: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ buf: UnsafeMutableRawPointer?, _ length: Int,

@@ -362,7 +362,8 @@ public final class StrataImage {
         snapshotCount: catalog.count, nextSeq: writer?.nextSeq ?? recoveredEnd.nextSeq,
         checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
-        features: superblock.features, backingChain: backingChain)
+        features: superblock.features, backingChain: backingChain, freeSegments: usage.freeSegments.count,
+        garbageBytes: logSpace.garbageBytes)
     }
   }
 

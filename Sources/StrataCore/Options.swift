@@ -98,4 +98,9 @@ public struct ImageInfo: Sendable {
   public var features: FeatureSet
   /// The backing files of an external clone, parent first, as each image stores it.
   public var backingChain: [String] = []
+  /// Segments the cleaner freed (reused by the log next).
+  public var freeSegments: Int = 0
+  /// Bytes of sealed segments the head no longer references: what `compact` may reclaim
+  /// (snapshots and the protection window may still need part of it).
+  public var garbageBytes: UInt64 = 0
 }

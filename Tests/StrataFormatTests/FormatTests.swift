@@ -473,6 +473,39 @@ func encodeRecord(
     }
   }
 
+  /// SEGMENT_REUSE: the log start rides 16 bytes after the page lists, only when set; a
+  /// checkpoint without it keeps the version-1 bytes; a log start past 48 bits is invalid.
+  @Test func checkpointLogStart() throws {
+    var body = CheckpointBody(
+      virtualSize: 1 << 30, blockSize: 4096, mapDepth: 3, root: ChildRef(page: 300, checksum: 0x11), dataBlocks: 5,
+      previousCheckpoint: 256, segmentCount: 1, snapshotCount: 0, usagePages: [PageRef(page: 301, checksum: 0x22)],
+      catalogPages: [])
+    let plain = opBytes(.checkpoint(body))
+    body.logStart = 4242
+    let extended = opBytes(.checkpoint(body))
+    #expect(extended.count == plain.count + 16)
+    #expect(Array(extended[plain.count...]) == le(UInt64(4242)) + le(UInt64(0)))
+    #expect(read32(extended, 4) == UInt32(plain.count + 16), "the operation length covers it")
+    let (bytes, _) = encodeRecord([.checkpoint(body)], seq: 7)
+    #expect(try decodeRecord(bytes).ops == [.checkpoint(body)])
+    body.logStart = 0
+    #expect(try decodeRecord(encodeRecord([.checkpoint(body)], seq: 7).0).ops == [.checkpoint(body)])
+    var bad = bytes
+    patch(&bad, 64 + plain.count, UInt64(1) << 48)
+    fixRecordChecksum(&bad)
+    #expect(throws: FormatError.self) { try decodeRecord(bad) }
+  }
+
+  @Test func freeSegmentMarker() throws {
+    #expect(SegmentUsage.free.isFree && !SegmentUsage.free.isSealed)
+    #expect(!SegmentUsage().isFree && !SegmentUsage().isSealed, "the open segment")
+    #expect(SegmentUsage(livePages: 1, writtenPages: 9, lastSeq: 77).isSealed)
+    let page = SegmentUsage.encodePage([SegmentUsage.free][...])
+    #expect(Array(page[0..<16]) == le(UInt32(0)) + le(UInt32(0)) + le(UInt64.max))
+    #expect(try page.withUnsafeBytes { try SegmentUsage.decodePage($0, count: 1) } == [.free])
+    #expect(FeatureSet.knownIncompatible & FeatureSet.segmentReuse != 0)
+  }
+
   @Test func roundTripEveryOperationTogether() throws {
     // CHECKPOINT last; SEAL gets a record of its own.
     let ops = everyOp.filter { $0.type != .seal }

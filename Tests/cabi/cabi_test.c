@@ -90,6 +90,9 @@ int main(int argc, char **argv) {
     CHECK(writers[t].rc == 0, "writer %d: %d", t, writers[t].rc);
   }
   CHECK(strata_snapshot_delete(image, "before") == 0, "delete snapshot");
+  unsigned freed = 12345;
+  CHECK(strata_compact(image, 0, &freed) == 0 && freed != 12345, "compact");
+  CHECK(strata_compact(NULL, 0, NULL) == -EINVAL, "compact without a handle");
   CHECK(strata_close(image) == 0, "close");
 
   /* A second process-level open while closed works; read-only refuses writes. */

@@ -58,6 +58,11 @@ int strata_snapshot_delete(strata_image *image, const char *name);
 /* Reads from a snapshot instead of the current disk. */
 int strata_snapshot_read(strata_image *image, const char *name, void *buffer, size_t length, uint64_t offset);
 
+/* Reclaims the space of overwritten data (the cleaner, as `strata compact`), freeing at most
+   `max_segments` log segments (0: all it can); snapshots stay readable. The count of segments
+   freed goes to `freed` if not NULL. Other calls on the handle wait while it runs. */
+int strata_compact(strata_image *image, unsigned max_segments, unsigned *freed);
+
 const char *strata_last_error(void);
 
 #ifdef __cplusplus

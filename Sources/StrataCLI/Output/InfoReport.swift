@@ -9,6 +9,8 @@ struct InfoReport: Encodable {
   var blockSize: Int
   var segmentSize: Int
   var segments: Int
+  var freeSegments: Int
+  var reclaimableBytes: UInt64
   var allocatedBytes: UInt64
   var liveBytes: UInt64
   var fileSize: UInt64
@@ -33,6 +35,8 @@ struct InfoReport: Encodable {
     case virtualSize = "virtual_size"
     case blockSize = "block_size"
     case segmentSize = "segment_size"
+    case freeSegments = "free_segments"
+    case reclaimableBytes = "reclaimable_bytes"
     case allocatedBytes = "allocated_bytes"
     case liveBytes = "live_bytes"
     case fileSize = "file_size"
@@ -56,6 +60,8 @@ struct InfoReport: Encodable {
     blockSize = info.blockSize
     segmentSize = info.segmentSize
     segments = info.segmentCount
+    freeSegments = info.freeSegments
+    reclaimableBytes = info.garbageBytes
     allocatedBytes = info.allocatedBytes
     liveBytes = info.liveBytes
     fileSize = info.fileSize
@@ -85,7 +91,8 @@ struct InfoReport: Encodable {
       "file size: \(size(fileSize))",
       "block size: \(blockSize)",
       "segment size: \(size(UInt64(segmentSize)))",
-      "segments: \(segments)",
+      "segments: \(segments) (\(freeSegments) free)",
+      "reclaimable: \(size(reclaimableBytes)) (strata compact; snapshots may keep part of it)",
       "allocated: \(size(allocatedBytes))",
       "live log data: \(size(liveBytes))",
       "snapshots: \(snapshots)",
