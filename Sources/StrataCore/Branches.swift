@@ -145,34 +145,47 @@ extension StrataImage {
   }
 
   /// As `createBranch(of:name:atSeq:)`, with the point found in the open image (a time, say).
+  /// With `pinner`, the image is another process's (`strata serve`): it is only read here,
+  /// without its lock, and `pinner` has that process create the pin snapshot of the name it is
+  /// given, returning once the snapshot is durable (the control socket's `snapshot` command).
   public static func createBranch(
     of imagePath: String, name: String, at point: (StrataImage) throws -> UInt64,
-    options: ImageOptions = ImageOptions()
+    pinner: ((String) throws -> Void)? = nil, options: ImageOptions = ImageOptions()
   ) throws -> StrataImage {
     try validateBranchName(name)
     let path = try prepareBranchPath(of: imagePath, name: name)
     let pinName = branchPinPrefix + name
-    // The pin and the ranges to copy, from the image opened for writing.
     var imageOptions = options
     imageOptions.readOnly = false
-    let image = try open(path: imagePath, options: imageOptions)
+    // The point, the pin, and the ranges that differ between them.
     let seq: UInt64
-    let ranges: [Range<UInt64>]
-    let size: UInt64
+    let plan: (ranges: [Range<UInt64>], size: UInt64)
     do {
-      seq = try point(image)
-      let old = try image.view(atSeq: seq)
-      try image.createSnapshot(name: pinName)
-      try image.flush()
-      let pin = try image.snapshotView(name: pinName)
-      size = old.size
-      ranges = try image.changedRanges(since: old, in: pin, from: 0, length: size)
-      try image.close()
+      if let pinner {
+        seq = try withImage(try openForViews(path: imagePath, options: options)) { image in
+          let seq = try point(image)
+          _ = try image.view(atSeq: seq)
+          return seq
+        }
+        try pinner(pinName)
+        plan = try withImage(try openForViews(path: imagePath, options: options)) {
+          try $0.pinPlan(from: seq, to: pinName)
+        }
+      } else {
+        (seq, plan) = try withImage(try open(path: imagePath, options: imageOptions)) { image in
+          let seq = try point(image)
+          _ = try image.view(atSeq: seq)
+          try image.createSnapshot(name: pinName)
+          try image.flush()
+          return (seq, try image.pinPlan(from: seq, to: pinName))
+        }
+      }
     } catch {
-      try? image.close()
       _ = rmdir(branchDirectory(of: imagePath))
       throw error
     }
+    let ranges = plan.ranges
+    let size = plan.size
     do {
       let branch = try makeBranch(
         path, of: imagePath, snapshot: pinName, virtualSize: size, pinnedAt: seq, options: options)
@@ -204,9 +217,33 @@ extension StrataImage {
       if let image = try? open(path: imagePath, options: imageOptions) {
         try? image.deleteSnapshot(name: pinName)
         try? image.close()
+      } else if let e = error as? StrataError {
+        throw StrataError(
+          e.code,
+          e.message + " (the pin snapshot \"\(pinName)\" stays in \(imagePath): delete it with "
+            + "'strata snapshot delete' once the image is free)", errno: e.errno)
       }
       throw error
     }
+  }
+
+  /// Runs `body` on `image`, then closes it (also when `body` throws).
+  private static func withImage<T>(_ image: StrataImage, _ body: (StrataImage) throws -> T) throws -> T {
+    let result: T
+    do { result = try body(image) } catch {
+      try? image.close()
+      throw error
+    }
+    try image.close()
+    return result
+  }
+
+  /// What a branch at `seq` pinned by snapshot `pinName` must copy: the ranges that differ
+  /// between the two views, and the point's size.
+  private func pinPlan(from seq: UInt64, to pinName: String) throws -> (ranges: [Range<UInt64>], size: UInt64) {
+    let old = try view(atSeq: seq)
+    let pin = try snapshotView(name: pinName)
+    return (try changedRanges(since: old, in: pin, from: 0, length: old.size), old.size)
   }
 
   /// The branches of the image at `imagePath`, by name. An image without branches has none

@@ -44,6 +44,37 @@ struct BranchServeTests {
     }
   }
 
+  /// `clone --at` while the image is served: the server takes the pin (control socket), the
+  /// rest only reads the image.
+  @Test func aBranchAtAPointOfAServedImage() throws {
+    let control = "/tmp/strata-branch-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).control"
+    defer { unlink(control) }
+    final class Box: @unchecked Sendable { var seq = 0 }
+    let point = Box()
+    let prepare: (ServeProcess) throws -> Void = { s in
+      try NBDLayout.prepare(s)
+      let img = try StrataImage.open(path: s.image)
+      try img.flush()
+      point.seq = Int(try #require(try img.timeline().last).seq)
+      try img.write(pattern(64 << 10, seed: 15), at: 40 << 20)
+      try img.close()
+    }
+    try withServer(arguments: ["--control", control], vhost: false, nbd: true, prepare: prepare) { s in
+      try s.waitForNBD()
+      let made = try s.strata(["clone", s.image, "--at", String(point.seq), "--name", "then", "--control", control])
+      #expect(made.succeeded, "\(made.stderr)")
+      let out = s.directory + "/then.raw"
+      let r = try s.strata(["read", s.image, "--branch", "then", "--length", String(NBDLayout.size), "--output", out])
+      #expect(r.succeeded, "\(r.stderr)")
+      #expect(try s.read(out) == NBDLayout.head, "the branch is the disk at the point, without the later write")
+      let list = try s.strata(["branch", "list", s.image])
+      #expect(String(decoding: list.stdout, as: UTF8.self).contains("at/\(point.seq)"))
+      // Its pin cannot go while the image is served (deleting a snapshot needs the image).
+      let delete = try s.strata(["branch", "delete", s.image, "then"])
+      #expect(!delete.succeeded && delete.stderr.contains("pin"), "\(delete.stderr)")
+    }
+  }
+
   @Test func serveABranch() throws {
     let prepare: (ServeProcess) throws -> Void = { s in
       try NBDLayout.prepare(s)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import StrataControl
 import StrataCore
 
 struct CloneCommand: ParsableCommand {
@@ -13,14 +14,16 @@ struct CloneCommand: ParsableCommand {
       and IMAGE.branches together keeps them working.
 
       --from SNAPSHOT only reads the image (it may be served meanwhile). --at SEQ|TIME (a point \
-      of 'strata timeline') opens the image for writing: it pins the head with a snapshot named \
-      branch:NAME and copies into the branch only the blocks that differ between the point and \
-      the pin. The snapshot a branch is based on cannot be deleted or pruned until the branch \
-      is deleted; deleting the branch deletes its pin.
+      of 'strata timeline') pins the head with a snapshot named branch:NAME and copies into the \
+      branch only the blocks that differ between the point and the pin: it opens the image for \
+      writing or, with --control, has the `strata serve` serving it take the pin. The snapshot a \
+      branch is based on cannot be deleted or pruned until the branch is deleted; deleting the \
+      branch deletes its pin.
 
       Examples:
         strata clone vm.strata --from before-upgrade --name test
         strata clone vm.strata --at 2026-11-26T09:30:00Z --name forensics
+        strata clone vm.strata --at 18312 --name then --control /run/vm1.control
         strata write vm.strata --branch test --offset 1M --input patch.bin
       """
   )
@@ -41,6 +44,8 @@ struct CloneCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Name of the new branch.", valueName: "branch"))
   var name: String
 
+  @OptionGroup var control: ControlOption
+
   @OptionGroup var format: OutputOptions
 
   func validate() throws {
@@ -54,7 +59,12 @@ struct CloneCommand: ParsableCommand {
       let branch = try about(image) { () throws -> StrataImage in
         if let from { return try StrataImage.createBranch(of: image, name: name, snapshot: from) }
         guard let at else { throw StrataError(.invalidArgument, "no starting point") }
-        return try StrataImage.createBranch(of: image, name: name, at: { try at.seq(in: $0) })
+        let pinner = control.control.map { socket in
+          { (pin: String) throws -> Void in
+            _ = try ControlClient.request(["command": "snapshot", "name": pin], path: socket)
+          }
+        }
+        return try StrataImage.createBranch(of: image, name: name, at: { try at.seq(in: $0) }, pinner: pinner)
       }
       let path = StrataImage.branchPath(of: image, name: name)
       try ImageAccess.withOpened(branch, path: path) { _ in }
