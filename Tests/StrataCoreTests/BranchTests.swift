@@ -289,3 +289,27 @@ private func parentWithSnapshot(_ dir: String) throws -> (path: String, atSnapsh
   }
   try parent.close()
 }
+
+/// A branch whose snapshot was deleted behind its back (by a tool that does not know the
+/// convention: here, with the branch moved away meanwhile) refuses to open, naming the snapshot,
+/// instead of reading another disk.
+@Test func aBranchWhoseSnapshotIsGoneRefusesToOpen() throws {
+  let dir = temporaryDirectory()
+  let (path, _) = try parentWithSnapshot(dir)
+  try StrataImage.createBranch(of: path, name: "b", snapshot: "s").close()
+  let file = StrataImage.branchPath(of: path, name: "b")
+  let aside = dir + "/aside.strata"
+  #expect(rename(file, aside) == 0)
+  let image = try StrataImage.open(path: path)
+  try image.deleteSnapshot(name: "s")
+  try image.createSnapshot(name: "s")  // same name, another point
+  try image.close()
+  #expect(rename(aside, file) == 0)
+  do {
+    let branch = try StrataImage.open(path: file)
+    try branch.close()
+    Issue.record("a branch opened over a deleted snapshot")
+  } catch let e as StrataError {
+    #expect(e.code == .notFound && e.message.contains("\"s\"") && e.message.contains("no longer there"), "\(e)")
+  }
+}
