@@ -255,49 +255,56 @@ extension StrataImage {
       candidates.append((s, (1 - u) * Double(c0.seq - e.lastSeq) / (1 + u)))
     }
     let victims = candidates.sorted { $0.score > $1.score }.prefix(options.maxSegments).map(\.segment).sorted()
-    guard !victims.isEmpty else {
-      report.logStartSeq = logStart == 0 ? 1 : try checkpointRecord(at: logStart).seq
-      return report
-    }
+    report.logStartSeq = logStart == 0 ? 1 : try checkpointRecord(at: logStart).seq
+    guard !victims.isEmpty else { return report }
 
-    // Copy forward what the head still needs from the victims.
-    let victimSet = Set(victims)
-    var catalogPages = false
-    for (i, s) in victims.enumerated() {
-      let moved = try evacuate(segment: s)
-      report.blocksCopied += moved.blocks
-      report.metadataPagesMoved += moved.metadata
-      catalogPages = catalogPages || moved.catalogPages
-      progress?(Double(i + 1) / Double(victims.count) * 0.9)
-    }
-    if catalogPages {
-      report.metadataPagesMoved += try catalog.relocate { victimSet.contains(geometry.segment(ofPage: $0)) }
-    }
-    try checkpoint()  // C1: nothing of the head lies in a victim any more
-    let c1 = (page: lastCheckpointPage, seq: lastCheckpointSeq)
-    let freed = victims.filter { s in
-      usage.entries[s].livePages == 0
-        && !usage.pageRefs.contains { !$0.isNull && geometry.segment(ofPage: $0.page) == s }
-    }
-    guard !freed.isEmpty else { return report }
+    // Batch by batch, so that the copies of a batch go into the segments earlier batches freed.
+    var freedInPass: [Int] = []
+    var done = 0
+    for batch in stride(from: 0, to: victims.count, by: Self.compactBatch).map({
+      Array(victims[$0..<min($0 + Self.compactBatch, victims.count)])
+    }) {
+      // Copy forward what the head still needs from the victims.
+      let victimSet = Set(batch)
+      var catalogPages = false
+      for s in batch {
+        let moved = try evacuate(segment: s)
+        report.blocksCopied += moved.blocks
+        report.metadataPagesMoved += moved.metadata
+        catalogPages = catalogPages || moved.catalogPages
+        done += 1
+        progress?(Double(done) / Double(victims.count) * 0.95)
+      }
+      if catalogPages {
+        report.metadataPagesMoved += try catalog.relocate { victimSet.contains(geometry.segment(ofPage: $0)) }
+      }
+      try checkpoint()  // C1: nothing of the head lies in a victim any more
+      let c1 = (page: lastCheckpointPage, seq: lastCheckpointSeq)
+      let freed = batch.filter { s in
+        usage.entries[s].livePages == 0
+          && !usage.pageRefs.contains { !$0.isNull && geometry.segment(ofPage: $0.page) == s }
+      }
+      guard !freed.isEmpty else { continue }
 
-    // C2 marks them free; the log takes them once C2 is durable (and older reads are done).
-    try enableSegmentReuse()
-    for s in freed {
-      report.bytesReclaimed += UInt64(usage.entries[s].writtenPages) * UInt64(Layout.pageSize)
-      usage.markFree(s)
+      // C2 marks them free; the log takes them once C2 is durable (and older reads are done).
+      try enableSegmentReuse()
+      for s in freed {
+        report.bytesReclaimed += UInt64(usage.entries[s].writtenPages) * UInt64(Layout.pageSize)
+        usage.markFree(s)
+      }
+      // The log stays whole from the window's first checkpoint, or from C1 without a window:
+      // every victim ends before either, and no tree after them references a victim's page.
+      logStart = options.retainFromSeq != nil ? tail.page : c1.page
+      try checkpoint()
+      reclaim.release(freed)
+      freedInPass += freed
+      report.segmentsFreed += freed.count
+      report.logStartSeq = options.retainFromSeq != nil ? tail.seq : c1.seq
     }
-    // The log stays whole from the window's first checkpoint, or from C1 without a window:
-    // every victim ends before either, and no tree after them references a victim's page.
-    logStart = options.retainFromSeq != nil ? tail.page : c1.page
-    try checkpoint()
-    reclaim.release(freed)
-    report.segmentsFreed = freed.count
-    report.logStartSeq = options.retainFromSeq != nil ? tail.seq : c1.seq
 
     // Give back the space of free segments beyond the reserve the log will soon take.
-    let free = usage.freeSegments
-    for s in free.dropFirst(options.keepAllocated) where freed.contains(s) {
+    let freedSet = Set(freedInPass)
+    for s in usage.freeSegments.dropFirst(options.keepAllocated) where freedSet.contains(s) {
       try storage.punchHole(
         at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: s)), length: UInt64(geometry.segmentSize))
       report.bytesPunched += UInt64(geometry.segmentSize)
@@ -305,6 +312,9 @@ extension StrataImage {
     progress?(1)
     return report
   }
+
+  /// Segments evacuated between two checkpoints of a pass.
+  static let compactBatch = 16
 
   /// Pages referenced by the map trees of `bases`, counted per segment.
   private func pinnedPages(bases: [CheckpointBody]) throws -> [Int: Int] {

@@ -5,6 +5,10 @@ import Testing
 
 @_spi(Simulation) @testable import StrataCore
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 // The cleaner (`compact`): space comes back, nothing retained is lost, crashes at any step are
 // harmless.
 
@@ -161,6 +165,38 @@ struct CleanerTests {
     try disk.verify({ try image.read(at: $0, count: $1) }, "head")
     #expect(try image.check().result == .clean)
     try image.close()
+  }
+
+  /// `check` walks the log from its start: a damaged record before the last checkpoint (which
+  /// recovery never reads) breaks the points after it, and check says so.
+  @Test func checkFindsABreakInTheLog() throws {
+    let path = temporaryDirectory() + "/b.strata"
+    let blocks = 1024
+    let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
+    var disk = Disk(blocks: blocks, seed: 6)
+    try disk.overwrite(image, count: 2 * blocks)
+    try image.flush()
+    let before = try image.check()
+    #expect(before.result == .clean && before.checkedLogRecords > 10, "\(before.checkedLogRecords) records")
+    let records = try image.inspect(recordLimit: 100_000).records
+    let checkpointSeq = try image.info.checkpointSeq
+    let victim = try #require(records.filter { $0.seq < checkpointSeq }.dropFirst(records.count / 4).first)
+    try image.close()
+
+    let fd = open(path, O_RDWR)
+    #expect(fd >= 0)
+    var byte: UInt8 = 0
+    #expect(pread(fd, &byte, 1, off_t(victim.fileOffset + 20)) == 1)
+    byte ^= 0xFF
+    #expect(pwrite(fd, &byte, 1, off_t(victim.fileOffset + 20)) == 1)
+    close(fd)
+    var readOnly = ImageOptions()
+    readOnly.readOnly = true
+    let reopened = try StrataImage.open(path: path, options: readOnly)
+    try disk.verify({ try reopened.read(at: $0, count: $1) }, "head")
+    let report = try reopened.check()
+    #expect(report.errors.contains { $0.contains("the log breaks") }, "\(report.errors)")
+    try reopened.close()
   }
 
   /// A power failure at any write or sync of a pass: the image opens with every flushed block,
