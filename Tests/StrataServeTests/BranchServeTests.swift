@@ -54,10 +54,9 @@ struct BranchServeTests {
     let prepare: (ServeProcess) throws -> Void = { s in
       try NBDLayout.prepare(s)
       let img = try StrataImage.open(path: s.image)
-      try img.flush()
+      defer { try? img.close() }  // a failed expectation must not leave it open
       point.seq = Int(try #require(try img.timeline().last).seq)
       try img.write(pattern(64 << 10, seed: 15), at: 40 << 20)
-      try img.close()
     }
     try withServer(arguments: ["--control", control], vhost: false, nbd: true, prepare: prepare) { s in
       try s.waitForNBD()
