@@ -3,10 +3,10 @@ import Foundation
 import Logging
 import StrataCore
 
-/// The cleaner of a served image: small passes in the background, under the image lock, when
-/// enough of the log is garbage. Each pass frees at most a few segments, so the guest's I/O
-/// waits at most one pass; a pass that frees nothing (what is left is pinned by snapshots or
-/// the protection window, or too full to be worth copying) backs off.
+/// The cleaner of a served image: small passes in the background when enough of the log is
+/// garbage. A pass takes the image lock one step at a time (one segment copied, or a batch
+/// freed), so the guest's requests run between steps; a pass that frees nothing (what is left
+/// is pinned by snapshots or the protection window, or too full to be worth copying) backs off.
 public final class BackgroundCleaner: @unchecked Sendable {
   /// What the cleaner did since the server started (the control socket's `status`).
   public struct Totals: Sendable {
@@ -30,7 +30,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
 
   public init(
     image: SharedImage, logger: Logger, triggerRatio: Double = 0.25, triggerBytes: UInt64 = 64 << 20,
-    options: CompactOptions = CompactOptions(maxSegments: 4, maxLiveRatio: 0.75, keepAllocated: 8),
+    options: CompactOptions = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8),
     retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
   ) {
     self.image = image
@@ -65,19 +65,24 @@ public final class BackgroundCleaner: @unchecked Sendable {
       if r < 0 && errno == EINTR { continue }
       if r != 0 { return }  // stopped (or poll failed: stop rather than spin)
       do {
-        let report = try image.with { img -> CompactReport? in
+        let pass = try image.with { img -> CleaningPass? in
           let space = img.logSpace
           guard space.garbageBytes >= triggerBytes,
             Double(space.garbageBytes) >= triggerRatio * Double(space.sealedBytes)
           else { return nil }
-          var pass = options
-          pass.retainFromSeq = try retainFromSeq(img)
-          return try img.compact(pass)
+          var options = self.options
+          options.retainFromSeq = try retainFromSeq(img)
+          return try CleaningPass(img, options: options)
         }
-        guard let report else {
+        guard let pass else {
           interval = Self.minInterval
           continue
         }
+        // One segment per step under the lock; the guest's requests run in between.
+        while try image.with({ try pass.step($0) }) {
+          if poll(&fds, 1, 0) != 0 { return }
+        }
+        let report = pass.report
         lock.withLock {
           totalsValue.passes += 1
           totalsValue.segmentsFreed += report.segmentsFreed
@@ -87,7 +92,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
         if report.segmentsFreed > 0 {
           logger.debug(
             "cleaner freed \(report.segmentsFreed) segments, copied \(report.blocksCopied) blocks")
-          interval = Self.minInterval
+          interval = 0  // keep up with the guest: the next pass at once while garbage remains
         } else {
           interval = min(interval * 2, Self.maxInterval)
         }

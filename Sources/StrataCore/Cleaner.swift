@@ -184,191 +184,23 @@ extension StrataImage {
   /// segments no retained point needs, copies the head's live blocks and metadata out of them,
   /// and frees them for the log to reuse. Crash-safe at every step: a segment is marked free
   /// only in a checkpoint written after the one that stopped referencing it, and the log takes
-  /// it only once that checkpoint is durable.
+  /// it only once that checkpoint is durable. A served image runs the same pass in steps
+  /// (`CleaningPass`), releasing its lock between them.
   public func compact(_ options: CompactOptions = CompactOptions(), progress: ((Double) -> Void)? = nil) throws
     -> CompactReport
   {
-    try checkWritable()
-    guard let writer else { throw StrataError(.readOnly, "the image is open read-only") }
-    var report = CompactReport()
-    // A clean head and a fresh checkpoint C0: victims hold only records before it.
-    try checkpoint()
-    let chain = try checkpointChain()
-    guard let c0 = chain.first else { preconditionFailure("an open image has a checkpoint") }
-    var known = Dictionary(chain.map { ($0.page, $0) }, uniquingKeysWith: { a, _ in a })
-    func checkpointRecord(at page: UInt64) throws -> ChainCheckpoint {
-      if let c = known[page] { return c }
-      guard let stored = try pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else {
-        throw StrataError(.corrupt, "a retained point starts from page \(page), which holds no checkpoint")
-      }
-      let c = ChainCheckpoint(page: page, seq: stored.header.seq, body: body)
-      known[page] = c
-      return c
-    }
-
-    // What retained points need: the records they replay (seq ranges) and the checkpoints
-    // they start from. A snapshot replays from its base to itself; the window and recovery
-    // need the whole tail; a RESTORE inside any of these needs its own base and range too.
-    var bases = Set<UInt64>()
-    var ranges: [Range<UInt64>] = []
-    try catalog.forEach { e in
-      bases.insert(e.baseCheckpoint)
-      ranges.append(try checkpointRecord(at: e.baseCheckpoint).seq..<e.seq)
-    }
-    var tail = c0
-    if let from = options.retainFromSeq {
-      for c in chain {
-        bases.insert(c.page)
-        tail = c
-        if c.seq < from { break }
-      }
-    }
-    ranges.append(tail.seq..<UInt64.max)
-    var scanned: [Range<UInt64>] = []
-    while true {
-      let todo = merged(ranges).flatMap { subtract(scanned, from: $0) }
-      guard !todo.isEmpty else { break }
-      for range in todo {
-        for base in try restoreBases(in: range, known: &known) where bases.insert(base.page).inserted {
-          ranges.append(base.range)
-        }
-      }
-      scanned = merged(scanned + todo)
-    }
-    let retained = merged(ranges)
-
-    // Pages the retained points' trees reference (shared subtrees walked once).
-    let pinned = try pinnedPages(bases: try bases.map { try checkpointRecord(at: $0).body })
-    let protected = Set([writer.segment, writer.previousSegment].compactMap { $0 })
-    var candidates: [(segment: Int, score: Double)] = []
-    for (s, e) in usage.entries.enumerated() where e.isSealed && e.lastSeq < c0.seq && !protected.contains(s) {
-      guard let first = try pages.record(at: geometry.firstPage(ofSegment: s))?.header.seq else {
-        throw StrataError(.corrupt, "sealed segment \(s) does not start with a record")
-      }
-      if pinned[s, default: 0] > 0 || retained.contains(where: { $0.overlaps(first..<(e.lastSeq + 1)) }) {
-        report.segmentsPinned += 1
-        continue
-      }
-      let u = e.writtenPages == 0 ? 1 : Double(e.livePages) / Double(e.writtenPages)
-      guard u <= options.maxLiveRatio else { continue }
-      // LFS cost-benefit: space gained times age, over the cost of reading and copying.
-      candidates.append((s, (1 - u) * Double(c0.seq - e.lastSeq) / (1 + u)))
-    }
-    let victims = candidates.sorted { $0.score > $1.score }.prefix(options.maxSegments).map(\.segment).sorted()
-    report.logStartSeq = logStart == 0 ? 1 : try checkpointRecord(at: logStart).seq
-    guard !victims.isEmpty else { return report }
-
-    // Batch by batch, so that the copies of a batch go into the segments earlier batches freed.
-    var freedInPass: [Int] = []
-    var done = 0
-    for batch in stride(from: 0, to: victims.count, by: Self.compactBatch).map({
-      Array(victims[$0..<min($0 + Self.compactBatch, victims.count)])
-    }) {
-      // Copy forward what the head still needs from the victims.
-      let victimSet = Set(batch)
-      var catalogPages = false
-      for s in batch {
-        let moved = try evacuate(segment: s)
-        report.blocksCopied += moved.blocks
-        report.metadataPagesMoved += moved.metadata
-        catalogPages = catalogPages || moved.catalogPages
-        done += 1
-        progress?(Double(done) / Double(victims.count) * 0.95)
-      }
-      if catalogPages {
-        report.metadataPagesMoved += try catalog.relocate { victimSet.contains(geometry.segment(ofPage: $0)) }
-      }
-      try checkpoint()  // C1: nothing of the head lies in a victim any more
-      let c1 = (page: lastCheckpointPage, seq: lastCheckpointSeq)
-      let freed = batch.filter { s in
-        usage.entries[s].livePages == 0
-          && !usage.pageRefs.contains { !$0.isNull && geometry.segment(ofPage: $0.page) == s }
-      }
-      guard !freed.isEmpty else { continue }
-
-      // C2 marks them free; the log takes them once C2 is durable (and older reads are done).
-      try enableSegmentReuse()
-      for s in freed {
-        report.bytesReclaimed += UInt64(usage.entries[s].writtenPages) * UInt64(Layout.pageSize)
-        usage.markFree(s)
-      }
-      // The log stays whole from the window's first checkpoint, or from C1 without a window:
-      // every victim ends before either, and no tree after them references a victim's page.
-      logStart = options.retainFromSeq != nil ? tail.page : c1.page
-      try checkpoint()
-      reclaim.release(freed)
-      freedInPass += freed
-      report.segmentsFreed += freed.count
-      report.logStartSeq = options.retainFromSeq != nil ? tail.seq : c1.seq
-    }
-
-    // Give back the space of free segments beyond the reserve the log will soon take.
-    let freedSet = Set(freedInPass)
-    for s in usage.freeSegments.dropFirst(options.keepAllocated) where freedSet.contains(s) {
-      try storage.punchHole(
-        at: Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: s)), length: UInt64(geometry.segmentSize))
-      report.bytesPunched += UInt64(geometry.segmentSize)
-    }
+    let pass = try CleaningPass(self, options: options)
+    while try pass.step(self) { progress?(pass.progress) }
     progress?(1)
-    return report
+    return pass.report
   }
 
   /// Segments evacuated between two checkpoints of a pass.
   static let compactBatch = 16
 
-  /// Pages referenced by the map trees of `bases`, counted per segment.
-  private func pinnedPages(bases: [CheckpointBody]) throws -> [Int: Int] {
-    var pinned: [Int: Int] = [:]
-    var visited = Set<UInt64>()
-    func pin(_ page: UInt64, _ n: Int) {
-      pinned[geometry.segment(ofPage: page), default: 0] += n
-    }
-    func walk(_ ref: ChildRef, level: Int, index: UInt64) throws {
-      guard !ref.isNull, visited.insert(ref.page).inserted else { return }
-      pin(ref.page, 1)
-      let node = try pages.load(ref, level: level, index: index)
-      for i in 0..<Layout.mapFanout {
-        if level == 0 {
-          let e = node.entry(i)
-          if e.state == .data { pin(e.page, geometry.pagesPerBlock) }
-        } else {
-          try walk(node.child(i), level: level - 1, index: index << 8 | UInt64(i))
-        }
-      }
-    }
-    for body in bases { try walk(body.root, level: Int(body.mapDepth) - 1, index: 0) }
-    return pinned
-  }
-
-  /// The RESTOREs among the operations in `range`: their base checkpoints and the records
-  /// their views replay.
-  private func restoreBases(in range: Range<UInt64>, known: inout [UInt64: ChainCheckpoint]) throws
-    -> [(page: UInt64, range: Range<UInt64>)]
-  {
-    writer?.closeRecord()
-    // Ranges start at checkpoints; what is left of one after scanning part of it may not.
-    guard let start = known.values.filter({ $0.seq <= range.lowerBound }).max(by: { $0.seq < $1.seq }) else {
-      throw StrataError(.corrupt, "no checkpoint precedes seq \(range.lowerBound)")
-    }
-    var out: [(page: UInt64, range: Range<UInt64>)] = []
-    var current = try pages.record(at: start.page)
-    while let stored = current, stored.header.seq < range.upperBound {
-      for (i, op) in stored.record.ops.enumerated() where range.contains(stored.header.seq + UInt64(i)) {
-        guard case .restore(let target, let base) = op else { continue }
-        guard let based = try pages.record(at: base), case .checkpoint(let body) = based.record.ops.last else {
-          throw StrataError(.corrupt, "a RESTORE starts from page \(base), which holds no checkpoint")
-        }
-        known[base] = ChainCheckpoint(page: base, seq: based.header.seq, body: body)
-        out.append((base, based.header.seq..<target))
-      }
-      current = try pages.next(after: stored)
-    }
-    return out
-  }
-
   /// Copies the head's live blocks out of `segment` (as ordinary WRITEs) and marks the head's
   /// metadata pages in it for rewriting at the next checkpoint.
-  private func evacuate(segment s: Int) throws -> (blocks: Int, metadata: Int, catalogPages: Bool) {
+  func evacuate(segment s: Int) throws -> (blocks: Int, metadata: Int, catalogPages: Bool) {
     let ppb = geometry.pagesPerBlock
     let bs = geometry.blockSize
     var blocks = 0
@@ -443,7 +275,7 @@ extension StrataImage {
 
   /// Sets the segment-reuse bit in a superblock that still names the last durable checkpoint,
   /// before the first checkpoint that marks a segment free (as for the catalog tree).
-  private func enableSegmentReuse() throws {
+  func enableSegmentReuse() throws {
     guard superblock.features.incompatible & FeatureSet.segmentReuse == 0 else { return }
     var sb = superblock
     sb.generation += 1
@@ -452,6 +284,255 @@ extension StrataImage {
     try writeSuperblock(sb)
     try storage.sync()
     superblock = sb
+  }
+}
+
+/// One cleaning pass in steps, each run under the image lock: `init` decides what may be freed,
+/// each `step` evacuates one victim segment or frees a batch of evacuated ones. Between steps
+/// the image may be used (a served guest keeps writing, snapshots are taken): before a batch
+/// is freed, what changed since is checked again (new snapshots' base trees, checkpoints of the
+/// protection window, RESTOREs), and a victim something now needs is kept.
+public final class CleaningPass {
+  public let options: CompactOptions
+  public private(set) var report = CompactReport()
+  /// Victims in the order they are evacuated; `position` is the next one.
+  private var victims: [Int]
+  private var position = 0
+  /// Evacuated, waiting for the checkpoint that frees them.
+  private var batch: [Int] = []
+  private var batchHoldsCatalogPages = false
+  private var freedInPass: [Int] = []
+  private var finished = false
+  /// What retained points need, as analysed so far.
+  private let pins: Pins
+  /// The window's first checkpoint (or C0 without a window): the log start after the pass.
+  private let tail: StrataImage.ChainCheckpoint
+  /// Changes up to this seq have been taken into account.
+  private var validatedThrough: UInt64
+
+  public var progress: Double { victims.isEmpty ? 1 : Double(position) / Double(victims.count) }
+
+  /// Decides the victims. Writes a checkpoint (C0) first: victims hold only records before it.
+  public init(_ image: StrataImage, options: CompactOptions = CompactOptions()) throws {
+    try image.checkWritable()
+    guard let writer = image.writer else { throw StrataError(.readOnly, "the image is open read-only") }
+    self.options = options
+    try image.checkpoint()
+    let chain = try image.checkpointChain()
+    guard let c0 = chain.first else { preconditionFailure("an open image has a checkpoint") }
+    let pins = Pins(image: image, chain: chain)
+    self.pins = pins
+
+    // What retained points need: the records they replay (seq ranges) and the checkpoints
+    // they start from. A snapshot replays from its base to itself; the window and recovery
+    // need the whole tail; a RESTORE inside any of these needs its own base and range too.
+    var bases: [UInt64] = []
+    var ranges: [Range<UInt64>] = []
+    try image.catalog.forEach { e in
+      bases.append(e.baseCheckpoint)
+      ranges.append(try pins.checkpoint(at: e.baseCheckpoint).seq..<e.seq)
+    }
+    var tail = c0
+    if let from = options.retainFromSeq {
+      for c in chain {
+        bases.append(c.page)
+        tail = c
+        if c.seq < from { break }
+      }
+    }
+    self.tail = tail
+    ranges.append(tail.seq..<UInt64.max)
+    var scanned: [Range<UInt64>] = []
+    while true {
+      let todo = merged(ranges).flatMap { subtract(scanned, from: $0) }
+      guard !todo.isEmpty else { break }
+      for range in todo {
+        for restore in try pins.restores(in: range) where !bases.contains(restore.base) {
+          bases.append(restore.base)
+          ranges.append(restore.range)
+        }
+      }
+      scanned = merged(scanned + todo)
+    }
+    let retained = merged(ranges)
+    try pins.walk(bases: bases)
+
+    let protected = Set([writer.segment, writer.previousSegment].compactMap { $0 })
+    let lowestRetained = retained.first?.lowerBound ?? .max
+    var candidates: [(segment: Int, score: Double)] = []
+    for (s, e) in image.usage.entries.enumerated() where e.isSealed && e.lastSeq < c0.seq && !protected.contains(s) {
+      let u = e.writtenPages == 0 ? 1 : Double(e.livePages) / Double(e.writtenPages)
+      var needed = pins.pinned[s, default: 0] > 0
+      if !needed && e.lastSeq >= lowestRetained {
+        guard let first = try image.pages.record(at: image.geometry.firstPage(ofSegment: s))?.header.seq else {
+          throw StrataError(.corrupt, "sealed segment \(s) does not start with a record")
+        }
+        needed = retained.contains { $0.overlaps(first..<(e.lastSeq + 1)) }
+      }
+      if needed {
+        report.segmentsPinned += 1
+        continue
+      }
+      guard u <= options.maxLiveRatio else { continue }
+      // LFS cost-benefit: space gained times age, over the cost of reading and copying.
+      candidates.append((s, (1 - u) * Double(c0.seq - e.lastSeq) / (1 + u)))
+    }
+    victims = candidates.sorted { $0.score > $1.score }.prefix(options.maxSegments).map(\.segment).sorted()
+    validatedThrough = c0.seq + 1
+    report.logStartSeq = image.logStart == 0 ? 1 : try pins.checkpoint(at: image.logStart).seq
+  }
+
+  /// Does the next piece of work; false once the pass is over.
+  public func step(_ image: StrataImage) throws -> Bool {
+    try image.checkWritable()
+    if position < victims.count && batch.count < StrataImage.compactBatch {
+      let moved = try image.evacuate(segment: victims[position])
+      report.blocksCopied += moved.blocks
+      report.metadataPagesMoved += moved.metadata
+      batchHoldsCatalogPages = batchHoldsCatalogPages || moved.catalogPages
+      batch.append(victims[position])
+      position += 1
+      return true
+    }
+    if !batch.isEmpty {
+      try free(image)
+      return true
+    }
+    guard !finished else { return false }
+    finished = true
+    // Give back the space of free segments beyond the reserve the log will soon take.
+    let freed = Set(freedInPass)
+    for s in image.usage.freeSegments.dropFirst(options.keepAllocated) where freed.contains(s) {
+      try image.storage.punchHole(
+        at: Geometry.byteOffset(ofPage: image.geometry.firstPage(ofSegment: s)),
+        length: UInt64(image.geometry.segmentSize))
+      report.bytesPunched += UInt64(image.geometry.segmentSize)
+    }
+    return false
+  }
+
+  /// Frees the evacuated batch: C1 (which refers to nothing in it), checks what changed since
+  /// the victims were chosen, then C2 marks the batch free.
+  private func free(_ image: StrataImage) throws {
+    let batch = self.batch
+    self.batch = []
+    if batchHoldsCatalogPages {
+      let victims = Set(batch)
+      report.metadataPagesMoved += try image.catalog.relocate {
+        victims.contains(image.geometry.segment(ofPage: $0))
+      }
+      batchHoldsCatalogPages = false
+    }
+    try image.checkpoint()  // C1
+    let c1 = try pins.checkpoint(at: image.lastCheckpointPage)
+
+    // Since the last validation: snapshots start from newer checkpoints, whose trees may still
+    // reference a victim evacuated after them; so do the window's new checkpoints. A RESTORE
+    // could bring back anything: the pass stops.
+    guard try pins.restores(in: validatedThrough..<UInt64.max).isEmpty else {
+      victims.removeAll()
+      position = 0
+      return
+    }
+    var bases = try image.catalog.entries(after: validatedThrough - 1, limit: .max).map(\.baseCheckpoint)
+    if options.retainFromSeq != nil {
+      var page = try pins.checkpoint(at: c1.page).body.previousCheckpoint
+      while page != 0, page != image.logStart, case let c = try pins.checkpoint(at: page), c.seq >= validatedThrough {
+        bases.append(page)
+        page = c.body.previousCheckpoint
+      }
+    }
+    try pins.walk(bases: bases)
+    validatedThrough = c1.seq + 1
+
+    let freed = batch.filter { s in
+      image.usage.entries[s].livePages == 0 && pins.pinned[s, default: 0] == 0
+        && !image.usage.pageRefs.contains { !$0.isNull && image.geometry.segment(ofPage: $0.page) == s }
+    }
+    report.segmentsPinned += batch.count - freed.count
+    guard !freed.isEmpty else { return }
+    try image.enableSegmentReuse()
+    for s in freed {
+      report.bytesReclaimed += UInt64(image.usage.entries[s].writtenPages) * UInt64(Layout.pageSize)
+      image.usage.markFree(s)
+    }
+    // The log stays whole from the window's first checkpoint, or from C1 without a window:
+    // every victim ends before either, and no tree after them references a victim's page.
+    image.logStart = options.retainFromSeq != nil ? tail.page : c1.page
+    try image.checkpoint()  // C2; the log takes the segments once it is durable
+    image.reclaim.release(freed)
+    freedInPass += freed
+    report.segmentsFreed += freed.count
+    report.logStartSeq = options.retainFromSeq != nil ? tail.seq : c1.seq
+  }
+}
+
+/// Pages that retained trees reference, per segment, accumulated over a pass (subtrees shared
+/// by several trees are walked once), and the checkpoint records read on the way.
+private final class Pins {
+  let image: StrataImage
+  private(set) var pinned: [Int: Int] = [:]
+  private var visited = Set<UInt64>()
+  private var walked = Set<UInt64>()
+  private var known: [UInt64: StrataImage.ChainCheckpoint]
+
+  init(image: StrataImage, chain: [StrataImage.ChainCheckpoint]) {
+    self.image = image
+    known = Dictionary(chain.map { ($0.page, $0) }, uniquingKeysWith: { a, _ in a })
+  }
+
+  func checkpoint(at page: UInt64) throws -> StrataImage.ChainCheckpoint {
+    if let c = known[page] { return c }
+    guard let stored = try image.pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else {
+      throw StrataError(.corrupt, "a retained point starts from page \(page), which holds no checkpoint")
+    }
+    let c = StrataImage.ChainCheckpoint(page: page, seq: stored.header.seq, body: body)
+    known[page] = c
+    return c
+  }
+
+  /// Adds what the map trees of the checkpoints at `bases` reference.
+  func walk(bases: [UInt64]) throws {
+    let g = image.geometry
+    func pin(_ page: UInt64, _ n: Int) { pinned[g.segment(ofPage: page), default: 0] += n }
+    func walk(_ ref: ChildRef, level: Int, index: UInt64) throws {
+      guard !ref.isNull, visited.insert(ref.page).inserted else { return }
+      pin(ref.page, 1)
+      let node = try image.pages.load(ref, level: level, index: index)
+      for i in 0..<Layout.mapFanout {
+        if level == 0 {
+          let e = node.entry(i)
+          if e.state == .data { pin(e.page, g.pagesPerBlock) }
+        } else {
+          try walk(node.child(i), level: level - 1, index: index << 8 | UInt64(i))
+        }
+      }
+    }
+    for page in bases where walked.insert(page).inserted {
+      let body = try checkpoint(at: page).body
+      try walk(body.root, level: Int(body.mapDepth) - 1, index: 0)
+    }
+  }
+
+  /// The RESTOREs among the operations in `range`: their base checkpoints and the records
+  /// their views replay.
+  func restores(in range: Range<UInt64>) throws -> [(base: UInt64, range: Range<UInt64>)] {
+    image.writer?.closeRecord()
+    // Ranges start at checkpoints; what is left of one after scanning part of it may not.
+    let starts = known.values.filter { $0.seq <= range.lowerBound }
+    guard let start = starts.max(by: { $0.seq < $1.seq }) else {
+      throw StrataError(.corrupt, "no checkpoint precedes seq \(range.lowerBound)")
+    }
+    var out: [(base: UInt64, range: Range<UInt64>)] = []
+    var current = try image.pages.record(at: start.page)
+    while let stored = current, stored.header.seq < range.upperBound {
+      for (i, op) in stored.record.ops.enumerated() where range.contains(stored.header.seq + UInt64(i)) {
+        guard case .restore(let target, let base) = op else { continue }
+        out.append((base, try checkpoint(at: base).seq..<target))
+      }
+      current = try image.pages.next(after: stored)
+    }
+    return out
   }
 }
 
