@@ -91,7 +91,7 @@ let package = Package(
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation", "StrataSimulator"]),
     // What the end-to-end suites share: the built binary's location, child processes.
     .target(name: "StrataTestSupport", path: "Tests/StrataTestSupport"),
-    .testTarget(name: "StrataCLITests", dependencies: ["StrataCore", "StrataTestSupport"]),
+    .testTarget(name: "StrataCLITests", dependencies: ["StrataCore", "StrataCLI", "StrataTestSupport"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient", "StrataTestSupport"]),
     .testTarget(name: "StrataVhostTests", dependencies: ["StrataVhost", "VhostProtocol", "CStrataLinux"]),

@@ -6,12 +6,12 @@
 # totals, from which write amplification = (guest bytes + bytes the cleaner copied) / guest bytes.
 # Prints markdown tables; writes bench/results/cleaner-latest.md.
 #
-#   bash bench/cleaner.sh                       # 1 GiB disk, 12 slices of 65536 writes
+#   bash bench/cleaner.sh                       # 512 MiB disk, 16 slices of 65536 writes (8 overwrites)
 #   SIZE=256M ROUNDS=4 SLICE=16384 bash bench/cleaner.sh
 set -euo pipefail
 source "$(dirname "$0")/servers.sh" cleaner
-size=${SIZE:-1G}
-rounds=${ROUNDS:-12}
+size=${SIZE:-512M}
+rounds=${ROUNDS:-16}
 slice=${SLICE:-65536}
 bytes=$(python3 -c "import sys; u={'K':1<<10,'M':1<<20,'G':1<<30}; s=sys.argv[1]; print(int(s[:-1])*u[s[-1]])" "$size")
 

@@ -20,6 +20,7 @@ public struct StrataCommand: ParsableCommand {
     subcommands: [
       CreateCommand.self,
       InfoCommand.self,
+      SetCommand.self,
       MapCommand.self,
       ReadCommand.self,
       WriteCommand.self,

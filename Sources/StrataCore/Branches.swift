@@ -23,7 +23,7 @@ public struct BranchInfo: Equatable, Sendable {
   public var problem: String?
 }
 
-/// Branches (format-spec 5.1 and 5.3): writable heads that share the image's data. A branch of
+/// Branches (format-spec 5.1 and 5.4): writable heads that share the image's data. A branch of
 /// `IMAGE` is an external clone in `IMAGE.branches/NAME.strata` whose backing page names a snapshot of
 /// `IMAGE` (a version-2 page) instead of its head, with a relative path (`../IMAGE`), so the
 /// image and its branches move together. Blocks the branch never wrote read as that snapshot

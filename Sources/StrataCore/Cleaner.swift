@@ -8,7 +8,8 @@ public struct CompactOptions: Sendable {
   /// Segments fuller than this (live pages / written pages) are not worth copying.
   public var maxLiveRatio: Double
   /// Every point at or after this seq must stay restorable (the continuous-protection
-  /// window); nil keeps only the named snapshots.
+  /// window); nil keeps only the named snapshots. A pass adds the image's CDP window
+  /// (`cdpRetainedSeq`), whichever keeps more.
   public var retainFromSeq: UInt64?
   /// Free segments kept allocated for the log to reuse; the rest are punched out of the file.
   public var keepAllocated: Int
@@ -316,6 +317,11 @@ public final class CleaningPass {
   public init(_ image: StrataImage, options: CompactOptions = CompactOptions()) throws {
     try image.checkWritable()
     guard let writer = image.writer else { throw StrataError(.readOnly, "the image is open read-only") }
+    var options = options
+    // The image's CDP window (format-spec 5.3) keeps the points it protects, whatever is asked.
+    if let window = try image.cdpRetainedSeq() {
+      options.retainFromSeq = min(options.retainFromSeq ?? window, window)
+    }
     self.options = options
     try image.checkpoint()
     let chain = try image.checkpointChain()

@@ -86,12 +86,19 @@ extension StrataImage {
         try writeBlocks(block, UnsafeRawBufferPointer(scratch), count: 1)
         done += n
       } else {
-        let count = min((data.count - done) / bs, writer?.maxBlocksPerWrite ?? 1)
+        var count = min((data.count - done) / bs, writer?.maxBlocksPerWrite ?? 1)
+        // Fill the segment's rest instead of sealing it half empty, unless only a sliver is left.
+        if let left = writer?.blocksLeftInSegment, left < count, left >= min(count, Self.minimumSplitBlocks) {
+          count = left
+        }
         try writeBlocks(block, UnsafeRawBufferPointer(rebasing: data[done..<(done + count * bs)]), count: count)
         done += count * bs
       }
     }
   }
+
+  /// A write is split at a segment's end only if at least this many blocks fit before it.
+  static let minimumSplitBlocks = 16
 
   /// Appends whole blocks; all-zero blocks become ZERO operations and store nothing.
   func writeBlocks(_ first: UInt64, _ bytes: UnsafeRawBufferPointer, count: Int) throws {

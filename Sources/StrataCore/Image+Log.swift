@@ -82,7 +82,7 @@ extension StrataImage {
       features: FeatureSet(incompatible: options.backing == nil ? 0 : FeatureSet.backingFile),
       generation: 0, imageID: imageID, blockSize: UInt32(options.blockSize), segmentSize: UInt32(options.segmentSize),
       dataOffset: dataOffset, checkpointPage: geometry.firstDataPage, checkpointSeq: 0, checkpointChecksum: 0,
-      createdNanoseconds: options.clock())
+      createdNanoseconds: options.clock(), cdpWindow: options.cdpWindow)
     let pages = PageReader(
       storage: storage, geometry: geometry, cacheNodes: options.mapCacheNodes,
       catalogCacheNodes: options.catalogCacheNodes)

@@ -363,7 +363,7 @@ public final class StrataImage {
         checkpointSeq: lastCheckpointSeq,
         superblockGeneration: superblock.generation, createdNanoseconds: superblock.createdNanoseconds,
         features: superblock.features, backingChain: backingChain, freeSegments: usage.freeSegments.count,
-        garbageBytes: logSpace.garbageBytes)
+        garbageBytes: logSpace.garbageBytes, cdpWindow: superblock.cdpWindow)
     }
   }
 
@@ -393,6 +393,7 @@ public final class StrataImage {
 
   static func validateCreate(virtualSize: UInt64, options: ImageOptions) throws {
     try validateSize(virtualSize)
+    if let window = options.cdpWindow { try validateCDPWindow(window) }
     if let id = options.imageID, id.count != 16 {
       throw StrataError(.invalidArgument, "an image ID has 16 bytes, not \(id.count)")
     }

@@ -115,6 +115,9 @@ final class LogWriter {
   /// the cleaner leaves it alone.
   var previousSegment: Int? { previous?.segment }
   var pagesLeft: Int { geometry.pagesPerSegment - tailPage - 1 }  // one page stays for the SEAL
+  /// Blocks a WRITE appended now can hold without sealing the segment (counting a new record
+  /// header): a large write is split there rather than leaving the rest of the segment empty.
+  var blocksLeftInSegment: Int { max(0, (pagesLeft - 1) / geometry.pagesPerBlock) }
   var position: UInt64 { geometry.firstPage(ofSegment: segment) + UInt64(tailPage) }
 
   // MARK: Appending

@@ -31,6 +31,9 @@ public struct ImageOptions: Sendable {
   /// The 16-byte identity of a new image (nil: random). The simulator fixes it so that a seed
   /// reproduces the image byte for byte. Creation only.
   public var imageID: [UInt8]?
+  /// The continuous-data-protection window of a new image (`setCDPWindow` changes it later).
+  /// Creation only.
+  public var cdpWindow: CDPWindow?
   /// Creation: the parent this image reads unwritten blocks from (`create(path:backing:)`).
   var backing: BackingDescriptor?
   /// How deep in a backing chain the image being opened lies (0: the one the caller opened).
@@ -103,4 +106,6 @@ public struct ImageInfo: Sendable {
   /// Bytes of sealed segments the head no longer references: what `compact` may reclaim
   /// (snapshots and the protection window may still need part of it).
   public var garbageBytes: UInt64 = 0
+  /// The continuous-data-protection window, nil when there is none.
+  public var cdpWindow: CDPWindow?
 }

@@ -41,7 +41,7 @@ extension StrataImage {
       var seq = stored.header.seq
       for op in stored.record.ops where points.count < limit {
         switch op {
-        case .checkpoint where seq >= since:
+        case .checkpoint where seq + 1 >= since:  // its point is seq + 1
           // The state the checkpoint holds is the one before the next operation.
           points.append(
             TimelinePoint(seq: seq + 1, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .checkpoint))

@@ -27,7 +27,11 @@ public struct FeatureSet: Equatable, Sendable {
   /// compressed payloads and content-hash dedup.
   public static let knownIncompatible: UInt64 = catalogTree | backingFile | segmentReuse
   public static let knownCompatible: UInt64 = 0
-  public static let knownAutoclear: UInt64 = 0
+  /// Autoclear bit 0, CDP_WINDOW: the superblock extension (bytes 128..<144) holds the
+  /// continuous-data-protection window. A writer that does not know it drops the extension and
+  /// clears the bit, so a reader never takes stale extension bytes for a window.
+  public static let cdpWindow: UInt64 = 1 << 0
+  public static let knownAutoclear: UInt64 = cdpWindow
 
   public var unknownIncompatible: UInt64 { incompatible & ~Self.knownIncompatible }
 }

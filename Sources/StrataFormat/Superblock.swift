@@ -6,7 +6,10 @@ public struct Superblock: Equatable, Sendable {
   /// 0x89 "STRATA" 0x0A: the high byte catches 7-bit transfers, the newline catches text mode.
   public static let magic: [UInt8] = [0x89, 0x53, 0x54, 0x52, 0x41, 0x54, 0x41, 0x0A]
   public static let version: UInt32 = 1
+  /// Bytes of a superblock without extension (`header_length` 128).
   public static let encodedLength = 128
+  /// Bytes of a superblock with the CDP window extension (bytes 128..<144).
+  public static let cdpWindowEncodedLength = 144
   static let checksumOffset = 124
 
   public var features: FeatureSet
@@ -21,11 +24,14 @@ public struct Superblock: Equatable, Sendable {
   /// Header checksum of that record: a misdirected or stale checkpoint is rejected.
   public var checkpointChecksum: UInt32
   public var createdNanoseconds: UInt64
+  /// The continuous-data-protection window (format-spec 4.1): stored in the extension after
+  /// byte 128 with autoclear bit CDP_WINDOW, which `encode` sets exactly when this is non-nil.
+  public var cdpWindow: CDPWindow?
 
   public init(
     features: FeatureSet = FeatureSet(), generation: UInt64, imageID: [UInt8], blockSize: UInt32,
     segmentSize: UInt32, dataOffset: UInt64, checkpointPage: UInt64, checkpointSeq: UInt64,
-    checkpointChecksum: UInt32, createdNanoseconds: UInt64
+    checkpointChecksum: UInt32, createdNanoseconds: UInt64, cdpWindow: CDPWindow? = nil
   ) {
     precondition(imageID.count == 16)
     self.features = features
@@ -38,16 +44,25 @@ public struct Superblock: Equatable, Sendable {
     self.checkpointSeq = checkpointSeq
     self.checkpointChecksum = checkpointChecksum
     self.createdNanoseconds = createdNanoseconds
+    self.cdpWindow = cdpWindow
   }
 
+  /// `header_length` of the encoded superblock: 128, or 144 with a CDP window.
+  public var headerLength: Int { cdpWindow == nil ? Self.encodedLength : Self.cdpWindowEncodedLength }
+
+  /// The `headerLength` bytes of the superblock. The CDP_WINDOW autoclear bit is written set
+  /// exactly when there is a window, whatever `features` says.
   public func encode() -> [UInt8] {
-    var w = ByteWriter(capacity: Self.encodedLength)
+    let length = headerLength
+    var w = ByteWriter(capacity: length)
     w.raw(Self.magic)
     w.u32(Self.version)
-    w.u32(UInt32(Self.encodedLength))
+    w.u32(UInt32(length))
     w.u64(features.incompatible)
     w.u64(features.compatible)
-    w.u64(features.autoclear)
+    var autoclear = features.autoclear & ~FeatureSet.cdpWindow
+    if cdpWindow != nil { autoclear |= FeatureSet.cdpWindow }
+    w.u64(autoclear)
     w.u64(generation)
     w.raw(imageID)
     w.u32(blockSize)
@@ -60,7 +75,11 @@ public struct Superblock: Equatable, Sendable {
     w.u64(createdNanoseconds)
     w.zeros(Self.checksumOffset - w.count)
     w.u32(0)
-    assert(w.count == Self.encodedLength)
+    if let window = cdpWindow {
+      w.u64(window.fields.nanoseconds)
+      w.u64(window.fields.bytes)
+    }
+    assert(w.count == length)
     let crc = CRC32C.checksum(w.bytes)
     w.patchU32(crc, at: Self.checksumOffset)
     return w.bytes
@@ -116,9 +135,26 @@ public struct Superblock: Equatable, Sendable {
     guard checkpointPage <= Layout.maxPageAddress, checkpointPage * UInt64(Layout.pageSize) >= dataOffset else {
       throw FormatError(.invalidField, name, "checkpoint page \(checkpointPage) lies outside the segment area")
     }
+    // The extension is read only under its autoclear bit: a writer that did not know the bit
+    // cleared it, and whatever it left after byte 128 is stale.
+    var window: CDPWindow?
+    if features.autoclear & FeatureSet.cdpWindow != 0 {
+      guard length >= cdpWindowEncodedLength else {
+        throw FormatError(
+          .invalidField, name, "the CDP window bit is set but header length \(length) has no room for the window")
+      }
+      let ns = bytes.littleEndian(at: encodedLength, as: UInt64.self)
+      let size = bytes.littleEndian(at: encodedLength + 8, as: UInt64.self)
+      guard let w = CDPWindow(nanoseconds: ns, bytes: size) else {
+        throw FormatError(
+          .invalidField, name, "CDP window of \(ns) ns and \(size) bytes: exactly one of them must be non-zero")
+      }
+      window = w
+    }
     return Superblock(
       features: features, generation: generation, imageID: imageID, blockSize: blockSize,
       segmentSize: segmentSize, dataOffset: dataOffset, checkpointPage: checkpointPage,
-      checkpointSeq: checkpointSeq, checkpointChecksum: checkpointChecksum, createdNanoseconds: created)
+      checkpointSeq: checkpointSeq, checkpointChecksum: checkpointChecksum, createdNanoseconds: created,
+      cdpWindow: window)
   }
 }

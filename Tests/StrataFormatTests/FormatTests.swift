@@ -269,6 +269,7 @@ func encodeRecord(
     sb.checkpointSeq = .max
     sb.checkpointChecksum = .max
     sb.createdNanoseconds = .max
+    sb.cdpWindow = .duration(nanoseconds: .max)  // autoclear bit 0 is the window's
     #expect(try decodeSuperblock(sb.encode()) == sb)
     // Decoding does not judge feature bits; callers check unknownIncompatible.
     #expect(sb.features.unknownIncompatible == .max & ~FeatureSet.knownIncompatible)

@@ -14,8 +14,13 @@ struct CreateCommand: ParsableCommand {
       records its image id and refuses a different one). A relative parent path is taken from \
       the new image's directory, so the pair can move together.
 
+      --cdp-window keeps every point of the timeline inside the window restorable (continuous \
+      data protection): a duration ('30m', '12h', '7d') or a size of log ('512M', '10G'); \
+      'strata set' changes it later, and its help says more.
+
       Examples:
         strata create vm.strata --size 20G
+        strata create vm.strata --size 20G --cdp-window 24h
         strata create vm1.strata --backing golden.strata
       """
   )
@@ -45,6 +50,14 @@ struct CreateCommand: ParsableCommand {
     transform: ByteCount.parse)
   var segmentSize: UInt64?
 
+  @Option(
+    name: .customLong("cdp-window"),
+    help: ArgumentHelp(
+      "Keep every point of this last duration (30m, 12h, 7d) or log size (512M, 10G) restorable (default: none).",
+      valueName: "duration|size"),
+    transform: CDPWindowArgument.parse)
+  var cdpWindow: CDPWindowArgument?
+
   @Flag(help: "Replace the file if it already exists.")
   var force = false
 
@@ -57,6 +70,7 @@ struct CreateCommand: ParsableCommand {
       var options = ImageOptions()
       if let blockSize { options.blockSize = Int(clamping: blockSize) }
       if let segmentSize { options.segmentSize = Int(clamping: segmentSize) }
+      options.cdpWindow = cdpWindow?.window
       let created: StrataImage
       if let backing {
         created = try about(image) {
@@ -70,7 +84,8 @@ struct CreateCommand: ParsableCommand {
       try ImageAccess.withOpened(created, path: image) { try $0.flush() }
       print(
         "Formatting '\(image)', fmt=strata size=\(size) block_size=\(options.blockSize) "
-          + "segment_size=\(options.segmentSize)\(backing.map { " backing_file=\($0)" } ?? "")")
+          + "segment_size=\(options.segmentSize)\(backing.map { " backing_file=\($0)" } ?? "")"
+          + (options.cdpWindow.map { " cdp_window=\(CDPWindowArgument.format($0))" } ?? ""))
     }
   }
 }

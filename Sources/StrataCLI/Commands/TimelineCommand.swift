@@ -8,11 +8,15 @@ struct TimelineCommand: ParsableCommand {
     discussion: """
       Every flush that made writes durable is a point, and so is every named snapshot and \
       checkpoint. `read`, `map` and `convert` take --at SEQ|TIME to use the disk as it was at a \
-      point, and `restore --at` moves the disk back to one. Points stay until the cleaner \
-      reclaims the log they live in. Opens the image read-only.
+      point, and `restore --at` moves the disk back to one. Opens the image read-only.
+
+      Points stay until the segment cleaner reclaims the log they live in. It keeps every \
+      snapshot and every point inside the image's CDP window (`strata set IMAGE --cdp-window`, \
+      shown by `strata info`); points older than the window may be reclaimed.
 
       Example:
         strata timeline vm.strata --since 2026-11-26T09:00:00Z
+        strata timeline vm.strata --since 18000 --output json
         strata read vm.strata --at 18312 --offset 1M --length 4K | hexdump -C
       """
   )

@@ -28,6 +28,12 @@ struct InfoReport: Encodable {
   /// As qemu-img names them: the parent, and the whole chain parent first.
   var backingFilename: String?
   var backingChain: [String]
+  /// The CDP window as `--cdp-window` takes it, its value, and the first seq it keeps now.
+  var cdpWindow: String?
+  var cdpWindowNanoseconds: UInt64?
+  var cdpWindowBytes: UInt64?
+  var cdpRetainedSeq: UInt64?
+  var cdpDescription: String?
 
   enum CodingKeys: String, CodingKey {
     case filename, format, segments, snapshots, created
@@ -51,9 +57,15 @@ struct InfoReport: Encodable {
     case recoveryProblems = "recovery_problems"
     case backingFilename = "backing-filename"
     case backingChain = "backing_chain"
+    case cdpWindow = "cdp_window"
+    case cdpWindowNanoseconds = "cdp_window_ns"
+    case cdpWindowBytes = "cdp_window_bytes"
+    case cdpRetainedSeq = "cdp_retained_seq"
   }
 
-  init(path: String, info: ImageInfo, recoveryNotes: [String], recoveryProblems: [String]) {
+  init(
+    path: String, info: ImageInfo, recoveryNotes: [String], recoveryProblems: [String], cdpRetainedSeq: UInt64? = nil
+  ) {
     filename = path
     formatVersion = info.formatVersion
     virtualSize = info.virtualSize
@@ -78,6 +90,15 @@ struct InfoReport: Encodable {
     self.recoveryProblems = recoveryProblems
     backingFilename = info.backingChain.first
     backingChain = info.backingChain
+    if let window = info.cdpWindow {
+      cdpWindow = CDPWindowArgument.format(window)
+      switch window {
+      case .duration(let ns): cdpWindowNanoseconds = ns
+      case .size(let bytes): cdpWindowBytes = bytes
+      }
+      self.cdpRetainedSeq = cdpRetainedSeq
+      cdpDescription = CDPWindowArgument.describe(window)
+    }
   }
 
   /// qemu-img info style: `label: value`, sizes both human and in bytes.
@@ -105,6 +126,10 @@ struct InfoReport: Encodable {
     if let backingFilename {
       lines.append("backing file: \(backingFilename)")
       if backingChain.count > 1 { lines.append("backing chain: \(backingChain.count) images") }
+    }
+    if let cdpWindow, let cdpDescription {
+      lines.append("cdp window: \(cdpWindow) (\(cdpDescription))")
+      if let cdpRetainedSeq { lines.append("cdp window keeps: seq \(cdpRetainedSeq) on") }
     }
     if incompatibleFeatures != 0 || compatibleFeatures != 0 {
       lines.append("features: incompatible \(hex(incompatibleFeatures)), compatible \(hex(compatibleFeatures))")
