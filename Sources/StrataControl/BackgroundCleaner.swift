@@ -23,22 +23,19 @@ public final class BackgroundCleaner: @unchecked Sendable {
   /// …and at least this many bytes.
   let triggerBytes: UInt64
   let options: CompactOptions
-  let retainFromSeq: @Sendable (StrataImage) throws -> UInt64?
   private var thread: WorkerThread?
   private let lock = NSLock()
   private var totalsValue = Totals()
 
   public init(
     image: SharedImage, logger: Logger, triggerRatio: Double = 0.25, triggerBytes: UInt64 = 64 << 20,
-    options: CompactOptions = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8),
-    retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
+    options: CompactOptions = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8)
   ) {
     self.image = image
     self.logger = logger
     self.triggerRatio = triggerRatio
     self.triggerBytes = triggerBytes
     self.options = options
-    self.retainFromSeq = retainFromSeq
   }
 
   public var totals: Totals { lock.withLock { totalsValue } }
@@ -70,8 +67,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
           guard space.garbageBytes >= triggerBytes,
             Double(space.garbageBytes) >= triggerRatio * Double(space.sealedBytes)
           else { return nil }
-          var options = self.options
-          options.retainFromSeq = try retainFromSeq(img)
+          // The pass keeps the image's protection window by itself.
           return try CleaningPass(img, options: options)
         }
         guard let pass else {

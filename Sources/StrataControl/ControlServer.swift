@@ -22,17 +22,13 @@ public final class ControlServer: @unchecked Sendable {
     public var status: @Sendable () -> [String: any Sendable]
     /// Called after the image grew, to tell the clients (the guest) about it.
     public var resized: @Sendable (UInt64) -> Void
-    /// The oldest point the cleaner must keep restorable (the protection window), if any.
-    public var retainFromSeq: @Sendable (StrataImage) throws -> UInt64?
 
     public init(
       status: @escaping @Sendable () -> [String: any Sendable] = { [:] },
-      resized: @escaping @Sendable (UInt64) -> Void = { _ in },
-      retainFromSeq: @escaping @Sendable (StrataImage) throws -> UInt64? = { _ in nil }
+      resized: @escaping @Sendable (UInt64) -> Void = { _ in }
     ) {
       self.status = status
       self.resized = resized
-      self.retainFromSeq = retainFromSeq
     }
   }
 
@@ -194,7 +190,7 @@ public final class ControlServer: @unchecked Sendable {
         // A whole pass under the image lock: the guest waits for it (the background cleaner
         // takes small steps instead).
         let report = try image.with { img in
-          try img.compact(CompactOptions(retainFromSeq: try hooks.retainFromSeq(img)))
+          try img.compact()
         }
         logger.info("control: compact freed \(report.segmentsFreed) segments")
         return [

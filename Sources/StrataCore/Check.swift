@@ -104,7 +104,7 @@ extension StrataImage {
         state.report.errors.append("\(label) cannot be read: \(e.message)")
       }
     }
-    checkLog(state)
+    checkLog(state, retainedFromSeq: try? cdpRetainedSeq())
     progress?(1)
 
     state.report.lostRanges = lostHead.map { "bytes \($0.0 * UInt64(blockSize))..<\($0.1 * UInt64(blockSize))" }

@@ -221,6 +221,36 @@ struct CleanerTests {
     try reopened.close()
   }
 
+  /// A freed segment waits for the reads planned before it was freed (a queue's reads run
+  /// outside the image lock), and only for those.
+  @Test func freedSegmentsWaitForOlderReads() {
+    let reclaim = Reclaim()
+    let queue = ReadEpochs()
+    let other = ReadEpochs()
+    reclaim.register(queue)
+    reclaim.register(other)
+    let early = queue.begin(reclaim.epoch)  // planned before the segment is freed
+    reclaim.release([7])
+    #expect(reclaim.takeReusable() == nil, "a read from before the release is in flight")
+    let late = other.begin(reclaim.epoch)  // planned after: cannot target segment 7
+    #expect(reclaim.takeReusable() == nil)
+    queue.end(early)
+    #expect(reclaim.takeReusable() == 7, "only the later read is in flight")
+    reclaim.reusable.removeAll { $0 == 7 }
+    // Reads spanning several epochs: the oldest one in flight counts.
+    let a = queue.begin(reclaim.epoch)
+    reclaim.release([3])
+    let b = queue.begin(reclaim.epoch)
+    reclaim.release([4])
+    queue.end(b)
+    #expect(reclaim.takeReusable() == nil, "the read planned before both releases is in flight")
+    queue.end(a)
+    other.end(late)
+    #expect(reclaim.takeReusable() == 3)
+    #expect(reclaim.reusable == [3, 4])
+    queue.reset()
+  }
+
   /// `check` walks the log from its start: a damaged record before the last checkpoint (which
   /// recovery never reads) breaks the points after it, and check says so.
   @Test func checkFindsABreakInTheLog() throws {
