@@ -29,7 +29,7 @@ public final class BackgroundCleaner: @unchecked Sendable {
 
   public init(
     image: SharedImage, logger: Logger, triggerRatio: Double = 0.25, triggerBytes: UInt64 = 64 << 20,
-    options: CompactOptions = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8)
+    options: CompactOptions = .background
   ) {
     self.image = image
     self.logger = logger
@@ -74,8 +74,9 @@ public final class BackgroundCleaner: @unchecked Sendable {
           interval = Self.minInterval
           continue
         }
-        // One segment per step under the lock; the guest's requests run in between.
-        while try image.with({ try pass.step($0) }) {
+        // One segment per step, its blocks read outside the lock; the guest's requests run in
+        // between.
+        while try pass.step(shared: image) {
           if poll(&fds, 1, 0) != 0 { return }
         }
         let report = pass.report

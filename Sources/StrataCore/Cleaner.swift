@@ -13,6 +13,10 @@ public struct CompactOptions: Sendable {
   public var retainFromSeq: UInt64?
   /// Free segments kept allocated for the log to reuse; the rest are punched out of the file.
   public var keepAllocated: Int
+  /// Write a checkpoint before choosing victims, so that every sealed segment qualifies;
+  /// without it only segments sealed before the last checkpoint do, and a checkpoint is
+  /// written only when several segments were sealed since (a background pass saves the sync).
+  public var checkpointFirst = true
 
   public init(maxSegments: Int = .max, maxLiveRatio: Double = 0.9, retainFromSeq: UInt64? = nil, keepAllocated: Int = 0)
   {
@@ -21,6 +25,16 @@ public struct CompactOptions: Sendable {
     self.maxLiveRatio = maxLiveRatio
     self.retainFromSeq = retainFromSeq
     self.keepAllocated = keepAllocated
+  }
+}
+
+extension CompactOptions {
+  /// Small passes for a served image: a few segments, only those worth copying, a reserve of
+  /// free segments kept allocated, no checkpoint of its own before choosing.
+  public static var background: CompactOptions {
+    var o = CompactOptions(maxSegments: 8, maxLiveRatio: 0.75, keepAllocated: 8)
+    o.checkpointFirst = false
+    return o
   }
 }
 
@@ -199,17 +213,15 @@ extension StrataImage {
   /// Segments evacuated between two checkpoints of a pass.
   static let compactBatch = 16
 
-  /// Copies the head's live blocks out of `segment` (as ordinary WRITEs) and marks the head's
-  /// metadata pages in it for rewriting at the next checkpoint.
-  func evacuate(segment s: Int) throws -> (blocks: Int, metadata: Int, catalogPages: Bool) {
+  /// Finds what the head still needs in `segment`: marks its metadata pages there for rewriting
+  /// at the next checkpoint and lists its live data blocks, to be read (`readEvacuation`, which
+  /// may run outside the image lock) and written again (`finishEvacuation`).
+  func planEvacuation(segment s: Int) throws -> Evacuation {
     let ppb = geometry.pagesPerBlock
     let bs = geometry.blockSize
-    var blocks = 0
-    var metadata = 0
-    var catalogPages = false
+    let plan = Evacuation(segment: s)
     var page = geometry.firstPage(ofSegment: s)
     let end = page + UInt64(geometry.pagesPerSegment)
-    var buffer = [UInt8]()
     // Blocks past the disk (written before a shrink) are not the head's.
     let diskBlocks = (virtualSize + UInt64(bs) - 1) / UInt64(bs)
     while page < end, let stored = try pages.record(at: page) {
@@ -227,23 +239,11 @@ extension StrataImage {
               j += 1
             }
             if j > i {
-              let count = j - i
-              if buffer.count < count * bs { buffer = [UInt8](repeating: 0, count: count * bs) }
-              try buffer.withUnsafeMutableBytes { raw in
-                let run = UnsafeMutableRawBufferPointer(rebasing: raw[..<(count * bs)])
-                try pages.readPages(payload + UInt64(i * ppb), count * ppb, into: run)
-                for k in 0..<count
-                where CRC32C.checksum(UnsafeRawBufferPointer(rebasing: run[(k * bs)..<((k + 1) * bs)]))
-                  != checksums[i + k]
-                {
-                  throw StrataError(
-                    .dataCorrupt,
-                    "block \(first + UInt64(i + k)) in segment \(s) failed its checksum: the cleaner leaves the segment as it is (run check)"
-                  )
-                }
-                try writeBlocks(first + UInt64(i), UnsafeRawBufferPointer(run), count: count)
-              }
-              blocks += count
+              plan.runs.append(
+                Evacuation.Run(
+                  first: first + UInt64(i), page: payload + UInt64(i * ppb), checksums: Array(checksums[i..<j]),
+                  offset: plan.blocks * bs))
+              plan.blocks += j - i
             }
             i = max(j, i + 1)
           }
@@ -252,14 +252,14 @@ extension StrataImage {
             let p = payload + UInt64(k)
             switch d.kind {
             case .mapNode:
-              if try map.relocateNode(level: Int(d.level), index: d.key, from: p) { metadata += 1 }
+              if try map.relocateNode(level: Int(d.level), index: d.key, from: p) { plan.metadata += 1 }
             case .usage:
               if d.key < UInt64(usage.pageRefs.count), usage.pageRefs[Int(d.key)].page == p {
                 usage.touchPage(Int(d.key))
-                metadata += 1
+                plan.metadata += 1
               }
             case .catalogSeqNode, .catalogNameNode, .catalog:
-              catalogPages = true
+              plan.catalogPages = true
             }
           }
         default:
@@ -270,8 +270,54 @@ extension StrataImage {
       if case .seal = stored.record.ops.last { break }
       page = stored.endPage
     }
+    return plan
+  }
+
+  /// Reads the blocks `plan` lists with `read` (page-aligned buffer, byte offset) and verifies
+  /// them: a damaged block stops the cleaner rather than being copied forward.
+  static func readEvacuation(
+    _ plan: Evacuation, geometry g: Geometry, read: (UnsafeMutableRawBufferPointer, UInt64) throws -> Void
+  ) throws {
+    let bs = g.blockSize
+    for run in plan.runs {
+      let bytes = UnsafeMutableRawBufferPointer(
+        rebasing: plan.data[run.offset..<(run.offset + run.checksums.count * bs)])
+      try read(bytes, Geometry.byteOffset(ofPage: run.page))
+      for (k, c) in run.checksums.enumerated()
+      where CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[(k * bs)..<((k + 1) * bs)])) != c {
+        throw StrataError(
+          .dataCorrupt,
+          "block \(run.first + UInt64(k)) in segment \(plan.segment) failed its checksum: the cleaner leaves the segment as it is (run check)"
+        )
+      }
+    }
+  }
+
+  /// Writes again the blocks of `plan` that the head still maps where the plan found them (a
+  /// guest may have overwritten some since); returns how many it wrote.
+  func finishEvacuation(_ plan: Evacuation) throws -> Int {
+    let ppb = geometry.pagesPerBlock
+    let bs = geometry.blockSize
+    var copied = 0
+    for run in plan.runs {
+      var i = 0
+      while i < run.checksums.count {
+        var j = i
+        while j < run.checksums.count {
+          let e = try map.entry(run.first + UInt64(j))
+          guard e.state == .data, e.page == run.page + UInt64(j * ppb), e.checksum == run.checksums[j] else { break }
+          j += 1
+        }
+        if j > i {
+          let bytes = UnsafeRawBufferPointer(rebasing: plan.data[(run.offset + i * bs)..<(run.offset + j * bs)])
+          try writeBlocks(run.first + UInt64(i), bytes, count: j - i)
+          copied += j - i
+        }
+        i = max(j, i + 1)
+      }
+    }
     try checkpointIfDue()
-    return (blocks, metadata, catalogPages)
+    return copied
   }
 
   /// Sets the segment-reuse bit in a superblock that still names the last durable checkpoint,
@@ -313,7 +359,8 @@ public final class CleaningPass {
 
   public var progress: Double { victims.isEmpty ? 1 : Double(position) / Double(victims.count) }
 
-  /// Decides the victims. Writes a checkpoint (C0) first: victims hold only records before it.
+  /// Decides the victims, which hold only records before the last checkpoint (C0; written now
+  /// with `checkpointFirst`).
   public init(_ image: StrataImage, options: CompactOptions = CompactOptions()) throws {
     try image.checkWritable()
     guard let writer = image.writer else { throw StrataError(.readOnly, "the image is open read-only") }
@@ -323,7 +370,9 @@ public final class CleaningPass {
       options.retainFromSeq = min(options.retainFromSeq ?? window, window)
     }
     self.options = options
-    try image.checkpoint()
+    // Segments sealed after the last checkpoint cannot be victims: checkpoint when enough are.
+    let sealedSince = image.usage.entries.lazy.filter { $0.isSealed && $0.lastSeq > image.lastCheckpointSeq }.count
+    if options.checkpointFirst || sealedSince >= min(options.maxSegments, 4) { try image.checkpoint() }
     let chain = try image.checkpointChain()
     guard let c0 = chain.first else { preconditionFailure("an open image has a checkpoint") }
     let pins = Pins(image: image, chain: chain)
@@ -391,13 +440,11 @@ public final class CleaningPass {
   /// Does the next piece of work; false once the pass is over.
   public func step(_ image: StrataImage) throws -> Bool {
     try image.checkWritable()
-    if position < victims.count && batch.count < StrataImage.compactBatch {
-      let moved = try image.evacuate(segment: victims[position])
-      report.blocksCopied += moved.blocks
-      report.metadataPagesMoved += moved.metadata
-      batchHoldsCatalogPages = batchHoldsCatalogPages || moved.catalogPages
-      batch.append(victims[position])
-      position += 1
+    if let plan = try planNext(image) {
+      try StrataImage.readEvacuation(plan, geometry: image.geometry) { buffer, offset in
+        try image.pages.readPages(offset / UInt64(Layout.pageSize), buffer.count / Layout.pageSize, into: buffer)
+      }
+      report.blocksCopied += try image.finishEvacuation(plan)
       return true
     }
     if !batch.isEmpty {
@@ -415,6 +462,42 @@ public final class CleaningPass {
       report.bytesPunched += UInt64(image.geometry.segmentSize)
     }
     return false
+  }
+
+  /// The same step on a served image: the lock is taken for planning and for writing, and the
+  /// evacuated blocks are read outside it (the guest's requests run meanwhile).
+  public func step(shared: SharedImage) throws -> Bool {
+    let planned = try shared.with { image -> (Evacuation, AnyThreadIO?, Geometry)? in
+      guard let plan = try planNext(image) else { return nil }
+      return (plan, image.storage.anyThreadIO, image.geometry)
+    }
+    guard let (plan, io, geometry) = planned else { return try shared.with { try step($0) } }
+    if let read = io?.read {
+      // The victim cannot be freed or reused before this pass frees it: no lock needed.
+      try StrataImage.readEvacuation(plan, geometry: geometry, read: read)
+      report.blocksCopied += try shared.with { try $0.finishEvacuation(plan) }
+    } else {
+      try shared.with { image in
+        try StrataImage.readEvacuation(plan, geometry: geometry) { buffer, offset in
+          try image.pages.readPages(offset / UInt64(Layout.pageSize), buffer.count / Layout.pageSize, into: buffer)
+        }
+        report.blocksCopied += try image.finishEvacuation(plan)
+      }
+    }
+    return true
+  }
+
+  /// Plans the evacuation of the next victim, if one is due (under the image lock).
+  private func planNext(_ image: StrataImage) throws -> Evacuation? {
+    try image.checkWritable()
+    guard position < victims.count && batch.count < StrataImage.compactBatch else { return nil }
+    let plan = try image.planEvacuation(segment: victims[position])
+    plan.allocate(blockSize: image.geometry.blockSize)
+    report.metadataPagesMoved += plan.metadata
+    batchHoldsCatalogPages = batchHoldsCatalogPages || plan.catalogPages
+    batch.append(victims[position])
+    position += 1
+    return plan
   }
 
   /// Frees the evacuated batch: C1 (which refers to nothing in it), checks what changed since
@@ -540,6 +623,34 @@ private final class Pins {
     }
     return out
   }
+}
+
+/// The head's data still in a victim segment, on its way to the log's end.
+final class Evacuation {
+  struct Run {
+    var first: UInt64
+    var page: UInt64
+    var checksums: [UInt32]
+    /// Where the run's bytes go in `data`.
+    var offset: Int
+  }
+
+  let segment: Int
+  var runs: [Run] = []
+  var blocks = 0
+  var metadata = 0
+  var catalogPages = false
+  /// The runs' bytes (page aligned, for O_DIRECT reads), allocated by `allocate`.
+  private(set) var data = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+
+  init(segment: Int) { self.segment = segment }
+
+  func allocate(blockSize: Int) {
+    precondition(data.baseAddress == nil)
+    data = .allocate(byteCount: max(blocks * blockSize, Layout.pageSize), alignment: Layout.pageSize)
+  }
+
+  deinit { data.deallocate() }
 }
 
 /// Ranges sorted and merged where they overlap or touch.

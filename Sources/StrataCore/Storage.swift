@@ -49,13 +49,17 @@ public protocol ImageStorage: AnyObject {
 public struct AnyThreadIO: Sendable {
   public var write: @Sendable (_ bytes: UnsafeRawBufferPointer, _ offset: UInt64) throws -> Void
   public var sync: @Sendable () throws -> Void
+  /// Fills the whole buffer (page aligned) from `offset`; a short file is an error.
+  public var read: (@Sendable (_ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) throws -> Void)?
 
   public init(
     write: @escaping @Sendable (UnsafeRawBufferPointer, UInt64) throws -> Void,
-    sync: @escaping @Sendable () throws -> Void
+    sync: @escaping @Sendable () throws -> Void,
+    read: (@Sendable (UnsafeMutableRawBufferPointer, UInt64) throws -> Void)? = nil
   ) {
     self.write = write
     self.sync = sync
+    self.read = read
   }
 }
 
@@ -339,6 +343,21 @@ public final class FileStorage: ImageStorage {
       },
       sync: {
         if Self.retrying({ fdatasync(fd) }) != 0 { throw StrataError.system("fdatasync", path, errno: Glibc.errno) }
+      },
+      read: { buffer, offset in
+        var done = 0
+        while done < buffer.count {
+          let n = Self.retrying {
+            pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+          }
+          guard n > 0 else {
+            if n == 0 {
+              throw StrataError(.corrupt, "image file is truncated: byte \(offset + UInt64(done)) lies past its end")
+            }
+            throw StrataError.system("pread", path, errno: Glibc.errno)
+          }
+          done += n
+        }
       })
   }
 

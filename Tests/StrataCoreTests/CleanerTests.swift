@@ -170,8 +170,8 @@ struct CleanerTests {
   /// A pass in steps while the disk keeps changing in between (as `strata serve` runs it):
   /// snapshots taken mid-pass and, with a window, every flush point made mid-pass stay exactly
   /// readable, although their trees reference segments the pass was emptying.
-  @Test(arguments: [false, true])
-  func stepsInterleavedWithWritesAndSnapshots(window: Bool) throws {
+  @Test(arguments: [(false, false), (true, false), (false, true)])
+  func stepsInterleavedWithWritesAndSnapshots(window: Bool, shared: Bool) throws {
     let path = temporaryDirectory() + "/i.strata"
     let blocks = 512
     let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
@@ -181,11 +181,13 @@ struct CleanerTests {
     for _ in 0..<8 { try disk.overwrite(image, count: blocks) }
     try image.flush()
     let start = try #require(try image.timeline().last).seq
+    // Shared: the background cleaner's way, reading the copied blocks outside the lock.
+    let sharedImage = SharedImage(image)
     let pass = try CleaningPass(image, options: CompactOptions(retainFromSeq: window ? start : nil))
     var snapshots: [(String, Disk)] = []
     var points: [(UInt64, Disk)] = []
     var steps = 0
-    while try pass.step(image) {
+    while try shared ? pass.step(shared: sharedImage) : pass.step(image) {
       steps += 1
       try disk.overwrite(image, count: 24)
       try image.flush()
