@@ -7,7 +7,7 @@ import StrataCore
 /// garbage. A pass takes the image lock one step at a time (one segment copied, or a batch
 /// freed), so the guest's requests run between steps; a pass that frees nothing (what is left
 /// is pinned by snapshots or the protection window, or too full to be worth copying) backs off.
-public final class BackgroundCleaner: @unchecked Sendable {
+public final class BackgroundCleaner: BackgroundWorker, @unchecked Sendable {
   /// What the cleaner did since the server started (the control socket's `status`).
   public struct Totals: Sendable {
     public var passes = 0
@@ -23,7 +23,6 @@ public final class BackgroundCleaner: @unchecked Sendable {
   /// …and at least this many bytes.
   let triggerBytes: UInt64
   let options: CompactOptions
-  private var thread: WorkerThread?
   private let lock = NSLock()
   private var totalsValue = Totals()
 
@@ -40,21 +39,10 @@ public final class BackgroundCleaner: @unchecked Sendable {
 
   public var totals: Totals { lock.withLock { totalsValue } }
 
-  public func start() {
-    let t = WorkerThread { [self] stopFd in run(stopFd) }
-    thread = t
-    t.start()
-  }
-
-  public func stop() {
-    thread?.stop()
-    thread = nil
-  }
-
   static let minInterval: UInt64 = 250_000_000
   static let maxInterval: UInt64 = 30_000_000_000
 
-  private func run(_ stopFd: Int32) {
+  override func run(_ stopFd: Int32) {
     var fds = [pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]
     var interval = Self.minInterval
     while true {

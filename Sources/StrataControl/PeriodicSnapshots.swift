@@ -6,14 +6,13 @@ import StrataCore
 /// `strata serve --snapshot-every DURATION`: continuous protection by a snapshot per period,
 /// named `auto-<RFC 3339 time>`, each holding every write acknowledged before it and durable
 /// before the next period starts; optionally only the newest `keepLast` auto snapshots stay.
-public final class PeriodicSnapshots: @unchecked Sendable {
+public final class PeriodicSnapshots: BackgroundWorker, @unchecked Sendable {
   public static let prefix = "auto-"
 
   let image: SharedImage
   let intervalNanoseconds: UInt64
   let keepLast: Int
   let logger: Logger
-  private var thread: WorkerThread?
 
   public init(image: SharedImage, intervalNanoseconds: UInt64, keepLast: Int, logger: Logger) {
     precondition(intervalNanoseconds >= 1_000_000 && keepLast >= 0)
@@ -23,18 +22,7 @@ public final class PeriodicSnapshots: @unchecked Sendable {
     self.logger = logger
   }
 
-  public func start() {
-    let t = WorkerThread { [self] stopFd in run(stopFd) }
-    thread = t
-    t.start()
-  }
-
-  public func stop() {
-    thread?.stop()
-    thread = nil
-  }
-
-  private func run(_ stopFd: Int32) {
+  override func run(_ stopFd: Int32) {
     let formatter = ISO8601DateFormatter()
     formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
     var fds = [pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)]

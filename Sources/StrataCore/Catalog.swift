@@ -117,6 +117,7 @@ final class Catalog {
     }
     count += 1
     isDirty = true
+    bases?[e.baseCheckpoint, default: .empty].include(e.seq)
     return true
   }
 
@@ -127,7 +128,53 @@ final class Catalog {
     }
     count -= 1
     isDirty = true
+    if let range = bases?[e.baseCheckpoint] {
+      if range.count == 1 {
+        bases?[e.baseCheckpoint] = nil
+      } else if seq == range.first || seq == range.last {
+        // The snapshots of one base are consecutive by seq: rescan just them.
+        var fresh = BaseRange.empty
+        try bySeq.scan(from: range.first) { other in
+          guard other.seq <= range.last else { return false }
+          if other.baseCheckpoint == e.baseCheckpoint { fresh.include(other.seq) }
+          return true
+        }
+        bases?[e.baseCheckpoint] = fresh
+      } else {
+        bases?[e.baseCheckpoint]?.count -= 1
+      }
+    }
     return e
+  }
+
+  // MARK: Base checkpoints
+
+  /// The snapshots that replay from one base checkpoint: how many, and the first and last seq.
+  struct BaseRange: Equatable {
+    var count: Int
+    var first: UInt64
+    var last: UInt64
+
+    static let empty = BaseRange(count: 0, first: .max, last: 0)
+
+    mutating func include(_ seq: UInt64) {
+      count += 1
+      first = min(first, seq)
+      last = max(last, seq)
+    }
+  }
+
+  /// Kept up to date once built: the cleaner asks for it every pass, and building it reads the
+  /// whole catalog.
+  private var bases: [UInt64: BaseRange]?
+
+  /// The base checkpoints the snapshots replay from (page → range), built on first use.
+  func baseRanges() throws -> [UInt64: BaseRange] {
+    if let bases { return bases }
+    var built: [UInt64: BaseRange] = [:]
+    try forEach { built[$0.baseCheckpoint, default: .empty].include($0.seq) }
+    bases = built
+    return built
   }
 
   /// Copies the stored nodes whose pages `moves` selects, to be written elsewhere at the next

@@ -320,18 +320,6 @@ extension StrataImage {
     return copied
   }
 
-  /// Sets the segment-reuse bit in a superblock that still names the last durable checkpoint,
-  /// before the first checkpoint that marks a segment free (as for the catalog tree).
-  func enableSegmentReuse() throws {
-    guard superblock.features.incompatible & FeatureSet.segmentReuse == 0 else { return }
-    var sb = superblock
-    sb.generation += 1
-    sb.features.incompatible |= FeatureSet.segmentReuse
-    sb.features.autoclear &= FeatureSet.knownAutoclear
-    try writeSuperblock(sb)
-    try storage.sync()
-    superblock = sb
-  }
 }
 
 /// One cleaning pass in steps, each run under the image lock: `init` decides what may be freed,
@@ -383,9 +371,9 @@ public final class CleaningPass {
     // need the whole tail; a RESTORE inside any of these needs its own base and range too.
     var bases: [UInt64] = []
     var ranges: [Range<UInt64>] = []
-    try image.catalog.forEach { e in
-      bases.append(e.baseCheckpoint)
-      ranges.append(try pins.checkpoint(at: e.baseCheckpoint).seq..<e.seq)
+    for (base, snapshots) in try image.catalog.baseRanges() {
+      bases.append(base)
+      ranges.append(try pins.checkpoint(at: base).seq..<snapshots.last)
     }
     var tail = c0
     if let from = options.retainFromSeq {
@@ -540,7 +528,7 @@ public final class CleaningPass {
     }
     report.segmentsPinned += batch.count - freed.count
     guard !freed.isEmpty else { return }
-    try image.enableSegmentReuse()
+    try image.enableIncompatibleFeature(FeatureSet.segmentReuse)
     for s in freed {
       report.bytesReclaimed += UInt64(image.usage.entries[s].writtenPages) * UInt64(Layout.pageSize)
       image.usage.markFree(s)

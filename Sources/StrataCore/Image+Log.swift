@@ -407,7 +407,7 @@ extension StrataImage {
         UnsafeRawBufferPointer(node.bytes),
         descriptor: PageDescriptor(kind: .mapNode, level: UInt8(level), checksum: checksum, key: index))
     }
-    if catalog.needsTreeFormat { try enableCatalogTree() }
+    if catalog.needsTreeFormat { try enableIncompatibleFeature(FeatureSet.catalogTree) }
     _ = try catalog.write { kind, bytes in
       let checksum = bytes.withUnsafeBytes { pageChecksum(kind: kind, level: 0, key: 0, $0) }
       let page = try bytes.withUnsafeBytes {
@@ -462,14 +462,15 @@ extension StrataImage {
       catalogFormat: catalog.stored.format, logStart: logStart)
   }
 
-  /// Sets the catalog-tree incompatible bit in a superblock that still names the last durable
-  /// checkpoint, before the first tree page reaches the log: a reader that does not know the
-  /// tree then refuses the image instead of cutting the log at the first tree page.
-  private func enableCatalogTree() throws {
-    guard superblock.features.incompatible & FeatureSet.catalogTree == 0 else { return }
+  /// Sets an incompatible feature bit in a superblock that still names the last durable
+  /// checkpoint, before the first structure that needs it reaches the log: a reader that does
+  /// not know the feature then refuses the image instead of misreading it (CATALOG_TREE before
+  /// the first tree page, SEGMENT_REUSE before the first checkpoint that frees a segment).
+  func enableIncompatibleFeature(_ bit: UInt64) throws {
+    guard superblock.features.incompatible & bit == 0 else { return }
     var sb = superblock
     sb.generation += 1
-    sb.features.incompatible |= FeatureSet.catalogTree
+    sb.features.incompatible |= bit
     sb.features.autoclear &= FeatureSet.knownAutoclear
     try writeSuperblock(sb)
     try storage.sync()
