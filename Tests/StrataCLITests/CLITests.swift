@@ -473,7 +473,8 @@ struct CLITests {
 
   @Test(arguments: [
     [], ["create"], ["info"], ["map"], ["read"], ["write"], ["snapshot"], ["snapshot", "create"],
-    ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "restore"], ["convert"], ["resize"],
+    ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "restore"], ["convert"], ["resize"], ["clone"],
+    ["branch"], ["branch", "list"], ["branch", "delete"],
   ])
   func help(_ command: [String]) throws {
     let box = try Sandbox()

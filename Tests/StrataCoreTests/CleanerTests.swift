@@ -46,6 +46,21 @@ private struct Disk {
   }
 }
 
+/// Opens the image at `path` again and expects `disk` and a clean check.
+private func verifyReopened(_ path: String, _ disk: Disk, _ what: String) throws {
+  let reopened = try StrataImage.open(path: path)
+  defer { try? reopened.close() }
+  try disk.verify({ try reopened.read(at: $0, count: $1) }, what)
+  let check = try reopened.check()
+  #expect(check.result == .clean, "\(what): \(check.errors) \(check.leaks)")
+}
+
+/// A new image of `blocks` 4 KiB blocks with 1 MiB segments, in a directory of its own.
+private func makeImage(_ name: String, blocks: Int) throws -> (path: String, image: StrataImage) {
+  let path = temporaryDirectory() + "/" + name
+  return (path, try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments()))
+}
+
 private func smallSegments() -> ImageOptions {
   var o = ImageOptions()
   o.segmentSize = Layout.minSegmentSize
@@ -104,9 +119,8 @@ struct CleanerTests {
   /// A snapshot keeps what it needs: its blocks stay readable through any number of passes,
   /// and deleting it lets the next pass free them.
   @Test func snapshotsPinTheirData() throws {
-    let path = temporaryDirectory() + "/s.strata"
     let blocks = 512
-    let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
+    let (path, image) = try makeImage("s.strata", blocks: blocks)
     var disk = Disk(blocks: blocks, seed: 2)
     try disk.overwrite(image, count: 2 * blocks)
     let old = disk
@@ -132,18 +146,14 @@ struct CleanerTests {
       "deleting the snapshot freed nothing")
     try disk.verify({ try image.read(at: $0, count: $1) }, "head after delete")
     try image.close()
-    let reopened = try StrataImage.open(path: path)
-    try disk.verify({ try reopened.read(at: $0, count: $1) }, "reopened")
-    #expect(try reopened.check().result == .clean)
-    try reopened.close()
+    try verifyReopened(path, disk, "reopened")
   }
 
   /// Points at or after `retainFromSeq` stay restorable; without it the next pass may drop
   /// them, and then asking for one fails clearly instead of returning other data.
   @Test func retainedWindowAndLogStart() throws {
-    let path = temporaryDirectory() + "/w.strata"
     let blocks = 256
-    let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
+    let (_, image) = try makeImage("w.strata", blocks: blocks)
     var disk = Disk(blocks: blocks, seed: 3)
     try disk.overwrite(image, count: 2 * blocks)
     try image.flush()
@@ -172,9 +182,8 @@ struct CleanerTests {
   /// readable, although their trees reference segments the pass was emptying.
   @Test(arguments: [(false, false), (true, false), (false, true)])
   func stepsInterleavedWithWritesAndSnapshots(window: Bool, shared: Bool) throws {
-    let path = temporaryDirectory() + "/i.strata"
     let blocks = 512
-    let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
+    let (path, image) = try makeImage("i.strata", blocks: blocks)
     var disk = Disk(blocks: blocks, seed: window ? 8 : 7)
     // Enough rounds that the oldest segments hold nothing live: a snapshot or a window point
     // taken mid-pass pins what the head held then (victims not yet evacuated), not those.
@@ -217,10 +226,7 @@ struct CleanerTests {
     #expect(try image.compact().segmentsFreed > 0)
     try disk.verify({ try image.read(at: $0, count: $1) }, "head after the second pass")
     try image.close()
-    let reopened = try StrataImage.open(path: path)
-    try disk.verify({ try reopened.read(at: $0, count: $1) }, "reopened")
-    #expect(try reopened.check().result == .clean)
-    try reopened.close()
+    try verifyReopened(path, disk, "reopened")
   }
 
   /// A freed segment waits for the reads planned before it was freed (a queue's reads run
@@ -286,9 +292,8 @@ struct CleanerTests {
   /// `check` walks the log from its start: a damaged record before the last checkpoint (which
   /// recovery never reads) breaks the points after it, and check says so.
   @Test func checkFindsABreakInTheLog() throws {
-    let path = temporaryDirectory() + "/b.strata"
     let blocks = 1024
-    let image = try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments())
+    let (path, image) = try makeImage("b.strata", blocks: blocks)
     var disk = Disk(blocks: blocks, seed: 6)
     try disk.overwrite(image, count: 2 * blocks)
     try image.flush()
