@@ -28,6 +28,8 @@ public struct StrataCommand: ParsableCommand {
       TimelineCommand.self,
       RestoreCommand.self,
       DiffCommand.self,
+      CloneCommand.self,
+      BranchCommand.self,
       ConvertCommand.self,
       ResizeCommand.self,
       InspectCommand.self,

@@ -36,20 +36,30 @@ extension StrataImage {
     path: String, backing parentPath: String, virtualSize: UInt64? = nil, options: ImageOptions = ImageOptions(),
     overwrite: Bool = false
   ) throws -> StrataImage {
-    let parent = try openParent(parentPath, relativeTo: path, depth: 1, options: options)
+    let parent = try openParent(parentPath, relativeTo: path, depth: 1, options: options, locked: true)
     let descriptor = BackingDescriptor(
       path: parentPath, parentImageID: parent.superblock.imageID, parentSize: parent.size)
+    return try create(
+      path: path, descriptor: descriptor, backing: Backing(descriptor: descriptor, image: parent),
+      virtualSize: virtualSize, options: options, overwrite: overwrite)
+  }
+
+  /// Creates a child over an attached parent (closed here when creation fails).
+  static func create(
+    path: String, descriptor: BackingDescriptor, backing: Backing, virtualSize: UInt64?, options: ImageOptions,
+    overwrite: Bool
+  ) throws -> StrataImage {
     let child: StrataImage
     do {
       var childOptions = options
       childOptions.backing = descriptor
       child = try create(
-        path: path, virtualSize: virtualSize ?? parent.size, options: childOptions, overwrite: overwrite)
+        path: path, virtualSize: virtualSize ?? backing.size, options: childOptions, overwrite: overwrite)
     } catch {
-      try? parent.close()
+      try? backing.image.close()
       throw error
     }
-    child.backing = Backing(descriptor: descriptor, image: parent)
+    child.backing = backing
     return child
   }
 
@@ -75,55 +85,99 @@ extension StrataImage {
   }
 
   /// Opens the parent named by `descriptor` for the image at `childPath` and checks it is the
-  /// image the child was made from.
+  /// image the child was made from. A child over a point (a branch) reads only the snapshot's
+  /// view, which is immutable log data, so its parent is opened without the file lock: a branch
+  /// can be read while its parent is served or written, and does not keep the parent from
+  /// being opened for writing.
   static func attachParent(_ descriptor: BackingDescriptor, childPath: String, depth: Int, options: ImageOptions) throws
     -> Backing
   {
-    let parent = try openParent(descriptor.path, relativeTo: childPath, depth: depth, options: options)
-    guard parent.superblock.imageID == descriptor.parentImageID else {
+    let parent = try openParent(
+      descriptor.path, relativeTo: childPath, depth: depth, options: options, locked: descriptor.point == nil)
+    do {
+      guard parent.superblock.imageID == descriptor.parentImageID else {
+        throw StrataError(
+          .corrupt,
+          "backing file \(descriptor.path) is not the image this one was created from (its image id differs): "
+            + "reading through it would return another disk's data")
+      }
+      guard let point = descriptor.point else { return Backing(descriptor: descriptor, image: parent) }
+      return Backing(
+        descriptor: descriptor, image: parent, view: try parent.pointView(point, parentPath: descriptor.path))
+    } catch {
       try? parent.close()
-      throw StrataError(
-        .corrupt,
-        "backing file \(descriptor.path) is not the image this one was created from (its image id differs): "
-          + "reading through it would return another disk's data")
+      throw error
     }
-    return Backing(descriptor: descriptor, image: parent)
   }
 
-  private static func openParent(_ parentPath: String, relativeTo childPath: String, depth: Int, options: ImageOptions)
-    throws -> StrataImage
-  {
+  /// The view a branch reads through to: the snapshot the point names, which must still be in
+  /// the catalog with the same seq and base checkpoint (a deleted snapshot's log may be
+  /// reclaimed, and another snapshot of that name is another disk).
+  func pointView(_ point: BackingPoint, parentPath: String) throws -> SnapshotView {
+    guard let entry = try catalog.entry(seq: point.seq), entry.name == point.name,
+      entry.baseCheckpoint == point.baseCheckpoint
+    else {
+      throw StrataError(
+        .notFound,
+        "snapshot \"\(point.name)\" (seq \(point.seq)) of \(parentPath), which this branch is based on, "
+          + "is no longer there: the branch cannot be read")
+    }
+    return SnapshotView(
+      image: self, view: try view(at: entry.seq, base: entry.baseCheckpoint), info: SnapshotInfo(entry))
+  }
+
+  static func openParent(
+    _ parentPath: String, relativeTo childPath: String, depth: Int, options: ImageOptions, locked: Bool
+  ) throws -> StrataImage {
     guard depth <= maxBackingDepth else {
       throw StrataError(
         .invalidArgument, "the backing chain is deeper than \(maxBackingDepth) images (a loop of backing files?)")
     }
     var parentOptions = ImageOptions()
     parentOptions.readOnly = true
+    parentOptions.unlocked = !locked
     parentOptions.ioEngine = options.ioEngine
     parentOptions.mapCacheNodes = parentCacheNodes
     parentOptions.backingDepth = depth
     let resolved = parentPath.hasPrefix("/") ? parentPath : directory(of: childPath) + "/" + parentPath
     do {
-      return try open(path: resolved, options: parentOptions)
+      // Read without the lock, the file may change under recovery (the writer checkpoints, the
+      // cleaner reuses a segment the superblock read a moment ago named): that looks like
+      // damage and passes on the next try.
+      var attempt = 1
+      while true {
+        do {
+          let parent = try open(path: resolved, options: parentOptions)
+          guard !locked, attempt < 3, !parent.recoveryProblems.isEmpty else { return parent }
+          try? parent.close()  // it fell back to an older checkpoint: try again
+        } catch let e as StrataError where e.code == .corrupt && !locked && attempt < 3 {}
+        attempt += 1
+      }
     } catch let e as StrataError where e.code == .notFound {
       throw StrataError(.notFound, "backing file \(resolved) not found (named \(parentPath) in \(childPath))")
     }
   }
 
-  private static func directory(of path: String) -> String {
+  static func directory(of path: String) -> String {
     guard let slash = path.lastIndex(of: "/") else { return "." }
     return slash == path.startIndex ? "/" : String(path[..<slash])
   }
 
   /// Reads `out.count` bytes at `offset` of the backing chain into blocks this image does not
-  /// hold: the parent's data where it has some, zeros past its end.
+  /// hold: the parent's data (its head, or the branch's point) where it has some, zeros past
+  /// its end.
   func readBacking(into out: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-    guard let parent = backing?.image, offset < parent.size else {
+    guard let backing, offset < backing.size else {
       out.initializeMemory(as: UInt8.self, repeating: 0)
       return
     }
-    let inParent = Int(min(UInt64(out.count), parent.size - offset))
-    try parent.read(into: UnsafeMutableRawBufferPointer(rebasing: out[..<inParent]), at: offset)
+    let inParent = Int(min(UInt64(out.count), backing.size - offset))
+    let part = UnsafeMutableRawBufferPointer(rebasing: out[..<inParent])
+    if let view = backing.view {
+      try view.read(into: part, at: offset)
+    } else {
+      try backing.image.read(into: part, at: offset)
+    }
     if inParent < out.count {
       UnsafeMutableRawBufferPointer(rebasing: out[inParent...]).initializeMemory(as: UInt8.self, repeating: 0)
     }
@@ -131,15 +185,18 @@ extension StrataImage {
 
   /// Replaces the unallocated extents of `extents` with what the backing chain holds there.
   func resolveBacking(_ extents: [Extent]) throws -> [Extent] {
-    guard let parent = backing?.image else { return extents }
+    guard let backing else { return extents }
     var out: [Extent] = []
     for e in extents {
-      guard e.state == .unallocated, e.offset < parent.size else {
+      guard e.state == .unallocated, e.offset < backing.size else {
         out.append(e)
         continue
       }
-      let inParent = min(e.length, parent.size - e.offset)
-      for var p in try parent.extents(from: e.offset, length: inParent) {
+      let inParent = min(e.length, backing.size - e.offset)
+      let below =
+        try backing.view?.extents(from: e.offset, length: inParent)
+        ?? backing.image.extents(from: e.offset, length: inParent)
+      for var p in below {
         p.layer += 1
         out.append(p)
       }
@@ -152,8 +209,13 @@ extension StrataImage {
   }
 }
 
-/// A child's parent and the page that names it.
+/// A child's parent and the page that names it; for a branch, the view of the parent's snapshot
+/// it reads through to.
 struct Backing {
   var descriptor: BackingDescriptor
   var image: StrataImage
+  var view: SnapshotView?
+
+  /// How far the parent's disk reaches: past it, a child's unwritten blocks read as zeros.
+  var size: UInt64 { view?.size ?? image.size }
 }

@@ -153,8 +153,11 @@ extension StrataImage {
     try zeros.withUnsafeBytes { try writeBytes($0, at: from) }
   }
 
-  /// Merged extents of `map` within `offset..<offset+length` (clipped to `size`).
-  func extents(of map: BlockMap, size: UInt64, from offset: UInt64, length: UInt64?) throws -> [Extent] {
+  /// Merged extents of `map` within `offset..<offset+length` (clipped to `size`); unless
+  /// `resolve` is false, unallocated ones are replaced by what the backing chain holds there.
+  func extents(of map: BlockMap, size: UInt64, from offset: UInt64, length: UInt64?, resolve: Bool = true) throws
+    -> [Extent]
+  {
     let end = min(size, length.map { offset + $0 } ?? size)
     guard offset < end else { return [] }
     let bs = UInt64(geometry.blockSize)
@@ -171,7 +174,7 @@ extension StrataImage {
         out.append(Extent(offset: start, length: stop - start, state: entry.state, fileOffset: file))
       }
     }
-    return try resolveBacking(out)
+    return resolve ? try resolveBacking(out) : out
   }
 }
 

@@ -104,7 +104,8 @@ public final class StrataImage {
 
   /// Opens an existing image file.
   public static func open(path: String, options: ImageOptions = ImageOptions()) throws -> StrataImage {
-    let storage = try FileStorage(path: path, mode: options.readOnly ? .readOnly : .readWrite, engine: options.ioEngine)
+    let mode: FileStorage.Mode = options.readOnly ? (options.unlocked ? .readOnlyUnlocked : .readOnly) : .readWrite
+    let storage = try FileStorage(path: path, mode: mode, engine: options.ioEngine)
     let image: StrataImage
     do {
       image = try open(storage: storage, options: options, allowBacking: true)
@@ -238,7 +239,7 @@ public final class StrataImage {
     }
     let oldSize = virtualSize
     try logAndApply(.resize(virtualSize: newSize))
-    if let parent = backing?.image, newSize > oldSize, oldSize < parent.size {
+    if let parent = backing, newSize > oldSize, oldSize < parent.size {
       // Grown space reads as zeros, not as whatever the parent holds there (after a shrink).
       let bs = UInt64(blockSize)
       let first = (oldSize + bs - 1) / bs
@@ -305,6 +306,13 @@ public final class StrataImage {
   public func deleteSnapshot(name: String) throws {
     try checkWritable()
     let entry = try snapshotEntry(name)
+    if let branches = try branchPins()[entry.seq] {
+      let files = branches.map { Self.branchPath(of: path ?? "", name: $0) }.joined(separator: ", ")
+      throw StrataError(
+        .invalidArgument,
+        "snapshot \"\(name)\" is the base of branch \(branches.map { "\"\($0)\"" }.joined(separator: ", ")) "
+          + "(\(files)): delete the branch first ('strata branch delete')")
+    }
     try logAndApply(.snapshotDelete(seq: entry.seq))
     try checkpointIfDue()
   }

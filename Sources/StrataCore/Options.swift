@@ -38,6 +38,9 @@ public struct ImageOptions: Sendable {
   var backing: BackingDescriptor?
   /// How deep in a backing chain the image being opened lies (0: the one the caller opened).
   var backingDepth = 0
+  /// Read-only without the file lock: a branch's parent, of which only immutable log data (a
+  /// snapshot's view) is read, even while another process writes it.
+  var unlocked = false
 
   public init() {}
 }

@@ -51,6 +51,7 @@ public struct RetentionPolicy: Equatable, Sendable {
 extension StrataImage {
   /// Deletes the snapshots `policy` does not keep among those whose name starts with `prefix`
   /// (all when empty); returns what it deleted, newest first. With `dryRun` it deletes nothing.
+  /// A snapshot a branch is based on (`branchPins`) is skipped: it stays while the branch does.
   /// Data a deleted snapshot held stays while anything else (the head, another snapshot, a point
   /// of the timeline) still needs it: only the cleaner reclaims space.
   @discardableResult
@@ -59,7 +60,8 @@ extension StrataImage {
   {
     precondition(!policy.keepsNothing, "a policy that keeps nothing deletes every snapshot: refuse it at the edge")
     let candidates = try snapshots.filter { $0.name.hasPrefix(prefix) }
-    let doomed = policy.apply(to: candidates).delete
+    let pins = try branchPins()
+    let doomed = policy.apply(to: candidates).delete.filter { pins[$0.seq] == nil }
     if !dryRun {
       for s in doomed { try deleteSnapshot(name: s.name) }
     }

@@ -81,6 +81,9 @@ extension ImageStorage {
 public final class FileStorage: ImageStorage {
   public enum Mode: Sendable {
     case readOnly
+    /// Read-only without taking the lock: for reading data that never changes (a snapshot's
+    /// view) while another process may write the file.
+    case readOnlyUnlocked
     case readWrite
     /// Creates the file; fails if it exists unless `overwrite`.
     case create(overwrite: Bool)
@@ -106,7 +109,7 @@ public final class FileStorage: ImageStorage {
     bounce = .allocate(byteCount: Self.bounceBytes, alignment: Layout.pageSize)
     let flags: Int32
     switch mode {
-    case .readOnly: flags = O_RDONLY
+    case .readOnly, .readOnlyUnlocked: flags = O_RDONLY
     case .readWrite: flags = O_RDWR
     case .create(let overwrite): flags = O_RDWR | O_CREAT | (overwrite ? 0 : O_EXCL)
     }
@@ -139,8 +142,13 @@ public final class FileStorage: ImageStorage {
     if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR {
       throw fail(StrataError(.invalidArgument, "\(path) is a directory"))
     }
-    let lock: Int32 = if case .readOnly = mode { LOCK_SH } else { LOCK_EX }
-    if Self.retrying({ flock(fd, lock | LOCK_NB) }) != 0 {
+    let lock: Int32
+    switch mode {
+    case .readOnly: lock = LOCK_SH
+    case .readOnlyUnlocked: lock = 0
+    case .readWrite, .create: lock = LOCK_EX
+    }
+    if lock != 0, Self.retrying({ flock(fd, lock | LOCK_NB) }) != 0 {
       let e = Glibc.errno
       if e == EWOULDBLOCK {
         throw fail(StrataError(.locked, "\(path) is in use by another process (it holds the image lock)", errno: e))

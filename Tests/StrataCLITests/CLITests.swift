@@ -132,6 +132,24 @@ final class Sandbox {
     try JSONSerialization.jsonObject(with: try ok(arguments).stdout)
   }
 
+  /// Creates a 1 MiB `disk.strata`, writes `count` random bytes (`seeds.first`) at offset 0, takes
+  /// the snapshot `snapshot`, then overwrites them with `count` others (`seeds.second`); returns
+  /// both contents (also in the files "first" and "second").
+  func diskWithSnapshot(
+    _ snapshot: String, between count: Int, seeds: (first: UInt64, second: UInt64),
+    sourceLocation: SourceLocation = #_sourceLocation
+  ) throws -> (first: [UInt8], second: [UInt8]) {
+    try ok(["create", "disk.strata", "--size", "1M"], sourceLocation: sourceLocation)
+    let first = randomBytes(count, seed: seeds.first)
+    let second = randomBytes(count, seed: seeds.second)
+    try write("first", first)
+    try write("second", second)
+    try ok(["write", "disk.strata", "--input", "first"], sourceLocation: sourceLocation)
+    try ok(["snapshot", "create", "disk.strata", snapshot], sourceLocation: sourceLocation)
+    try ok(["write", "disk.strata", "--input", "second"], sourceLocation: sourceLocation)
+    return (first, second)
+  }
+
   /// Inverts `count` bytes of a file at `offset`.
   func flip(_ name: String, at offset: UInt64, count: Int = 16) throws {
     let handle = try FileHandle(forUpdating: url.appendingPathComponent(name))
@@ -246,14 +264,7 @@ struct CLITests {
 
   @Test func snapshots() throws {
     let box = try Sandbox()
-    try box.ok(["create", "disk.strata", "--size", "1M"])
-    let first = randomBytes(10_000, seed: 2)
-    let second = randomBytes(10_000, seed: 3)
-    try box.write("first", first)
-    try box.write("second", second)
-    try box.ok(["write", "disk.strata", "--input", "first"])
-    try box.ok(["snapshot", "create", "disk.strata", "before"])
-    try box.ok(["write", "disk.strata", "--input", "second"])
+    let (first, second) = try box.diskWithSnapshot("before", between: 10_000, seeds: (2, 3))
     let made = try #require(
       try box.json(["snapshot", "create", "disk.strata", "after", "--output", "json"]) as? [String: Any])
     #expect(made["name"] as? String == "after")
@@ -287,14 +298,7 @@ struct CLITests {
 
   @Test func timelineAtAndRestore() throws {
     let box = try Sandbox()
-    try box.ok(["create", "disk.strata", "--size", "1M"])
-    let first = randomBytes(8192, seed: 4)
-    let second = randomBytes(8192, seed: 5)
-    try box.write("first", first)
-    try box.write("second", second)
-    try box.ok(["write", "disk.strata", "--input", "first"])
-    try box.ok(["snapshot", "create", "disk.strata", "one"])
-    try box.ok(["write", "disk.strata", "--input", "second"])
+    let (first, second) = try box.diskWithSnapshot("one", between: 8192, seeds: (4, 5))
     let points = try #require(try box.json(["timeline", "disk.strata", "--output", "json"]) as? [[String: Any]])
     #expect(points.contains { $0["kind"] as? String == "snapshot" && $0["name"] as? String == "one" })
     #expect(points.allSatisfy { ($0["time"] as? String)?.hasSuffix("Z") == true && $0["seq"] is Int })
@@ -469,7 +473,8 @@ struct CLITests {
 
   @Test(arguments: [
     [], ["create"], ["info"], ["map"], ["read"], ["write"], ["snapshot"], ["snapshot", "create"],
-    ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "restore"], ["convert"], ["resize"],
+    ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "restore"], ["convert"], ["resize"], ["clone"],
+    ["branch"], ["branch", "list"], ["branch", "delete"],
   ])
   func help(_ command: [String]) throws {
     let box = try Sandbox()

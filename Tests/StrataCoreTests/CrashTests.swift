@@ -154,6 +154,68 @@ private func fill(_ image: StrataImage, _ model: inout CrashModel, _ rng: inout 
   }
 }
 
+/// What the I/O-error cases start from: an 8 MiB image on simulated storage, the model of what it
+/// must hold, and the seeded random writes (`fill`) that change both. The image is the caller's to
+/// abandon: `defer { f.image.abandon() }`.
+private struct IOErrorFixture {
+  let storage: SimulatedStorage
+  let options: ImageOptions
+  private(set) var image: StrataImage
+  var model = CrashModel(size: 8 << 20)
+  var rng: SeededRandom
+
+  init(storageSeed: UInt64, rngSeed: UInt64, options: ImageOptions = stressOptions(clock: SimulatedClock())) throws {
+    storage = SimulatedStorage(seed: storageSeed)
+    self.options = options
+    image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
+    rng = SeededRandom(seed: rngSeed)
+  }
+
+  /// `runs` random writes (see the file's `fill`), to the image and to the model.
+  mutating func fill(runs: Int) throws {
+    try StrataCoreTests.fill(image, &model, &rng, runs: runs)
+  }
+
+  /// A flush that must succeed: what the head holds becomes durable.
+  mutating func flush() throws {
+    try image.flush()
+    model.markDurable()
+  }
+
+  /// `durable` runs flushed, then `pending` runs not yet flushed: the state the faults hit.
+  mutating func fill(durable: Int, pending: Int) throws {
+    try fill(runs: durable)
+    try flush()
+    try fill(runs: pending)
+  }
+
+  /// A clean close (the file is trimmed to the log end, all durable), then the image reopened.
+  mutating func closeAndReopen() throws {
+    try image.close()
+    model.markDurable()
+    storage.reopen()
+    image = try StrataImage.open(storage: storage, options: options)
+  }
+
+  /// The power fails in `mode`; the image must reopen holding what the model allows, every block
+  /// read and checked (`openAndVerify` with a full scan).
+  func crashAndVerify(_ mode: SimulatedStorage.CrashMode, _ log: RunLog, what: String) throws {
+    storage.crash(mode: mode)
+    image.abandon()
+    let (reopened, _) = try openAndVerify(storage, options, model, log, fullScan: true, what: what)
+    try reopened.close()
+  }
+}
+
+/// Stress options whose write-outs go a megabyte at a time: `segmentMiB` segments, checkpoints
+/// rare enough not to interfere.
+private func megabyteWriteOutOptions(segmentMiB: Int = 4) -> ImageOptions {
+  var options = stressOptions(clock: SimulatedClock())
+  options.segmentSize = segmentMiB << 20
+  options.checkpointIntervalPages = 4096
+  return options
+}
+
 @Suite("I/O errors")
 struct IOErrorTests {
   struct Case: Sendable, CustomTestStringConvertible {
@@ -177,20 +239,13 @@ struct IOErrorTests {
   func flushFailsThenCrash(c: Case) throws {
     for (round, mode) in SimulatedStorage.CrashMode.all.enumerated() {
       let log = RunLog("flush-fails \(c.testDescription) \(mode)", seed: UInt64(round))
-      var rng = SeededRandom(seed: UInt64(round) + 1)
-      let options = stressOptions(clock: SimulatedClock())
-      let storage = SimulatedStorage(seed: UInt64(round))
-      let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
-      defer { image.abandon() }
-      var model = CrashModel(size: 8 << 20)
-      try fill(image, &model, &rng, runs: 6)
-      try image.flush()
-      model.markDurable()
-      try fill(image, &model, &rng, runs: 3)
-      storage.failNext(c.op, errno: c.errno, partial: c.partial)
+      var f = try IOErrorFixture(storageSeed: UInt64(round), rngSeed: UInt64(round) + 1)
+      defer { f.image.abandon() }
+      try f.fill(durable: 6, pending: 3)
+      f.storage.failNext(c.op, errno: c.errno, partial: c.partial)
       log.note("flush with an injected \(c.op) failure")
       do {
-        try image.flush()
+        try f.image.flush()
         throw log.fail("flush succeeded despite the injected \(c.op) failure")
       } catch let e as StrataError {
         try log.check(e.code == (c.errno == ENOSPC ? .noSpace : .io), "flush threw code \(e.code): \(e)")
@@ -201,16 +256,12 @@ struct IOErrorTests {
       }
       // The head still reads what was written (pages whose write-out failed come from the log
       // buffer, not from storage where they never landed).
-      for b in model.head.storedBlocks.prefix(200) {
+      for b in f.model.head.storedBlocks.prefix(200) {
         try compareRead(
-          { try image.read(at: $0, count: $1) }, model.head, b * 4096, 4096, "head after the failed flush", log)
+          { try f.image.read(at: $0, count: $1) }, f.model.head, b * 4096, 4096, "head after the failed flush", log)
       }
-      storage.clearFaults()
-      storage.crash(mode: mode)
-      image.abandon()
-      let (reopened, _) = try openAndVerify(
-        storage, options, model, log, fullScan: true, what: "crash after failed flush")
-      try reopened.close()
+      f.storage.clearFaults()
+      try f.crashAndVerify(mode, log, what: "crash after failed flush")
     }
   }
 
@@ -222,28 +273,17 @@ struct IOErrorTests {
     for dropOnFailedSync in [false, true] where c.op == .sync || !dropOnFailedSync {
       for (round, mode) in SimulatedStorage.CrashMode.all.enumerated() {
         let log = RunLog("flush-retry \(c.testDescription) drop=\(dropOnFailedSync) \(mode)", seed: UInt64(round))
-        var rng = SeededRandom(seed: UInt64(round) + 7)
-        let options = stressOptions(clock: SimulatedClock())
-        let storage = SimulatedStorage(seed: UInt64(round))
-        storage.failedSyncDropsUnsynced = dropOnFailedSync
-        let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
-        defer { image.abandon() }
-        var model = CrashModel(size: 8 << 20)
-        try fill(image, &model, &rng, runs: 4)
-        try image.flush()
-        model.markDurable()
-        try fill(image, &model, &rng, runs: 3)
-        storage.failNext(c.op, errno: c.errno, partial: c.partial)
+        var f = try IOErrorFixture(storageSeed: UInt64(round), rngSeed: UInt64(round) + 7)
+        defer { f.image.abandon() }
+        f.storage.failedSyncDropsUnsynced = dropOnFailedSync
+        try f.fill(durable: 4, pending: 3)
+        f.storage.failNext(c.op, errno: c.errno, partial: c.partial)
         log.note("flush with an injected \(c.op) failure")
-        #expect(throws: StrataError.self) { try image.flush() }
+        #expect(throws: StrataError.self) { try f.image.flush() }
         log.note("retried flush")
-        try log.run("retried flush") { try image.flush() }
-        model.markDurable()
-        storage.crash(mode: mode)
-        image.abandon()
-        let (reopened, _) = try openAndVerify(
-          storage, options, model, log, fullScan: true, what: "crash after the retried flush")
-        try reopened.close()
+        try log.run("retried flush") { try f.image.flush() }
+        f.model.markDurable()
+        try f.crashAndVerify(mode, log, what: "crash after the retried flush")
       }
     }
   }
@@ -266,24 +306,19 @@ struct IOErrorTests {
       for mode in SimulatedStorage.CrashMode.all {
         let log = RunLog(
           "write-out fails \(e) segment \(segmentMiB) MiB skip \(skip) deferred \(deferred) \(mode)", seed: 0)
-        var rng = SeededRandom(seed: 5)
-        var options = stressOptions(clock: SimulatedClock())
-        options.segmentSize = segmentMiB << 20
-        options.checkpointIntervalPages = 4096
-        let storage = SimulatedStorage(seed: 9)
-        storage.deferWriteErrors = deferred
-        let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
-        defer { image.abandon() }
-        var model = CrashModel(size: 8 << 20)
-        try fill(image, &model, &rng, runs: 4)
-        try image.flush()
-        model.markDurable()
+        var f = try IOErrorFixture(
+          storageSeed: 9, rngSeed: 5, options: megabyteWriteOutOptions(segmentMiB: segmentMiB))
+        defer { f.image.abandon() }
+        f.storage.deferWriteErrors = deferred
+        try f.fill(runs: 4)
+        try f.flush()
+        let (image, storage) = (f.image, f.storage)
         // 2 MiB, then a block: more than the writer keeps unwritten, so these calls write out
         // (a megabyte at a time, or a whole segment when it seals).
-        let data = rng.bytes(2 << 20)
-        let block = rng.bytes(4096)
-        model.change(blocks: 256..<768) { $0.write(data, at: 1 << 20) }
-        model.change(blocks: 1536..<1537) { $0.write(block, at: 6 << 20) }
+        let data = f.rng.bytes(2 << 20)
+        let block = f.rng.bytes(4096)
+        f.model.change(blocks: 256..<768) { $0.write(data, at: 1 << 20) }
+        f.model.change(blocks: 1536..<1537) { $0.write(block, at: 6 << 20) }
         storage.failNext(.write, errno: e, skip: skip)
         log.note("write 2 MiB and a block with an injected failure of write \(skip + 1)")
         for (bytes, offset) in [(data, UInt64(1 << 20)), (block, UInt64(6 << 20))] {
@@ -301,29 +336,22 @@ struct IOErrorTests {
         if failure(of: { try image.flush() }) != nil, failure(of: { try image.flush() }) != nil {
           // The image refuses to go on (it must be reopened): the flushed state must survive.
           log.note("flush refused after the failure: crash and check the old state")
-          storage.crash(mode: mode)
-          image.abandon()
-          let (reopened, _) = try openAndVerify(
-            storage, options, model, log, fullScan: true, what: "crash after refusal")
-          try reopened.close()
+          try f.crashAndVerify(mode, log, what: "crash after refusal")
           continue
         }
-        var seen = DiskModel(size: model.head.size)
+        var seen = DiskModel(size: f.model.head.size)
         for b in 0..<UInt64(2048) {
           let got = try log.run("read block \(b)") { try image.read(at: b * 4096, count: 4096) }
-          let allowed = model.allowed(b)
+          let allowed = f.model.allowed(b)
           try log.check(
             allowed.contains { blockMatches(got, $0) }, "block \(b) reads \(fingerprint(got)) before the crash")
           seen.set(b, got)
         }
-        var expected = CrashModel(size: model.head.size)
-        expected.change { $0 = seen }
-        expected.markDurable()
-        storage.crash(mode: mode)
-        image.abandon()
-        let (reopened, _) = try openAndVerify(
-          storage, options, expected, log, fullScan: true, what: "crash after the flush")
-        try reopened.close()
+        // What the head read before the crash is what must survive it.
+        f.model = CrashModel(size: f.model.head.size)
+        f.model.change { $0 = seen }
+        f.model.markDurable()
+        try f.crashAndVerify(mode, log, what: "crash after the flush")
       }
     }
   }
@@ -331,9 +359,7 @@ struct IOErrorTests {
   /// Minimal case of the write-out bug above: the head never shows the failed write, a later
   /// flush succeeds, and after a crash the block holds the failed write's data.
   @Test func failedWriteOutReappearsAfterCrash() throws {
-    var options = stressOptions(clock: SimulatedClock())
-    options.segmentSize = 4 << 20
-    options.checkpointIntervalPages = 4096
+    let options = megabyteWriteOutOptions()
     let storage = SimulatedStorage(seed: 1)
     let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
     defer { image.abandon() }
@@ -364,34 +390,22 @@ struct IOErrorTests {
   /// ENOSPC from the preallocation ahead of a write-out (fallocate on a full file system): the
   /// flush says so; once space is back, a retried flush makes everything durable.
   @Test func preallocationFailure() throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    var image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
-    defer { image.abandon() }
-    var model = CrashModel(size: 8 << 20)
-    var rng = SeededRandom(seed: 2)
-    try fill(image, &model, &rng, runs: 3)
+    var f = try IOErrorFixture(storageSeed: 1, rngSeed: 2)
+    defer { f.image.abandon() }
+    try f.fill(runs: 3)
     // Close (the file is trimmed to the log end) and reopen: the next write-out preallocates.
-    try image.close()
-    model.markDurable()
-    storage.reopen()
-    image = try StrataImage.open(storage: storage, options: options)
-    try fill(image, &model, &rng, runs: 2)
-    storage.failNext(.preallocate, errno: ENOSPC)
+    try f.closeAndReopen()
+    try f.fill(runs: 2)
+    f.storage.failNext(.preallocate, errno: ENOSPC)
     #expect {
-      try image.flush()
+      try f.image.flush()
     } throws: { error in
       let e = error as? StrataError
       return e?.code == .noSpace && e?.errno == ENOSPC && e?.message.contains("fallocate") == true
     }
-    #expect(storage.counters.failures == 1, "the flush did not preallocate")
-    try image.flush()
-    model.markDurable()
-    storage.crash(mode: .dropUnsynced)
-    image.abandon()
-    let log = RunLog("preallocation failure", seed: 1)
-    let (reopened, _) = try openAndVerify(storage, options, model, log, fullScan: true, what: "crash after the retry")
-    try reopened.close()
+    #expect(f.storage.counters.failures == 1, "the flush did not preallocate")
+    try f.flush()
+    try f.crashAndVerify(.dropUnsynced, RunLog("preallocation failure", seed: 1), what: "crash after the retry")
   }
 
   /// Faults on the checkpoint path (the superblock write, or the sync after it), reached by a
@@ -400,16 +414,10 @@ struct IOErrorTests {
   func checkpointFailure(op: SimulatedStorage.Operation, via: String) throws {
     for mode in SimulatedStorage.CrashMode.all {
       let log = RunLog("checkpoint fails \(op) via \(via) \(mode)", seed: 0)
-      var rng = SeededRandom(seed: 3)
-      let options = stressOptions(clock: SimulatedClock())
-      let storage = SimulatedStorage(seed: 4)
-      let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
-      defer { image.abandon() }
-      var model = CrashModel(size: 8 << 20)
-      try fill(image, &model, &rng, runs: 4)
-      try image.flush()
-      model.markDurable()
-      try fill(image, &model, &rng, runs: 2)
+      var f = try IOErrorFixture(storageSeed: 4, rngSeed: 3)
+      defer { f.image.abandon() }
+      try f.fill(durable: 4, pending: 2)
+      let (image, storage) = (f.image, f.storage)
       // The superblock write (bytes 0..<8192), or the second sync (after the superblock).
       if op == .write {
         storage.failNext(.write, range: 0..<8192)
@@ -421,7 +429,7 @@ struct IOErrorTests {
       if via == "close" {
         error = failure(of: { try image.close() })
       } else {
-        model.change { $0.resize(to: 9 << 20) }
+        f.model.change { $0.resize(to: 9 << 20) }
         error = failure(of: { try image.resize(to: 9 << 20) })
       }
       guard let e = error as? StrataError else {
@@ -433,13 +441,9 @@ struct IOErrorTests {
       // the head durable. After a failed close the image is closed.
       if via != "close", failure(of: { try image.flush() }) == nil {
         log.note("flush after the failure succeeded")
-        model.markDurable()
+        f.model.markDurable()
       }
-      storage.crash(mode: mode)
-      image.abandon()
-      let (reopened, _) = try openAndVerify(
-        storage, options, model, log, fullScan: true, what: "crash after checkpoint failure")
-      try reopened.close()
+      try f.crashAndVerify(mode, log, what: "crash after checkpoint failure")
     }
   }
 }
@@ -454,6 +458,20 @@ struct TornFlushTests {
       if case .write(let offset, let count) = op { return (i, offset, count) }
     }
     return nil
+  }
+
+  /// The power fails keeping the unsynced operations, the last write cut to `keep(its length)`
+  /// bytes; then the image reopens. Nil, with an issue recorded, when there is no unsynced write.
+  private func reopenCuttingLastWrite(
+    _ storage: SimulatedStorage, _ options: ImageOptions, keep: (Int) -> Int,
+    sourceLocation: SourceLocation = #_sourceLocation
+  ) throws -> StrataImage? {
+    guard let w = lastWrite(storage) else {
+      Issue.record("expected an unsynced write, got \(storage.unsyncedOperations)", sourceLocation: sourceLocation)
+      return nil
+    }
+    storage.crash(keepingOperations: [w.index: keep(w.count)])
+    return try StrataImage.open(storage: storage, options: options)
   }
 
   /// Closes (the file is trimmed to the log end), makes that durable, and reopens: the next
@@ -483,12 +501,7 @@ struct TornFlushTests {
     try image.write(new, at: 5 * 4096)
     storage.powerFail(after: 1)  // the write-out completes, the sync fails
     #expect(throws: StrataError.self) { try image.flush() }
-    guard let w = lastWrite(storage) else {
-      Issue.record("expected an unsynced write, got \(storage.unsyncedOperations)")
-      return
-    }
-    storage.crash(keepingOperations: [w.index: w.count - 3072])
-    let reopened = try StrataImage.open(storage: storage, options: options)
+    guard let reopened = try reopenCuttingLastWrite(storage, options, keep: { $0 - 3072 }) else { return }
     defer { reopened.abandon() }
     let got = try reopened.read(at: 5 * 4096, count: 4096)
     #expect(got == old || got == new, "block 5 reads \(fingerprint(got))")
@@ -512,12 +525,7 @@ struct TornFlushTests {
     try image.write(new, at: 0)
     storage.powerFail(after: 1)
     #expect(throws: StrataError.self) { try image.flush() }
-    guard let w = lastWrite(storage) else {
-      Issue.record("expected an unsynced write, got \(storage.unsyncedOperations)")
-      return
-    }
-    storage.crash(keepingOperations: [w.index: w.count - 61440])
-    let reopened = try StrataImage.open(storage: storage, options: options)
+    guard let reopened = try reopenCuttingLastWrite(storage, options, keep: { $0 - 61440 }) else { return }
     defer { reopened.abandon() }
     let got = try reopened.read(at: 0, count: 65536)
     #expect(got == old || got == new, "block 0 reads \(fingerprint(got))")
@@ -539,12 +547,7 @@ struct TornFlushTests {
     // CHECKPOINT, all in one write-out; the sync after it fails.
     storage.powerFail(after: 1)
     #expect(throws: StrataError.self) { try image.resize(to: 2 << 20) }
-    guard let w = lastWrite(storage) else {
-      Issue.record("expected an unsynced write, got \(storage.unsyncedOperations)")
-      return
-    }
-    storage.crash(keepingOperations: [w.index: 2 * 4096])
-    let reopened = try StrataImage.open(storage: storage, options: options)
+    guard let reopened = try reopenCuttingLastWrite(storage, options, keep: { _ in 2 * 4096 }) else { return }
     defer { reopened.abandon() }
     #expect(try reopened.read(at: 0, count: 8192) == data)
     #expect(reopened.size == 1 << 20 || reopened.size == 2 << 20)
@@ -737,9 +740,7 @@ struct AsyncWriteOutTests {
   /// goes to storage, where the write has not landed (an io_uring read can overtake an in-flight
   /// O_DIRECT write), instead of to the writer's buffer: it must still return the data.
   @Test func readOfBlocksWhoseWriteOutIsInFlight() throws {
-    var options = stressOptions(clock: SimulatedClock())
-    options.segmentSize = 4 << 20
-    options.checkpointIntervalPages = 4096
+    let options = megabyteWriteOutOptions()
     let storage = SimulatedStorage(seed: 1)
     let image = try StrataImage.create(storage: storage, virtualSize: 8 << 20, options: options)
     defer { image.abandon() }

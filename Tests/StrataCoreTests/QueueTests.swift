@@ -10,6 +10,31 @@ private func pattern(block: Int, version: UInt8, blockSize: Int) -> [UInt8] {
   (0..<blockSize).map { i in UInt8(truncatingIfNeeded: block &* 31 &+ i) ^ version }
 }
 
+/// Creates the image `name` in a new temporary directory and writes `pattern(version:)` to each
+/// of `blocks` (nothing flushed); returns its path and the open image.
+private func createImage(
+  _ name: String, virtualSize: UInt64, options: ImageOptions = ImageOptions(), blocks: some Sequence<Int> = [],
+  version: UInt8 = 0
+) throws -> (path: String, image: StrataImage) {
+  let path = temporaryDirectory() + "/" + name
+  let image = try StrataImage.create(path: path, virtualSize: virtualSize, options: options, overwrite: true)
+  try writePatterns(image, blocks: blocks, version: version)
+  return (path, image)
+}
+
+/// Writes `pattern(block: b, version: version)` to every block `b` of `blocks`.
+private func writePatterns(_ image: StrataImage, blocks: some Sequence<Int>, version: UInt8) throws {
+  let bs = image.blockSize
+  for b in blocks { try image.write(pattern(block: b, version: version, blockSize: bs), at: UInt64(b * bs)) }
+}
+
+/// Block `index` of `buffer`, for blocks of `blockSize` bytes.
+private func block(_ index: Int, of buffer: UnsafeMutableRawBufferPointer, blockSize: Int)
+  -> UnsafeMutableRawBufferPointer
+{
+  UnsafeMutableRawBufferPointer(rebasing: buffer[(index * blockSize)..<((index + 1) * blockSize)])
+}
+
 /// Reaps until `count` completions arrived; fails on any error.
 private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   var out = [QueueCompletion](repeating: QueueCompletion(tag: 0, error: nil), count: count)
@@ -27,14 +52,9 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// Vectored reads into buffers of odd sizes at odd addresses, some blocks still in the log
 /// tail and some stored: every byte equals what the synchronous path reads.
 @Test func queueVectoredReadsMatchSynchronousReads() throws {
-  let path = temporaryDirectory() + "/q.strata"
-  let img = try StrataImage.create(path: path, virtualSize: 8 << 20, overwrite: true)
-  let bs = img.blockSize
-  for b in 0..<256 where b % 3 != 0 { try img.write(pattern(block: b, version: 1, blockSize: bs), at: UInt64(b * bs)) }
+  let (_, img) = try createImage("q.strata", virtualSize: 8 << 20, blocks: (0..<256).filter { $0 % 3 != 0 }, version: 1)
   try img.flush()
-  for b in stride(from: 0, to: 256, by: 7) {
-    try img.write(pattern(block: b, version: 2, blockSize: bs), at: UInt64(b * bs))
-  }
+  try writePatterns(img, blocks: stride(from: 0, to: 256, by: 7), version: 2)
   let queue = try ImageQueue(image: img, depth: 32)
   // Room for 512 KiB of data plus a 512-byte gap after each of up to 1024 pieces.
   let stride = (1 << 20) + 4096
@@ -77,12 +97,10 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// in the log tail): the whole blocks after the partial first one land off alignment and must
 /// not be read O_DIRECT there (they were, and failed with EINVAL).
 @Test func queueReadsAtByteOffsetsOfStoredBlocks() throws {
-  let path = temporaryDirectory() + "/odd.strata"
-  var img = try StrataImage.create(path: path, virtualSize: 1 << 20, overwrite: true)
+  let (path, created) = try createImage("odd.strata", virtualSize: 1 << 20, blocks: 0..<16, version: 3)
+  try created.close()
+  let img = try StrataImage.open(path: path)
   let bs = img.blockSize
-  for b in 0..<16 { try img.write(pattern(block: b, version: 3, blockSize: bs), at: UInt64(b * bs)) }
-  try img.close()
-  img = try StrataImage.open(path: path)
   let queue = try ImageQueue(image: img, depth: 4)
   let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 5 * bs, alignment: 4096)
   defer { buffer.deallocate() }
@@ -100,10 +118,8 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// A queue on a shared image signals its completion eventfd, and `reap(minimum: 0)` takes
 /// what finished without waiting.
 @Test func queueSignalsCompletionsThroughItsEventFD() throws {
-  let path = temporaryDirectory() + "/e.strata"
-  let img = try StrataImage.create(path: path, virtualSize: 8 << 20, overwrite: true)
+  let (_, img) = try createImage("e.strata", virtualSize: 8 << 20, blocks: 0..<64, version: 3)
   let bs = img.blockSize
-  for b in 0..<64 { try img.write(pattern(block: b, version: 3, blockSize: bs), at: UInt64(b * bs)) }
   try img.flush()
   let shared = SharedImage(img)
   let efd = strata_eventfd(0, 0)
@@ -114,7 +130,7 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   defer { buffer.deallocate() }
   for r in 0..<16 {
     try queue.submitRead(
-      into: UnsafeMutableRawBufferPointer(rebasing: buffer[(r * bs)..<((r + 1) * bs)]), at: UInt64(r * 4 * bs),
+      into: block(r, of: buffer, blockSize: bs), at: UInt64(r * 4 * bs),
       tag: UInt64(r))
   }
   var out = [QueueCompletion](repeating: QueueCompletion(tag: 0, error: nil), count: 16)
@@ -130,7 +146,7 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
     }
   }
   for r in 0..<16 {
-    #expect(Array(buffer[(r * bs)..<((r + 1) * bs)]) == pattern(block: r * 4, version: 3, blockSize: bs))
+    #expect(Array(block(r, of: buffer, blockSize: bs)) == pattern(block: r * 4, version: 3, blockSize: bs))
   }
   try shared.with { try $0.close() }
 }
@@ -138,11 +154,9 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// Reads through a queue on one thread while another thread overwrites the same blocks:
 /// every block read is one whole version that was written, never a mix or a checksum error.
 @Test func queueReadsStayConsistentUnderConcurrentWrites() throws {
-  let path = temporaryDirectory() + "/c.strata"
-  let img = try StrataImage.create(path: path, virtualSize: 8 << 20, overwrite: true)
-  let bs = img.blockSize
   let blocks = 32
-  for b in 0..<blocks { try img.write(pattern(block: b, version: 0, blockSize: bs), at: UInt64(b * bs)) }
+  let (_, img) = try createImage("c.strata", virtualSize: 8 << 20, blocks: 0..<blocks, version: 0)
+  let bs = img.blockSize
   try img.flush()
   let shared = SharedImage(img)
   let writer = WorkerThread { _ in
@@ -161,12 +175,12 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   for _ in 0..<40 {
     for b in 0..<blocks {
       try queue.submitRead(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[(b * bs)..<((b + 1) * bs)]), at: UInt64(b * bs),
+        into: block(b, of: buffer, blockSize: bs), at: UInt64(b * bs),
         tag: UInt64(b))
     }
     _ = try reapAll(queue, blocks)
     for b in 0..<blocks {
-      let got = Array(buffer[(b * bs)..<((b + 1) * bs)])
+      let got = Array(block(b, of: buffer, blockSize: bs))
       let version = got[0] ^ pattern(block: b, version: 0, blockSize: bs)[0]
       #expect(got == pattern(block: b, version: version, blockSize: bs), "block \(b) is not one written version")
     }
@@ -181,10 +195,9 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// flight) come from memory, older ones from the file; every read, and every block after a
 /// reopen, is the last version written.
 @Test func queueReadsAcrossSegmentSeals() throws {
-  let path = temporaryDirectory() + "/s.strata"
   var options = ImageOptions()
   options.segmentSize = 1 << 20
-  let img = try StrataImage.create(path: path, virtualSize: 4 << 20, options: options, overwrite: true)
+  let (path, img) = try createImage("s.strata", virtualSize: 4 << 20, options: options)
   let bs = img.blockSize
   let blocks = 1024
   var versions = [UInt8](repeating: 0, count: blocks)
@@ -200,14 +213,14 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
     let targets = [b] + (0..<7).map { _ in Int.random(in: 0..<blocks, using: &random) }
     for (slot, t) in targets.enumerated() {
       try queue.submitRead(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[(slot * bs)..<((slot + 1) * bs)]), at: UInt64(t * bs),
+        into: block(slot, of: buffer, blockSize: bs), at: UInt64(t * bs),
         tag: UInt64(slot))
     }
     _ = try reapAll(queue, targets.count)
     for (slot, t) in targets.enumerated() {
       let expected =
         versions[t] == 0 ? [UInt8](repeating: 0, count: bs) : pattern(block: t, version: versions[t], blockSize: bs)
-      #expect(Array(buffer[(slot * bs)..<((slot + 1) * bs)]) == expected, "round \(round) block \(t)")
+      #expect(Array(block(slot, of: buffer, blockSize: bs)) == expected, "round \(round) block \(t)")
     }
   }
   queue.close()
@@ -223,14 +236,12 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
 /// Reads of a snapshot and of a past flush point through the queue return the frozen disk, not
 /// the head that has moved on.
 @Test func queueReadsSnapshotAndPointViews() throws {
-  let path = temporaryDirectory() + "/v.strata"
-  let img = try StrataImage.create(path: path, virtualSize: 4 << 20, overwrite: true)
+  let (_, img) = try createImage("v.strata", virtualSize: 4 << 20, blocks: 0..<64, version: 1)
   let bs = img.blockSize
-  for b in 0..<64 { try img.write(pattern(block: b, version: 1, blockSize: bs), at: UInt64(b * bs)) }
   try img.flush()
   let point = try #require(try img.timeline().last { $0.kind == .flush })
   try img.createSnapshot(name: "one")
-  for b in 0..<64 { try img.write(pattern(block: b, version: 2, blockSize: bs), at: UInt64(b * bs)) }
+  try writePatterns(img, blocks: 0..<64, version: 2)
   let queue = try ImageQueue(image: img, depth: 8)
   defer { queue.close() }
   let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * bs, alignment: 4096)
@@ -240,7 +251,7 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
     try queue.submitRead(into: buffer, at: 0, tag: 1, view: view)
     _ = try reapAll(queue, 1)
     for b in 0..<64 {
-      #expect(Array(buffer[(b * bs)..<((b + 1) * bs)]) == pattern(block: b, version: 1, blockSize: bs), "block \(b)")
+      #expect(Array(block(b, of: buffer, blockSize: bs)) == pattern(block: b, version: 1, blockSize: bs), "block \(b)")
     }
   }
   try queue.submitRead(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<bs]), at: 0, tag: 2)

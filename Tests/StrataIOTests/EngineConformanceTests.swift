@@ -61,7 +61,8 @@ func openFile(_ path: String, _ mode: OpenMode, flags: Int32 = O_RDWR | O_CREAT)
   return (fd, false)
 }
 
-/// A zeroed page-aligned buffer; the caller deallocates it (after the engine using it is closed).
+/// A zeroed page-aligned buffer; the caller deallocates it (after the engine using it is closed):
+/// `EngineFixture.buffer` does.
 func alignedBuffer(_ bytes: Int) -> UnsafeMutableRawBufferPointer {
   let b = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: page)
   b.initializeMemory(as: UInt8.self, repeating: 0)
@@ -81,14 +82,81 @@ func fillPattern(_ b: UnsafeMutableRawBufferPointer, seed: UInt32) {
 
 func same(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ n: Int) -> Bool { memcmp(a, b, n) == 0 }
 
-func makeEngine(
-  _ kind: IOEngineKind, fd: Int32, depth: Int = depth, registered: [UnsafeMutableRawBufferPointer] = []
-) throws -> any IOEngine {
-  let choice = try IOEngines.make(fd: fd, depth: depth, requested: kind, registeredBuffers: registered)
-  #expect(choice.engine.kind == kind)
-  #expect(choice.engine.depth == depth)
-  #expect(choice.engine.inFlight == 0)
-  return choice.engine
+/// What one test holds: an open file (by default "data" in a fresh `Scratch` directory), the engines
+/// made on its descriptor and page-aligned buffers. `release()` gives everything back in the one
+/// safe order: engines closed (each waits for its requests in flight), then buffers freed, then the
+/// descriptor closed and the scratch directory removed. Use as
+/// `let f = try EngineFixture(mode); defer { f.release() }`.
+final class EngineFixture {
+  let path: String
+  let mode: OpenMode
+  /// The descriptor of `path`; -1 after `release()`.
+  private(set) var fd: Int32 = -1
+  /// Whether O_DIRECT is in effect on `fd`.
+  private(set) var direct = false
+  private let scratch: Scratch?
+  private var engines: [any IOEngine] = []
+  private var buffers: [UnsafeMutableRawBufferPointer] = []
+
+  /// Opens `path` in `mode` with `flags` (see `openFile`); without a path, "data" in a new scratch
+  /// directory, which `release()` removes.
+  init(_ mode: OpenMode, flags: Int32 = O_RDWR | O_CREAT, path: String? = nil) throws {
+    let scratch: Scratch? = if path == nil { try Scratch() } else { nil }
+    self.scratch = scratch
+    self.path = path ?? scratch!.file("data")
+    self.mode = mode
+    do {
+      (fd, direct) = try openFile(self.path, mode, flags: flags)
+    } catch {
+      scratch?.remove()
+      throw error
+    }
+  }
+
+  /// A zeroed page-aligned buffer of `bytes` (filled by `fillPattern` with `pattern` when given),
+  /// freed by `release()` after the engines are closed.
+  func buffer(_ bytes: Int, pattern seed: UInt32? = nil) -> UnsafeMutableRawBufferPointer {
+    let b = alignedBuffer(bytes)
+    buffers.append(b)
+    if let seed { fillPattern(b, seed: seed) }
+    return b
+  }
+
+  /// An engine of `kind` on `fd`, checked to be of that kind and depth and idle; closed by
+  /// `closeEngines()` or `release()`.
+  func makeEngine(
+    _ kind: IOEngineKind, depth: Int = depth, registered: [UnsafeMutableRawBufferPointer] = []
+  ) throws -> any IOEngine {
+    let choice = try IOEngines.make(fd: fd, depth: depth, requested: kind, registeredBuffers: registered)
+    engines.append(choice.engine)
+    #expect(choice.engine.kind == kind)
+    #expect(choice.engine.depth == depth)
+    #expect(choice.engine.inFlight == 0)
+    return choice.engine
+  }
+
+  /// Closes every engine made so far (each waits for the requests it has in flight).
+  func closeEngines() {
+    for engine in engines { engine.close() }
+    engines.removeAll()
+  }
+
+  /// Closes the engines and the descriptor, then opens `path` again in the same mode with `flags`.
+  func reopen(flags: Int32) throws {
+    closeEngines()
+    close(fd)
+    fd = -1
+    (fd, direct) = try openFile(path, mode, flags: flags)
+  }
+
+  func release() {
+    closeEngines()
+    for b in buffers { b.deallocate() }
+    buffers.removeAll()
+    if fd >= 0 { close(fd) }
+    fd = -1
+    scratch?.remove()
+  }
 }
 
 /// Submits `requests[from...]`; returns how many the engine accepted.
@@ -154,6 +222,15 @@ func expectReapedMinimum(
 /// userData values with the high bits set, to check they come back unchanged.
 func tag(_ i: Int) -> UInt64 { 0xA5A5_0000_0000_0000 | UInt64(i) }
 
+/// One write of a page per block `b` of `blocks`, in that order: page `b` of `buffer` to offset
+/// `b * page`, with userData `tag(b)`.
+func pageWrites(_ buffer: UnsafeMutableRawBufferPointer, _ blocks: some Sequence<Int>) -> [IORequest] {
+  blocks.map { b in
+    IORequest(
+      opcode: .write, buffer: buffer.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
+  }
+}
+
 // MARK: - Suite
 
 @Suite("IOEngine conformance")
@@ -163,26 +240,16 @@ struct EngineConformanceTests {
   // `depth`, a submit on a full queue accepts nothing, and each reap makes room for exactly as many.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func writeThenReadBackAtFullDepth(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let blocks = 3 * depth
-    let source = alignedBuffer(blocks * page)
-    defer { source.deallocate() }
-    let sink = alignedBuffer(blocks * page)
-    defer { sink.deallocate() }
-    fillPattern(source, seed: 7)
+    let source = f.buffer(blocks * page, pattern: 7)
+    let sink = f.buffer(blocks * page)
 
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let engine = try f.makeEngine(kind)
 
     // Writes, submitted in reverse file order.
-    let writes = (0..<blocks).reversed().map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let writes = pageWrites(source, (0..<blocks).reversed())
     var done = Completions(writes, depth: depth)
     var next = try submit(engine, writes)
     #expect(next == depth, "submit of \(blocks) on an empty queue of depth \(depth)")
@@ -216,19 +283,11 @@ struct EngineConformanceTests {
   // than the completion buffer holds, leaving the rest in flight for the next call.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func reapHonoursMinimumAndBufferSize(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
-    let buf = alignedBuffer(depth * page)
-    defer { buf.deallocate() }
-    fillPattern(buf, seed: 13)
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
-    let writes = (0..<depth).map { b in
-      IORequest(
-        opcode: .write, buffer: buf.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
-    }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
+    let buf = f.buffer(depth * page, pattern: 13)
+    let engine = try f.makeEngine(kind)
+    let writes = pageWrites(buf, 0..<depth)
     #expect(try submit(engine, writes) == depth)
     var seen: [UInt64: Int32] = [:]
     var small = [IOCompletion](repeating: IOCompletion(userData: 0, result: 0), count: 4)
@@ -264,16 +323,11 @@ struct EngineConformanceTests {
   // complete (sleep) before batch B is submitted; then one reap asks for both.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func reapWaitsForMinimumWithCompletionsAlreadyReady(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let half = depth / 2
-    let buf = alignedBuffer(depth * 4 * page)
-    defer { buf.deallocate() }
-    fillPattern(buf, seed: 17)
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let buf = f.buffer(depth * 4 * page, pattern: 17)
+    let engine = try f.makeEngine(kind)
     let writes = (0..<depth).map { i in
       IORequest(
         opcode: .write, buffer: buf.baseAddress! + i * 4 * page, length: 4 * page, offset: UInt64(i * 4 * page),
@@ -298,29 +352,19 @@ struct EngineConformanceTests {
   // flushSubmissions starts what submit only queued: the data reaches the file with no reap.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func flushSubmissionsStartsQueuedRequestsWithoutReap(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let blocks = 8
-    let source = alignedBuffer(blocks * page)
-    defer { source.deallocate() }
-    let check = alignedBuffer(blocks * page)
-    defer { check.deallocate() }
-    fillPattern(source, seed: 19)
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let source = f.buffer(blocks * page, pattern: 19)
+    let check = f.buffer(blocks * page)
+    let engine = try f.makeEngine(kind)
+    let writes = pageWrites(source, 0..<blocks)
     #expect(try submit(engine, writes) == blocks)
     try engine.flushSubmissions()
     try engine.flushSubmissions()  // idempotent
     var landed = false
     for _ in 0..<200 {  // up to 2 s
-      if pread(fd, check.baseAddress!, blocks * page, 0) == blocks * page
+      if pread(f.fd, check.baseAddress!, blocks * page, 0) == blocks * page
         && same(source.baseAddress!, check.baseAddress!, blocks * page)
       {
         landed = true
@@ -338,21 +382,14 @@ struct EngineConformanceTests {
   // same bytes and results as plain buffers, also mixed in one batch with unregistered ones.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func registeredBuffersGiveSameResults(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let blocks = depth
-    let source = alignedBuffer(blocks * page)
-    defer { source.deallocate() }
-    let sink = alignedBuffer(blocks * page)
-    defer { sink.deallocate() }
-    let plain = alignedBuffer(blocks * page)
-    defer { plain.deallocate() }
-    fillPattern(source, seed: 11)
+    let source = f.buffer(blocks * page, pattern: 11)
+    let sink = f.buffer(blocks * page)
+    let plain = f.buffer(blocks * page)
 
-    let engine = try makeEngine(kind, fd: fd, registered: [source, sink])
-    defer { engine.close() }
+    let engine = try f.makeEngine(kind, registered: [source, sink])
 
     // Even blocks through registered buffer 0, odd blocks through plain pointers into it.
     let writes = (0..<blocks).map { b in
@@ -383,26 +420,15 @@ struct EngineConformanceTests {
   // engine on it) reads the data back after the first engine and descriptor are closed.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func fsyncAfterCompletedWritesThenReopen(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let path = scratch.file("data")
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let blocks = 2 * depth
-    let source = alignedBuffer(blocks * page)
-    defer { source.deallocate() }
-    let sink = alignedBuffer(blocks * page)
-    defer { sink.deallocate() }
-    fillPattern(source, seed: 23)
+    let source = f.buffer(blocks * page, pattern: 23)
+    let sink = f.buffer(blocks * page)
 
     do {
-      let (fd, _) = try openFile(path, mode)
-      defer { close(fd) }
-      let engine = try makeEngine(kind, fd: fd)
-      defer { engine.close() }
-      let writes = (0..<blocks).map { b in
-        IORequest(
-          opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page),
-          userData: tag(b))
-      }
+      let engine = try f.makeEngine(kind)
+      let writes = pageWrites(source, 0..<blocks)
       for (_, r) in try runAll(engine, writes) { #expect(r == Int32(page)) }
       #expect(engine.inFlight == 0)
       let flush = try runAll(engine, [.fsync(userData: 0xF1F1_F1F1_F1F1_F1F1)])
@@ -415,12 +441,11 @@ struct EngineConformanceTests {
       #expect(try runAll(engine, [.fsync(userData: 2), .fsync(userData: 3)]) == [2: 0, 3: 0])
     }
 
-    let (fd2, _) = try openFile(path, mode, flags: O_RDONLY)
-    defer { close(fd2) }
+    // The first engine and descriptor closed, a new descriptor and a new engine on it.
+    try f.reopen(flags: O_RDONLY)
     var st = stat()
-    #expect(fstat(fd2, &st) == 0 && st.st_size == blocks * page)
-    let engine2 = try makeEngine(kind, fd: fd2)
-    defer { engine2.close() }
+    #expect(fstat(f.fd, &st) == 0 && st.st_size == blocks * page)
+    let engine2 = try f.makeEngine(kind)
     let reads = (0..<blocks / 4).map { i in
       IORequest(
         opcode: .read, buffer: sink.baseAddress! + i * 4 * page, length: 4 * page, offset: UInt64(i * 4 * page),
@@ -434,22 +459,16 @@ struct EngineConformanceTests {
   // starts at or past the end returns 0. All in flight together.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func shortReadsAtEndOfFile(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
-    let source = alignedBuffer(2 * page)
-    defer { source.deallocate() }
-    let sink = alignedBuffer(16 * page)
-    defer { sink.deallocate() }
-    fillPattern(source, seed: 31)
+    let f = try EngineFixture(mode)
+    defer { f.release() }
+    let source = f.buffer(2 * page, pattern: 31)
+    let sink = f.buffer(16 * page)
 
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let engine = try f.makeEngine(kind)
     let w = IORequest(opcode: .write, buffer: source.baseAddress!, length: 2 * page, offset: 0, userData: 1)
     #expect(try engine.perform(w) == Int32(2 * page))
     let size = page + 1000
-    #expect(ftruncate(fd, off_t(size)) == 0)
+    #expect(ftruncate(f.fd, off_t(size)) == 0)
 
     let s = sink.baseAddress!
     let reads = [
@@ -476,15 +495,10 @@ struct EngineConformanceTests {
   // engine stays usable: nothing left in flight, later writes succeed.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func readOnWriteOnlyDescriptorFailsWithEBADF(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode, flags: O_WRONLY | O_CREAT)
-    defer { close(fd) }
-    let buf = alignedBuffer(2 * page)
-    defer { buf.deallocate() }
-    fillPattern(buf, seed: 3)
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let f = try EngineFixture(mode, flags: O_WRONLY | O_CREAT)
+    defer { f.release() }
+    let buf = f.buffer(2 * page, pattern: 3)
+    let engine = try f.makeEngine(kind)
 
     #expect(
       try engine.perform(IORequest(opcode: .write, buffer: buf.baseAddress!, length: page, offset: 0, userData: 1))
@@ -509,15 +523,10 @@ struct EngineConformanceTests {
   // -EBADF), or it throws having accepted nothing (inFlight unchanged), so the batch can be retried.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func failingRequestInsideABatch(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode, flags: O_WRONLY | O_CREAT)
-    defer { close(fd) }
-    let buf = alignedBuffer(4 * page)
-    defer { buf.deallocate() }
-    fillPattern(buf, seed: 5)
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let f = try EngineFixture(mode, flags: O_WRONLY | O_CREAT)
+    defer { f.release() }
+    let buf = f.buffer(4 * page, pattern: 5)
+    let engine = try f.makeEngine(kind)
 
     let b = buf.baseAddress!
     let batch = [
@@ -560,20 +569,13 @@ struct EngineConformanceTests {
     defer {
       if umount(mnt) != 0 { umount2(mnt, Int32(MNT_DETACH)) }
     }
+    let f = try EngineFixture(.buffered, path: mnt + "/full")
+    defer { f.release() }  // before the unmount
+    #expect(!f.direct)
     let blocks = 128
-    let buf = alignedBuffer(blocks * page)
-    defer { buf.deallocate() }
-    fillPattern(buf, seed: 9)
-
-    let (fd, direct) = try openFile(mnt + "/full", .buffered)
-    #expect(!direct)
-    defer { close(fd) }
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: buf.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b))
-    }
+    let buf = f.buffer(blocks * page, pattern: 9)
+    let engine = try f.makeEngine(kind)
+    let writes = pageWrites(buf, 0..<blocks)
     let results = try runAll(engine, writes)
     let enospc = results.values.filter { $0 == -ENOSPC }.count
     #expect(enospc > 0, "no -ENOSPC writing \(blocks * page) bytes to a 256 KiB tmpfs")
@@ -600,12 +602,10 @@ struct EngineConformanceTests {
     }
     defer { _ = system("dmsetup remove \(name) >/dev/null 2>&1") }
     _ = system("dmsetup mknodes \(name) >/dev/null 2>&1")
-    let (fd, _) = try openFile("/dev/mapper/\(name)", .direct, flags: O_RDONLY)
-    defer { close(fd) }
-    let buf = alignedBuffer(depth * page)
-    defer { buf.deallocate() }
-    let engine = try makeEngine(kind, fd: fd)
-    defer { engine.close() }
+    let f = try EngineFixture(.direct, flags: O_RDONLY, path: "/dev/mapper/\(name)")
+    defer { f.release() }
+    let buf = f.buffer(depth * page)
+    let engine = try f.makeEngine(kind)
     let reads = (0..<8).map { i in
       IORequest(
         opcode: .read, buffer: buf.baseAddress! + i * page, length: page, offset: UInt64(i * page), userData: tag(i))
@@ -618,30 +618,21 @@ struct EngineConformanceTests {
   // write is in the file once close returns, so the buffers may be freed right after).
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func closeWithRequestsInFlightWaitsForThem(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
     let blocks = depth
-    let source = alignedBuffer(blocks * page)
-    defer { source.deallocate() }
-    let check = alignedBuffer(blocks * page)
-    defer { check.deallocate() }
-    fillPattern(source, seed: 41)
+    let source = f.buffer(blocks * page, pattern: 41)
+    let check = f.buffer(blocks * page)
 
-    let engine = try makeEngine(kind, fd: fd)
-    let writes = (0..<blocks).map { b in
-      IORequest(
-        opcode: .write, buffer: source.baseAddress! + b * page, length: page, offset: UInt64(b * page), userData: tag(b)
-      )
-    }
+    let engine = try f.makeEngine(kind)
+    let writes = pageWrites(source, 0..<blocks)
     #expect(try submit(engine, writes) == blocks)
-    engine.close()
+    f.closeEngines()  // engine.close() with every write in flight
 
     // The engine is closed; read with plain pread on the same descriptor.
     var done = 0
     while done < blocks * page {
-      let n = pread(fd, check.baseAddress! + done, blocks * page - done, off_t(done))
+      let n = pread(f.fd, check.baseAddress! + done, blocks * page - done, off_t(done))
       guard n > 0 else { break }
       done += n
     }
@@ -655,15 +646,12 @@ struct EngineConformanceTests {
   func closeReleasesKernelResources(kind: IOEngineKind) async {
     await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) { [raw = kind.rawValue as String] in
       let kind = IOEngineKind(rawValue: raw)!
-      let scratch = try Scratch()
-      defer { scratch.remove() }
-      let (fd, _) = try openFile(scratch.file("leak"), .direct)
-      defer { close(fd) }
-      let buf = alignedBuffer(8 * page)
-      defer { buf.deallocate() }
+      let f = try EngineFixture(.direct)
+      defer { f.release() }
+      let buf = f.buffer(8 * page)
       let before = kernelHandles()
       for round in 0..<20 {
-        let engine = try IOEngines.make(fd: fd, depth: 8, requested: kind, registeredBuffers: [buf]).engine
+        let engine = try IOEngines.make(fd: f.fd, depth: 8, requested: kind, registeredBuffers: [buf]).engine
         if round == 0 {
           // The probe must see the engine's kernel objects, or the leak check below proves nothing.
           let open = kernelHandles()
@@ -692,11 +680,9 @@ struct EngineConformanceTests {
 
   // `IOEngines.make` prefers io_uring (available on this kernel) and says why.
   @Test func makeWithoutRequestChoosesIOUring() throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), .direct)
-    defer { close(fd) }
-    let choice = try IOEngines.make(fd: fd, depth: depth)
+    let f = try EngineFixture(.direct)
+    defer { f.release() }
+    let choice = try IOEngines.make(fd: f.fd, depth: depth)
     defer { choice.engine.close() }
     #expect(choice.engine.kind == .ioUring)
     #expect(!choice.reason.isEmpty)
@@ -704,11 +690,9 @@ struct EngineConformanceTests {
 
   @Test(arguments: IOEngineKind.allCases)
   func makeWithRequestReturnsThatKind(kind: IOEngineKind) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), .direct)
-    defer { close(fd) }
-    let choice = try IOEngines.make(fd: fd, depth: 16, requested: kind)
+    let f = try EngineFixture(.direct)
+    defer { f.release() }
+    let choice = try IOEngines.make(fd: f.fd, depth: 16, requested: kind)
     defer { choice.engine.close() }
     #expect(choice.engine.kind == kind)
     #expect(choice.engine.depth == 16)
@@ -746,17 +730,11 @@ struct EngineConformanceTests {
   // The synchronous convenience: write, fsync, read.
   @Test(arguments: IOEngineKind.allCases, OpenMode.allCases)
   func performReadWriteFsync(kind: IOEngineKind, mode: OpenMode) throws {
-    let scratch = try Scratch()
-    defer { scratch.remove() }
-    let (fd, _) = try openFile(scratch.file("data"), mode)
-    defer { close(fd) }
-    let source = alignedBuffer(4 * page)
-    defer { source.deallocate() }
-    let sink = alignedBuffer(4 * page)
-    defer { sink.deallocate() }
-    fillPattern(source, seed: 77)
-    let engine = try makeEngine(kind, fd: fd, registered: [sink])
-    defer { engine.close() }
+    let f = try EngineFixture(mode)
+    defer { f.release() }
+    let source = f.buffer(4 * page, pattern: 77)
+    let sink = f.buffer(4 * page)
+    let engine = try f.makeEngine(kind, registered: [sink])
 
     #expect(
       try engine.perform(

@@ -125,25 +125,10 @@ final class ServeProcess {
   /// Connects, retrying while the server starts listening; negotiates and starts the queues
   /// unless `start` is false.
   func client(_ options: VhostUserClient.Options = .init(), start: Bool = true) throws -> VhostUserClient {
-    let deadline = Date().addingTimeInterval(15)
-    while true {
-      do throws(VhostClientError) {
-        let c = try VhostUserClient(path: socketPath, options: options)
-        if start {
-          try c.negotiate()
-          try c.start()
-        }
-        return c
-      } catch {
-        guard case .system(let what, let e) = error, e == ENOENT || e == ECONNREFUSED, what.hasPrefix("connect") else {
-          throw ServeTestError("client: \(error); server \(isAlive() ? "alive" : "dead"); log:\n\(log)")
-        }
-        guard isAlive(), Date() < deadline else {
-          throw ServeTestError("strata serve is not listening on \(socketPath); log:\n\(log)")
-        }
-        usleep(10_000)
-      }
-    }
+    try connectWhenListening(
+      path: socketPath, options: options, start: start, timeout: 15, every: 10_000, isAlive: isAlive,
+      failed: { ServeTestError("client: \($0); server \(self.isAlive() ? "alive" : "dead"); log:\n\(self.log)") },
+      notListening: { ServeTestError("strata serve is not listening on \(self.socketPath); log:\n\(self.log)") })
   }
 
   /// Options for a client using `queues` queues.
@@ -240,20 +225,14 @@ final class ServeProcess {
 
   /// Reconnects `client` (VhostUserClient.reconnect) once the server listens again.
   func reconnect(_ client: VhostUserClient) throws {
-    let deadline = Date().addingTimeInterval(15)
-    while true {
-      do throws(VhostClientError) {
-        try client.reconnect(path: socketPath)
-        return
-      } catch {
-        guard case .system(let what, let e) = error, e == ENOENT || e == ECONNREFUSED, what.hasPrefix("connect") else {
-          throw ServeTestError("reconnect: \(error); server \(isAlive() ? "alive" : "dead"); log:\n\(logTail)")
-        }
-        guard isAlive(), Date() < deadline else {
-          throw ServeTestError("strata serve is not listening on \(socketPath); log:\n\(logTail)")
-        }
-        usleep(5_000)
-      }
+    try retryWhileNotListening(
+      timeout: 15, every: 5_000, isAlive: isAlive, systemCall: VhostUserClient.failedSystemCall,
+      failed: {
+        ServeTestError("reconnect: \($0); server \(self.isAlive() ? "alive" : "dead"); log:\n\(self.logTail)")
+      },
+      notListening: { ServeTestError("strata serve is not listening on \(self.socketPath); log:\n\(self.logTail)") }
+    ) { () throws(VhostClientError) in
+      try client.reconnect(path: socketPath)
     }
   }
 
@@ -274,6 +253,12 @@ final class ServeProcess {
   /// Open descriptors of the server process.
   func openFdCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+  }
+}
+
+extension VhostUserClient: SocketClient {
+  public static func failedSystemCall(_ error: VhostClientError) -> (call: String, errno: Int32)? {
+    if case .system(let call, let e) = error { (call, e) } else { nil }
   }
 }
 

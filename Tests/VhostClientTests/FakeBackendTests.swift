@@ -62,7 +62,16 @@ final class FakeBackend: Sendable {
     thread.start()
   }
 
+  private let stopped = Mutex<Bool>(false)
+
+  /// Idempotent: a second close of the listening descriptor could close another test's socket
+  /// that reused its number (the tests run in parallel).
   func stop() {
+    guard
+      stopped.withLock({ s in
+        defer { s = true }; return !s
+      })
+    else { return }
     shutdown(listenFd, Int32(SHUT_RDWR))
     let deadline = Date().addingTimeInterval(5)
     while !finished.withLock({ $0 }) && Date() < deadline { usleep(2_000) }

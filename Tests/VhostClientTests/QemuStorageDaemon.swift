@@ -75,25 +75,9 @@ final class StorageDaemon {
   /// Connects (retrying while the daemon starts listening) and, unless `negotiate` is false,
   /// negotiates and starts the queues.
   func client(_ options: VhostUserClient.Options = .init(), negotiate: Bool = true) throws -> VhostUserClient {
-    let deadline = Date().addingTimeInterval(10)
-    while true {
-      do throws(VhostClientError) {
-        let c = try VhostUserClient(path: socketPath, options: options)
-        if negotiate {
-          try c.negotiate()
-          try c.start()
-        }
-        return c
-      } catch {
-        guard case .system(let what, let e) = error, e == ENOENT || e == ECONNREFUSED, what.hasPrefix("connect") else {
-          throw error
-        }
-        guard isRunning(), Date() < deadline else {
-          throw FixtureError("qemu-storage-daemon is not listening on \(socketPath): \(log)")
-        }
-        usleep(20_000)
-      }
-    }
+    try connectWhenListening(
+      path: socketPath, options: options, start: negotiate, timeout: 10, every: 20_000, isAlive: isRunning,
+      notListening: { FixtureError("qemu-storage-daemon is not listening on \(self.socketPath): \(self.log)") })
   }
 
   /// Kills the daemon by PID (SIGTERM, then SIGKILL after 3 s), reaps it and removes the directory.
@@ -125,6 +109,12 @@ final class StorageDaemon {
     var out = [UInt8](repeating: 0, count: count)
     let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
     return n == count ? out : []
+  }
+}
+
+extension VhostUserClient: SocketClient {
+  public static func failedSystemCall(_ error: VhostClientError) -> (call: String, errno: Int32)? {
+    if case .system(let call, let e) = error { (call, e) } else { nil }
   }
 }
 

@@ -66,11 +66,12 @@ struct CompactCommand: ParsableCommand {
         let options = CompactOptions(maxSegments: maxSegments ?? .max, maxLiveRatio: maxLive / 100)
         let report = try opened.compact(options) { meter.update(UInt64($0 * 10_000)) }
         meter.finish()
-        let after = try opened.info
         return CompactOutcome(
-          filename: image, report: report, diskUsageBefore: before.diskUsage ?? before.fileSize,
-          diskUsageAfter: after.diskUsage ?? after.fileSize)
+          filename: image, report: report, diskUsageBefore: before.diskUsage ?? before.fileSize, diskUsageAfter: nil)
       }
+      // After the close, which gives back the space allocated ahead of the log's end.
+      var st = stat()
+      if stat(image, &st) == 0 { outcome?.diskUsageAfter = UInt64(st.st_blocks) * 512 }
     }
     guard let outcome else { return }
     switch format.output {

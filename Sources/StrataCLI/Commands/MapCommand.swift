@@ -17,18 +17,21 @@ struct MapCommand: ParsableCommand {
 
   @OptionGroup var point: PointOptions
 
+  @OptionGroup var branch: BranchOption
+
   @OptionGroup var format: OutputOptions
 
   func run() throws {
     try runReportingErrors {
-      let (entries, chain) = try ImageAccess.with(image, readOnly: true) { opened in
+      let path = try branch.path(of: image)
+      let (entries, chain) = try ImageAccess.with(path, readOnly: true) { opened in
         (
           try ImageAccess.source(opened, snapshot: point.snapshot, at: point.at).extents(0, nil).map(MapEntry.init),
           opened.backingChain
         )
       }
       switch format.output {
-      case .human: print(MapEntry.table(entries, files: [image] + chain))
+      case .human: print(MapEntry.table(entries, files: [path] + chain))
       case .json: try Printer.printJSON(entries)
       }
     }

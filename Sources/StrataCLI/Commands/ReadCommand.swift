@@ -30,6 +30,8 @@ struct ReadCommand: ParsableCommand {
 
   @OptionGroup var point: PointOptions
 
+  @OptionGroup var branch: BranchOption
+
   @Option(
     name: .long,
     help: ArgumentHelp("Write the bytes to this file (replacing it) instead of standard output.", valueName: "file"))
@@ -37,7 +39,7 @@ struct ReadCommand: ParsableCommand {
 
   func run() throws {
     try runReportingErrors {
-      try ImageAccess.with(image, readOnly: true) { opened in
+      try ImageAccess.with(try branch.path(of: image), readOnly: true) { opened in
         let source = try ImageAccess.source(opened, snapshot: point.snapshot, at: point.at)
         try source.checkRange(offset: offset, length: length)
         let out = try about(output ?? "-") { try RawFile.create(output ?? "-", overwrite: true) }

@@ -40,6 +40,8 @@ struct ServeCommand: ParsableCommand {
   @Argument(help: "Path of the image.")
   var image: String
 
+  @OptionGroup var branch: BranchOption
+
   @Option(help: ArgumentHelp("Unix socket to listen on for a vhost-user front-end.", valueName: "path"))
   var socket: String?
 
@@ -109,9 +111,10 @@ struct ServeCommand: ParsableCommand {
       var options = ImageOptions()
       options.readOnly = readOnly
       options.ioEngine = engine
-      let opened = try ImageAccess.open(image, readOnly: readOnly, options: options)
-      try ImageAccess.withOpened(opened, path: image) { img in
-        logger.info("image \(image): \(img.size) bytes, I/O engine \(img.engineDescription)")
+      let path = try branch.path(of: image)
+      let opened = try ImageAccess.open(path, readOnly: readOnly, options: options)
+      try ImageAccess.withOpened(opened, path: path) { img in
+        logger.info("image \(path): \(img.size) bytes, I/O engine \(img.engineDescription)")
         let shared = SharedImage(img)
         var nbdOptions = try nbdAddress().map { NBDServer.Options(address: $0) }
         nbdOptions?.readOnly = readOnly

@@ -27,10 +27,13 @@ struct WriteCommand: ParsableCommand {
     help: ArgumentHelp("File with the bytes to write; '-' reads standard input.", valueName: "file"))
   var input: String
 
+  @OptionGroup var branch: BranchOption
+
   func run() throws {
     try runReportingErrors {
+      let path = try branch.path(of: image)
       let source = try about(input) { try RawFile.openForReading(input) }
-      let written = try ImageAccess.with(image, readOnly: false) { opened in
+      let written = try ImageAccess.with(path, readOnly: false) { opened in
         try Streams.copy(from: source, to: opened, at: offset)
       }
       try source.close()

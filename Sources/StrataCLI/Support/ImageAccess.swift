@@ -1,4 +1,9 @@
+import ArgumentParser
 import StrataCore
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// Opening and closing images so that every path closes exactly once, errors name the file,
 /// and a failed command never leaves an image open.
@@ -84,5 +89,34 @@ struct ImageSource {
         .outOfRange,
         "range \(offset)+\(length) lies outside the \(size)-byte disk (\(ByteCount.format(size)))")
     }
+  }
+}
+
+/// `--branch NAME`: use branch NAME of the image (the file `IMAGE.branches/NAME.strata`, see `strata
+/// clone`) instead of the image itself (read, write, map, serve, diff).
+struct BranchOption: ParsableArguments {
+  @Option(help: ArgumentHelp("Use this branch of the image (see 'strata clone').", valueName: "name"))
+  var branch: String?
+
+  init() {}
+
+  /// The file to open: the image, or the branch's file.
+  func path(of image: String) throws -> String {
+    guard let branch else { return image }
+    return try ImageAccess.branchPath(of: image, name: branch)
+  }
+}
+
+extension ImageAccess {
+  /// The file of branch `name` of `image`, which must exist.
+  static func branchPath(of image: String, name: String) throws -> String {
+    try StrataImage.validateBranchName(name)
+    let path = StrataImage.branchPath(of: image, name: name)
+    guard access(path, F_OK) == 0 else {
+      throw StrataError(
+        .notFound,
+        "\(image) has no branch named \"\(name)\" (no file \(path); 'strata branch list \(image)' lists them)")
+    }
+    return path
   }
 }

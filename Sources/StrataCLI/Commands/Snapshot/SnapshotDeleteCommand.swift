@@ -5,7 +5,10 @@ struct SnapshotDeleteCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "delete",
     abstract: "Delete a snapshot.",
-    discussion: "The current disk and the other snapshots are not affected."
+    discussion: """
+      The current disk and the other snapshots are not affected. A snapshot a branch is based on \
+      (see `strata clone`) cannot be deleted until the branch is ('strata branch delete').
+      """
   )
 
   @Argument(help: "Path of the image.")

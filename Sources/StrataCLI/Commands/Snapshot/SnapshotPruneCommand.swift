@@ -10,7 +10,8 @@ struct SnapshotPruneCommand: ParsableCommand {
       --keep-hourly hours, --keep-daily days and --keep-weekly weeks (UTC, weeks from Monday) \
       that have snapshots; a snapshot any rule keeps stays. --prefix limits pruning to names \
       that start with it (e.g. the auto- snapshots of `serve --snapshot-every`). Deleting a \
-      snapshot frees nothing the disk, another snapshot or the timeline still needs.
+      snapshot frees nothing the disk, another snapshot or the timeline still needs. A snapshot \
+      a branch is based on (see `strata clone`) is kept, with a note naming the branch.
 
       Example:
         strata snapshot prune vm.strata --prefix auto- --keep-last 24 --keep-daily 7 --keep-weekly 4
@@ -54,6 +55,17 @@ struct SnapshotPruneCommand: ParsableCommand {
   func run() throws {
     try runReportingErrors {
       let deleted = try ImageAccess.with(image, readOnly: dryRun) { opened in
+        // Snapshots branches are based on stay whatever the policy says.
+        let pins = try opened.branchPins()
+        if !pins.isEmpty {
+          let candidates = try opened.snapshots.filter { $0.name.hasPrefix(prefix) }
+          for s in policy.apply(to: candidates).delete {
+            guard let branches = pins[s.seq] else { continue }
+            Printer.note(
+              "Kept snapshot '\(s.name)': branch \(branches.map { "'\($0)'" }.joined(separator: ", ")) is based on it "
+                + "('strata branch delete' first to let it go).")
+          }
+        }
         let deleted = try opened.pruneSnapshots(policy, prefix: prefix, dryRun: dryRun)
         if !dryRun { try opened.flush() }
         return deleted.map(SnapshotEntry.init)
