@@ -5,7 +5,8 @@ import StrataCore
 
 /// The cleaner of a served image: small passes in the background when enough of the log is
 /// garbage. A pass takes the image lock one step at a time (one segment copied, or a batch
-/// freed), so the guest's requests run between steps; a pass that frees nothing (what is left
+/// freed), so the guest's requests run between steps, and rests after each step as long as the
+/// step took unless garbage is past 40% of the log; a pass that frees nothing (what is left
 /// is pinned by snapshots or the protection window, or too full to be worth copying) backs off.
 public final class BackgroundCleaner: BackgroundWorker, @unchecked Sendable {
   /// What the cleaner did since the server started (the control socket's `status`).
@@ -22,6 +23,8 @@ public final class BackgroundCleaner: BackgroundWorker, @unchecked Sendable {
   let triggerRatio: Double
   /// …and at least this many bytes.
   let triggerBytes: UInt64
+  /// Past this share of garbage the cleaner stops resting between steps.
+  let urgentRatio = 0.4
   let options: CompactOptions
   private let lock = NSLock()
   private var totalsValue = Totals()
@@ -63,9 +66,16 @@ public final class BackgroundCleaner: BackgroundWorker, @unchecked Sendable {
           continue
         }
         // One segment per step, its blocks read outside the lock; the guest's requests run in
-        // between.
-        while try pass.step(shared: image) {
-          if poll(&fds, 1, 0) != 0 { return }
+        // between. Throttled while there is room: after a step the cleaner rests as long as the
+        // step took (half of the time and of the disk for the guest), unless garbage has grown
+        // past `urgentRatio` of the log, when it must keep up with the guest's writes instead.
+        while true {
+          let started = monotonicNanoseconds()
+          guard try pass.step(shared: image) else { break }
+          let space = image.with { $0.logSpace }
+          let urgent = Double(space.garbageBytes) >= urgentRatio * Double(space.sealedBytes)
+          let rest = urgent ? 0 : Int32(clamping: (monotonicNanoseconds() - started) / 1_000_000)
+          if poll(&fds, 1, rest) != 0 { return }
         }
         let report = pass.report
         lock.withLock {
