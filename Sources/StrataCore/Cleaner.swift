@@ -99,7 +99,6 @@ final class Reclaim {
     return reusable.first
   }
 
-  var count: Int { reusable.count + quarantined.count }
 }
 
 /// The epochs of one queue's reads in flight. The queue's thread changes the counts; the
@@ -162,22 +161,42 @@ extension StrataImage {
   struct ChainCheckpoint {
     var page: UInt64
     var seq: UInt64
+    var timestamp: UInt64
     var body: CheckpointBody
+
+    /// The checkpoint record at `page`, or nil when the record there is not one.
+    static func read(at page: UInt64, from pages: PageReader) throws -> ChainCheckpoint? {
+      guard let stored = try pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else {
+        return nil
+      }
+      return ChainCheckpoint(
+        page: page, seq: stored.header.seq, timestamp: stored.header.timestampNanoseconds, body: body)
+    }
+  }
+
+  /// Visits the checkpoints from the last back to the log start, newest first, until `visit`
+  /// returns false. A link that does not lead to a checkpoint older than the one holding it
+  /// (damage, or a segment the cleaner reused) is corruption: the log before it is out of reach.
+  func walkCheckpoints(_ visit: (ChainCheckpoint) throws -> Bool) throws {
+    var page = lastCheckpointPage
+    var newer = UInt64.max
+    while page != 0 {
+      guard let c = try ChainCheckpoint.read(at: page, from: pages), c.seq < newer else {
+        throw StrataError(.corrupt, "the checkpoint at page \(page) cannot be read: the log before it is out of reach")
+      }
+      guard try visit(c) else { return }
+      newer = c.seq
+      // The cleaner may have reclaimed the log before its start.
+      page = page == logStart ? 0 : c.body.previousCheckpoint
+    }
   }
 
   /// The checkpoints from the last back to the log start, newest first.
   func checkpointChain() throws -> [ChainCheckpoint] {
     var out: [ChainCheckpoint] = []
-    var page = lastCheckpointPage
-    while page != 0 {
-      guard let stored = try pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last,
-        out.last.map({ stored.header.seq < $0.seq }) ?? true
-      else {
-        throw StrataError(.corrupt, "the checkpoint at page \(page) cannot be read: the log before it is out of reach")
-      }
-      out.append(ChainCheckpoint(page: page, seq: stored.header.seq, body: body))
-      if page == logStart { break }
-      page = body.previousCheckpoint
+    try walkCheckpoints {
+      out.append($0)
+      return true
     }
     return out
   }
@@ -222,8 +241,6 @@ extension StrataImage {
     let plan = Evacuation(segment: s)
     var page = geometry.firstPage(ofSegment: s)
     let end = page + UInt64(geometry.pagesPerSegment)
-    // Blocks past the disk (written before a shrink) are not the head's.
-    let diskBlocks = (virtualSize + UInt64(bs) - 1) / UInt64(bs)
     while page < end, let stored = try pages.record(at: page) {
       var payload = stored.payloadPage
       for op in stored.record.ops {
@@ -231,13 +248,7 @@ extension StrataImage {
         case .write(let first, let checksums):
           var i = 0
           while i < checksums.count {
-            // A run of blocks the head still maps to this very payload.
-            var j = i
-            while j < checksums.count && first + UInt64(j) < diskBlocks {
-              let e = try map.entry(first + UInt64(j))
-              guard e.state == .data, e.page == payload + UInt64(j * ppb), e.checksum == checksums[j] else { break }
-              j += 1
-            }
+            let j = i + (try liveRun(from: first + UInt64(i), at: payload + UInt64(i * ppb), checksums[i...]))
             if j > i {
               plan.runs.append(
                 Evacuation.Run(
@@ -293,6 +304,28 @@ extension StrataImage {
     }
   }
 
+  /// How many blocks from `first` on the head still maps, one after another, to the pages from
+  /// `page` on with these checksums: a run the cleaner copies as one. Blocks past the disk
+  /// (written before a shrink) are not the head's.
+  private func liveRun(from first: UInt64, at page: UInt64, _ checksums: ArraySlice<UInt32>) throws -> Int {
+    let diskBlocks = (virtualSize + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
+    var n = 0
+    for c in checksums {
+      guard first + UInt64(n) < diskBlocks else { break }
+      let e = try map.entry(first + UInt64(n))
+      guard e.state == .data, e.page == page + UInt64(n * geometry.pagesPerBlock), e.checksum == c else { break }
+      n += 1
+    }
+    return n
+  }
+
+  /// Reads the blocks of `plan` through the page reader (under the image lock).
+  func readEvacuation(_ plan: Evacuation) throws {
+    try Self.readEvacuation(plan, geometry: geometry) { buffer, offset in
+      try pages.readPages(offset / UInt64(Layout.pageSize), buffer.count / Layout.pageSize, into: buffer)
+    }
+  }
+
   /// Writes again the blocks of `plan` that the head still maps where the plan found them (a
   /// guest may have overwritten some since); returns how many it wrote.
   func finishEvacuation(_ plan: Evacuation) throws -> Int {
@@ -302,12 +335,7 @@ extension StrataImage {
     for run in plan.runs {
       var i = 0
       while i < run.checksums.count {
-        var j = i
-        while j < run.checksums.count {
-          let e = try map.entry(run.first + UInt64(j))
-          guard e.state == .data, e.page == run.page + UInt64(j * ppb), e.checksum == run.checksums[j] else { break }
-          j += 1
-        }
+        let j = i + (try liveRun(from: run.first + UInt64(i), at: run.page + UInt64(i * ppb), run.checksums[i...]))
         if j > i {
           let bytes = UnsafeRawBufferPointer(rebasing: plan.data[(run.offset + i * bs)..<(run.offset + j * bs)])
           try writeBlocks(run.first + UInt64(i), bytes, count: j - i)
@@ -429,9 +457,7 @@ public final class CleaningPass {
   public func step(_ image: StrataImage) throws -> Bool {
     try image.checkWritable()
     if let plan = try planNext(image) {
-      try StrataImage.readEvacuation(plan, geometry: image.geometry) { buffer, offset in
-        try image.pages.readPages(offset / UInt64(Layout.pageSize), buffer.count / Layout.pageSize, into: buffer)
-      }
+      try image.readEvacuation(plan)
       report.blocksCopied += try image.finishEvacuation(plan)
       return true
     }
@@ -466,9 +492,7 @@ public final class CleaningPass {
       report.blocksCopied += try shared.with { try $0.finishEvacuation(plan) }
     } else {
       try shared.with { image in
-        try StrataImage.readEvacuation(plan, geometry: geometry) { buffer, offset in
-          try image.pages.readPages(offset / UInt64(Layout.pageSize), buffer.count / Layout.pageSize, into: buffer)
-        }
+        try image.readEvacuation(plan)
         report.blocksCopied += try image.finishEvacuation(plan)
       }
     }
@@ -560,10 +584,9 @@ private final class Pins {
 
   func checkpoint(at page: UInt64) throws -> StrataImage.ChainCheckpoint {
     if let c = known[page] { return c }
-    guard let stored = try image.pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else {
+    guard let c = try StrataImage.ChainCheckpoint.read(at: page, from: image.pages) else {
       throw StrataError(.corrupt, "a retained point starts from page \(page), which holds no checkpoint")
     }
-    let c = StrataImage.ChainCheckpoint(page: page, seq: stored.header.seq, body: body)
     known[page] = c
     return c
   }

@@ -99,17 +99,18 @@ extension StrataImage {
     writer?.closeRecord()
     let slots = try superblockSlots()
     var checkpoints: [InspectReport.Checkpoint] = []
-    var page = lastCheckpointPage
-    while page != 0 && checkpoints.count < max(recordLimit, 1) {
-      guard let stored = try pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else { break }
-      checkpoints.append(
-        InspectReport.Checkpoint(
-          page: page, fileOffset: Geometry.byteOffset(ofPage: page), seq: stored.header.seq,
-          virtualSize: body.virtualSize, mapDepth: Int(body.mapDepth), rootPage: body.root.page,
-          dataBlocks: body.dataBlocks, segments: body.segmentCount, snapshots: body.snapshotCount,
-          previousCheckpointPage: body.previousCheckpoint))
-      page = page == logStart ? 0 : body.previousCheckpoint
-    }
+    // A damaged link ends the list: inspect shows what can be read.
+    do {
+      try walkCheckpoints { c in
+        checkpoints.append(
+          InspectReport.Checkpoint(
+            page: c.page, fileOffset: Geometry.byteOffset(ofPage: c.page), seq: c.seq,
+            virtualSize: c.body.virtualSize, mapDepth: Int(c.body.mapDepth), rootPage: c.body.root.page,
+            dataBlocks: c.body.dataBlocks, segments: c.body.segmentCount, snapshots: c.body.snapshotCount,
+            previousCheckpointPage: c.body.previousCheckpoint))
+        return checkpoints.count < max(recordLimit, 1)
+      }
+    } catch let e as StrataError where e.code == .corrupt {}
     let openSegment = writer?.segment ?? recoveredEnd.segment
     let openFill = writer?.tailPage ?? recoveredEnd.page
     let segments = usage.entries.enumerated().map { i, e in

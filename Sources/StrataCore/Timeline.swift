@@ -38,27 +38,8 @@ extension StrataImage {
     }
     var current: StoredRecord? = first
     while let stored = current, points.count < limit {
-      var seq = stored.header.seq
-      for op in stored.record.ops where points.count < limit {
-        switch op {
-        case .checkpoint where seq + 1 >= since:  // its point is seq + 1
-          // The state the checkpoint holds is the one before the next operation.
-          points.append(
-            TimelinePoint(seq: seq + 1, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .checkpoint))
-        case .snapshot where seq >= since:
-          if let entry = try catalog.entry(seq: seq) {
-            points.append(
-              TimelinePoint(
-                seq: seq, timestampNanoseconds: entry.timestampNanoseconds, kind: .snapshot, name: entry.name))
-          }
-        default: break
-        }
-        seq += 1
-      }
-      if stored.header.flags.contains(.flushPoint), stored.header.nextSeq >= since, points.count < limit {
-        points.append(
-          TimelinePoint(
-            seq: stored.header.nextSeq, timestampNanoseconds: stored.header.timestampNanoseconds, kind: .flush))
+      for (point, _) in try timelinePoints(in: stored) where point.seq >= since && points.count < limit {
+        points.append(point)
       }
       current = try pages.next(after: stored)
     }
@@ -101,18 +82,12 @@ extension StrataImage {
   /// The newest checkpoint whose record comes before operation `seq` (or, with `orOldest`, the
   /// oldest one when none does), found by following the checkpoints' links back from the last.
   func checkpoint(before seq: UInt64, orOldest: Bool = false) throws -> (page: UInt64, timestamp: UInt64) {
-    var page = lastCheckpointPage
-    var oldest: (page: UInt64, timestamp: UInt64)?
-    while page != 0 {
-      guard let stored = try pages.record(at: page), case .checkpoint(let body) = stored.record.ops.last else {
-        throw StrataError(.corrupt, "the checkpoint at page \(page) cannot be read: the log before it is out of reach")
-      }
-      if stored.header.seq < seq { return (page, stored.header.timestampNanoseconds) }
-      oldest = (page, stored.header.timestampNanoseconds)
-      // The cleaner may have reclaimed the log before its start.
-      page = page == logStart ? 0 : body.previousCheckpoint
+    var found: ChainCheckpoint?
+    try walkCheckpoints { c in
+      found = c
+      return c.seq >= seq
     }
-    if orOldest, let oldest { return oldest }
+    if let found, found.seq < seq || orOldest { return (found.page, found.timestamp) }
     throw StrataError(.notFound, "no checkpoint precedes seq \(seq): that point is not retained")
   }
 }

@@ -64,9 +64,6 @@ final class UsageTable: LiveAccounting {
   /// Segments marked free, lowest first.
   var freeSegments: [Int] { entries.indices.filter { entries[$0].isFree } }
 
-  /// Pages of the segment area the log occupies (sealed segments' fill; free ones hold nothing).
-  var writtenPagesTotal: UInt64 { entries.reduce(0) { $0 + UInt64($1.isFree ? 0 : $1.writtenPages) } }
-
   func seal(segment: Int, writtenPages: Int, seq: UInt64) {
     entries[segment].writtenPages = UInt32(writtenPages)
     entries[segment].lastSeq = seq
