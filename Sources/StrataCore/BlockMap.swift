@@ -10,6 +10,8 @@ protocol LiveAccounting: AnyObject {
 /// Loads clean nodes by reference: reads, verifies the checksum, validates, caches.
 protocol NodeSource: AnyObject {
   func load(_ ref: ChildRef, level: Int, index: UInt64) throws -> MapNode
+  /// `load` for child `index & 0xFF` of `parent`, which may read its siblings along with it.
+  func load(_ ref: ChildRef, level: Int, index: UInt64, parent: MapNode) throws -> MapNode
   func remember(_ node: MapNode, at page: UInt64)
 }
 
@@ -62,18 +64,17 @@ final class BlockMap {
 
   func resolve(level: Int, index: UInt64) throws -> Resolved {
     if let node = dirty[NodeKey(level: level, index: index)] { return .node(node) }
-    let ref: ChildRef
     if level == depth - 1 {
       precondition(index == 0, "root index must be 0")
-      ref = root
-    } else {
-      switch try resolve(level: level + 1, index: index >> 8) {
-      case .empty(let parentRef): return .empty(parentRef)
-      case .node(let parent): ref = parent.child(Int(index & 0xFF))
-      }
+      return root.isNull ? .empty(root) : .node(try source.load(root, level: level, index: index))
     }
-    if ref.isNull { return .empty(ref) }
-    return .node(try source.load(ref, level: level, index: index))
+    switch try resolve(level: level + 1, index: index >> 8) {
+    case .empty(let parentRef): return .empty(parentRef)
+    case .node(let parent):
+      let ref = parent.child(Int(index & 0xFF))
+      if ref.isNull { return .empty(ref) }
+      return .node(try source.load(ref, level: level, index: index, parent: parent))
+    }
   }
 
   func entry(_ block: UInt64) throws -> MapEntry {

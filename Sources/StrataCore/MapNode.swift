@@ -97,6 +97,12 @@ final class NodeCache<Node: AnyObject> {
 
   var count: Int { slots.count }
 
+  /// Room left before inserting evicts.
+  var free: Int { capacity - slots.count }
+
+  /// Whether `page` is cached, without marking it used.
+  func contains(_ page: UInt64) -> Bool { index[page] != nil }
+
   func get(_ page: UInt64) -> Node? {
     guard let i = index[page] else { return nil }
     slots[i].referenced = true

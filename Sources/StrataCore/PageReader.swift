@@ -80,6 +80,60 @@ final class PageReader: NodeSource {
     let node = MapNode()
     try checkAddress(ref.page, what: "map node (level \(level), index \(index))")
     try readPages(ref.page, 1, into: node.bytes)
+    try verify(node, ref, level: level, index: index)
+    cache.insert(ref.page, node)
+    return node
+  }
+
+  /// Most map nodes one read brings in (128 KiB).
+  static let readaheadNodes = 32
+
+  /// Loads the node and, in the same read, the siblings stored on the pages right before and
+  /// after it (a checkpoint writes each level's nodes in index order), while the cache has room
+  /// for them. Without it a cold map costs one small synchronous read per leaf: 4K random reads
+  /// of a freshly opened 1 GiB image ran at 0.8x their warm rate. Once the cache is full, a miss
+  /// reads only its own node, so random access to a disk larger than the cache does not thrash.
+  func load(_ ref: ChildRef, level: Int, index: UInt64, parent: MapNode) throws -> MapNode {
+    if let node = cache.get(ref.page) { return node }
+    let budget = min(Self.readaheadNodes, cache.free)
+    let slot = Int(index & 0xFF)
+    func isNeighbour(_ s: Int) -> Bool {
+      let r = parent.child(s)
+      return !r.isNull && Int64(bitPattern: r.page &- ref.page) == Int64(s - slot) && !cache.contains(r.page)
+    }
+    var first = slot
+    var last = slot
+    while last - first + 1 < budget / 2, first > 0, isNeighbour(first - 1) { first -= 1 }
+    while last - first + 1 < budget, last < Layout.mapFanout - 1, isNeighbour(last + 1) { last += 1 }
+    guard first < last else { return try load(ref, level: level, index: index) }
+    try checkAddress(ref.page, what: "map node (level \(level), index \(index))")
+    let firstPage = ref.page - UInt64(slot - first)
+    try checkAddress(firstPage, what: "map node (level \(level), index \(index - UInt64(slot - first)))")
+    let count = last - first + 1
+    let run = UnsafeMutableRawBufferPointer.allocate(byteCount: count * Layout.pageSize, alignment: Layout.pageSize)
+    defer { run.deallocate() }
+    // A sibling that cannot be read (a truncated file) must not fail the node asked for.
+    guard (try? readPages(firstPage, count, into: run)) != nil else { return try load(ref, level: level, index: index) }
+    var wanted: MapNode?
+    for s in first...last {
+      let node = MapNode()
+      let at = (s - first) * Layout.pageSize
+      node.bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: run[at..<(at + Layout.pageSize)]))
+      let siblingIndex = index - UInt64(slot) + UInt64(s)
+      if s == slot {
+        try verify(node, ref, level: level, index: index)
+        wanted = node
+      } else if (try? verify(node, parent.child(s), level: level, index: siblingIndex)) == nil {
+        continue  // reported if and when it is needed
+      }
+      cache.insert(parent.child(s).page, node)
+    }
+    guard let wanted else { preconditionFailure("the run holds the wanted node") }
+    return wanted
+  }
+
+  /// Checks a node read from storage against the checksum its parent stored, and its contents.
+  private func verify(_ node: MapNode, _ ref: ChildRef, level: Int, index: UInt64) throws {
     let actual = node.checksum(level: level, key: index)
     guard actual == ref.checksum else {
       throw StrataError(
@@ -92,8 +146,6 @@ final class PageReader: NodeSource {
     } catch let e as FormatError {
       throw StrataError.corrupt("map node (level \(level), index \(index)) at page \(ref.page)", e)
     }
-    cache.insert(ref.page, node)
-    return node
   }
 
   func remember(_ node: MapNode, at page: UInt64) { cache.insert(page, node) }

@@ -257,6 +257,11 @@ public final class ImageQueue {
       slots[s].piecesLeft = pieces
       let accepted = try engineSubmit(pieces)
       precondition(accepted == pieces, "engine depth too small")
+      // Started now rather than with the next reap: the device works on each read while the
+      // next ones are planned. Measured on the virtio disk here, 4K random reads at QD32 went
+      // from 65-70k to 83k IOPS (fio's level; fio submits each request too), QD1 unchanged.
+      // A failure leaves them queued: the next reap starts them and reports it.
+      try? engine.flushSubmissions()
     } catch let e as StrataError {
       // A request that failed before reaching the engine (nothing in flight for it).
       if slots[s].piecesLeft == 0 { completeNow(s, e) } else { throw e }
