@@ -615,24 +615,31 @@ private final class Pins {
   }
 
   /// The RESTOREs among the operations in `range`: their base checkpoints and the records
-  /// their views replay.
+  /// their views replay. Only the parts of the log the image's `restoreIndex` does not cover
+  /// are read, once: what the scan finds is added to the index.
   func restores(in range: Range<UInt64>) throws -> [(base: UInt64, range: Range<UInt64>)] {
-    image.writer?.closeRecord()
-    // Ranges start at checkpoints; what is left of one after scanning part of it may not.
-    let starts = known.values.filter { $0.seq <= range.lowerBound }
-    guard let start = starts.max(by: { $0.seq < $1.seq }) else {
-      throw StrataError(.corrupt, "no checkpoint precedes seq \(range.lowerBound)")
-    }
-    var out: [(base: UInt64, range: Range<UInt64>)] = []
-    var current = try image.pages.record(at: start.page)
-    while let stored = current, stored.header.seq < range.upperBound {
-      for (i, op) in stored.record.ops.enumerated() where range.contains(stored.header.seq + UInt64(i)) {
-        guard case .restore(let target, let base) = op else { continue }
-        out.append((base, try checkpoint(at: base).seq..<target))
+    for part in image.restoreIndex.uncovered(range) {
+      // Scans start at checkpoints; a part left between covered ranges may not.
+      let starts = known.values.filter { $0.seq <= part.lowerBound }
+      guard let start = starts.max(by: { $0.seq < $1.seq }) else {
+        throw StrataError(.corrupt, "no checkpoint precedes seq \(part.lowerBound)")
       }
-      current = try image.pages.next(after: stored)
+      var found: [RestoreIndex.Entry] = []
+      var end = start.seq
+      var current = try image.pages.record(at: start.page)
+      while let stored = current, stored.header.seq < part.upperBound {
+        for (i, op) in stored.record.ops.enumerated() {
+          guard case .restore(let target, let base) = op else { continue }
+          found.append(RestoreIndex.Entry(seq: stored.header.seq + UInt64(i), target: target, base: base))
+        }
+        end = stored.header.nextSeq
+        current = try image.pages.next(after: stored)
+      }
+      image.restoreIndex.cover(start.seq..<end, found: found)
     }
-    return out
+    return try image.restoreIndex.entries.filter { range.contains($0.seq) }.map {
+      ($0.base, try checkpoint(at: $0.base).seq..<$0.target)
+    }
   }
 }
 
@@ -687,4 +694,42 @@ private func subtract(_ covered: [Range<UInt64>], from range: Range<UInt64>) -> 
   }
   if low < range.upperBound { out.append(low..<range.upperBound) }
   return out
+}
+
+/// The RESTORE operations of the log in the seq ranges it covers. Recovery starts it with the
+/// log from the checkpoint it replays from on and adds the RESTOREs it replays; new ones are
+/// added as they are logged; the cleaner adds older parts of the log as it reads them. A
+/// RESTORE describes history, so an entry stays true after the cleaner frees its segment.
+struct RestoreIndex {
+  struct Entry: Equatable {
+    var seq: UInt64
+    var target: UInt64
+    var base: UInt64
+  }
+
+  /// Sorted, disjoint; every RESTORE with a seq inside them is in `entries`.
+  private(set) var covered: [Range<UInt64>]
+  /// Sorted by seq.
+  private(set) var entries: [Entry] = []
+
+  /// Covers the log from `seq` on (nothing for `.max`).
+  init(coveringFrom seq: UInt64) { covered = seq == .max ? [] : [seq..<UInt64.max] }
+
+  func covers(_ seq: UInt64) -> Bool { covered.contains { $0.contains(seq) } }
+
+  /// A RESTORE recovery replays or the image logs: in the covered tail, after every other.
+  mutating func add(_ entry: Entry) {
+    precondition(covered.last?.upperBound == .max && covered.last!.contains(entry.seq), "a RESTORE outside the tail")
+    precondition(entry.seq > entries.last?.seq ?? 0, "RESTOREs are added in log order")
+    entries.append(entry)
+  }
+
+  func uncovered(_ range: Range<UInt64>) -> [Range<UInt64>] { subtract(covered, from: range) }
+
+  /// Adds what a scan of `range` found.
+  mutating func cover(_ range: Range<UInt64>, found: [Entry]) {
+    let new = found.filter { range.contains($0.seq) && !covers($0.seq) }
+    covered = merged(covered + [range])
+    if !new.isEmpty { entries = (entries + new).sorted { $0.seq < $1.seq } }
+  }
 }

@@ -186,6 +186,7 @@ extension StrataImage {
     let state = try LoadedCheckpoint.load(stored, pages: pages)
     let image = StrataImage(
       storage: storage, superblock: sb, options: options, pages: pages, state: state, readOnly: options.readOnly)
+    image.restoreIndex = RestoreIndex(coveringFrom: stored.header.nextSeq)
     do {
       let end = try image.replay(after: stored)
       image.recoveredEnd = end
@@ -301,6 +302,7 @@ extension StrataImage {
         throw StrataError(.corrupt, "seq \(seq) deletes snapshot \(target), which does not exist")
       }
     case .restore(let target, let base):
+      restoreIndex.add(RestoreIndex.Entry(seq: seq, target: target, base: base))
       let restored = try view(at: target, base: base)
       map = restored.map
       virtualSize = restored.virtualSize

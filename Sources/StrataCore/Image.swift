@@ -25,6 +25,8 @@ public final class StrataImage {
   var logStart: UInt64
   /// Segments the cleaner freed, and reads that may still target them.
   let reclaim = Reclaim()
+  /// The RESTOREs the log holds from some seq on, so the cleaner need not read the log for them.
+  var restoreIndex: RestoreIndex
 
   /// Appends to the log; nil when read-only and while recovery replays the log.
   private(set) var writer: LogWriter?
@@ -61,6 +63,8 @@ public final class StrataImage {
     self.lastCheckpointPage = state.page
     self.lastCheckpointSeq = state.seq
     self.logStart = state.logStart
+    // A new image has no history; recovery says from where it replays (`recover`).
+    self.restoreIndex = RestoreIndex(coveringFrom: state.page == 0 ? 0 : .max)
     self.scratch = ImageScratch(
       blockSize: pages.geometry.blockSize, maxBlocksPerWrite: LogWriter.maxBlocksPerWrite(pages.geometry))
     map.accounting = usage

@@ -177,6 +177,50 @@ struct CleanerTests {
     try image.close()
   }
 
+  /// A RESTORE inside the window brings back data the head had dropped: a pass keeps it for the
+  /// points after the RESTORE, whether the RESTORE was logged in this session (the image's
+  /// index has it) or before the image was reopened (the pass reads that part of the log once
+  /// and extends the index).
+  @Test(arguments: [false, true])
+  func restoresInTheWindowKeepWhatTheyBroughtBack(reopen: Bool) throws {
+    let blocks = 256
+    var (path, image) = try makeImage("r.strata", blocks: blocks)
+    var disk = Disk(blocks: blocks, seed: 5)
+    try disk.overwrite(image, count: 2 * blocks)
+    try image.flush()
+    let point = try #require(try image.timeline().last { $0.kind == .flush })
+    let atPoint = disk
+    for _ in 0..<4 {
+      try disk.overwrite(image, count: 2 * blocks)
+      try image.flush()
+    }
+    let beforeRestore = try #require(try image.timeline().last { $0.kind == .flush })
+    try image.restore(toSeq: point.seq)
+    var head = atPoint
+    try head.overwrite(image, count: 1)
+    try image.flush()
+    let afterRestore = try #require(try image.timeline().last { $0.kind == .flush })
+    let atAfterRestore = head
+    let restoreSeq = try #require(image.restoreIndex.entries.last?.seq)
+    #expect(restoreSeq >= beforeRestore.seq && restoreSeq < afterRestore.seq)
+    try head.overwrite(image, count: blocks)
+    try image.flush()
+    if reopen {
+      try image.close()
+      image = try StrataImage.open(path: path, options: smallSegments())
+      #expect(!image.restoreIndex.covers(restoreSeq))
+    }
+    let report = try image.compact(CompactOptions(retainFromSeq: beforeRestore.seq))
+    #expect(report.segmentsFreed > 0)
+    #expect(image.restoreIndex.covers(restoreSeq))
+    #expect(image.restoreIndex.entries.map(\.seq) == [restoreSeq])
+    try atAfterRestore.verify({ try image.view(atSeq: afterRestore.seq).read(at: $0, count: $1) }, "after the restore")
+    try head.verify({ try image.read(at: $0, count: $1) }, "head")
+    #expect(try image.check().result == .clean)
+    try image.close()
+    path = ""
+  }
+
   /// A pass in steps while the disk keeps changing in between (as `strata serve` runs it):
   /// snapshots taken mid-pass and, with a window, every flush point made mid-pass stay exactly
   /// readable, although their trees reference segments the pass was emptying.
