@@ -177,6 +177,18 @@ extension StrataImage {
   /// Visits the checkpoints from the last back to the log start, newest first, until `visit`
   /// returns false. A link that does not lead to a checkpoint older than the one holding it
   /// (damage, or a segment the cleaner reused) is corruption: the log before it is out of reach.
+  /// The seq of the first record of sealed segment `s`.
+  func firstSeq(ofSealed s: Int) throws -> UInt64 {
+    let last = usage.entries[s].lastSeq
+    precondition(usage.entries[s].isSealed)
+    if let cached = firstSeqs[s], cached.lastSeq == last { return cached.firstSeq }
+    guard let first = try pages.record(at: geometry.firstPage(ofSegment: s))?.header.seq else {
+      throw StrataError(.corrupt, "sealed segment \(s) does not start with a record")
+    }
+    firstSeqs[s] = (last, first)
+    return first
+  }
+
   func walkCheckpoints(_ visit: (ChainCheckpoint) throws -> Bool) throws {
     var page = lastCheckpointPage
     var newer = UInt64.max
@@ -435,9 +447,7 @@ public final class CleaningPass {
       let u = e.writtenPages == 0 ? 1 : Double(e.livePages) / Double(e.writtenPages)
       var needed = pins.pinned[s, default: 0] > 0
       if !needed && e.lastSeq >= lowestRetained {
-        guard let first = try image.pages.record(at: image.geometry.firstPage(ofSegment: s))?.header.seq else {
-          throw StrataError(.corrupt, "sealed segment \(s) does not start with a record")
-        }
+        let first = try image.firstSeq(ofSealed: s)
         needed = retained.contains { $0.overlaps(first..<(e.lastSeq + 1)) }
       }
       if needed {

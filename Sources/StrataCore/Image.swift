@@ -27,6 +27,9 @@ public final class StrataImage {
   let reclaim = Reclaim()
   /// The RESTOREs the log holds from some seq on, so the cleaner need not read the log for them.
   var restoreIndex: RestoreIndex
+  /// The seq of each sealed segment's first record, read once (the cleaner asks every pass),
+  /// with the segment's last seq then: a reused segment has a new one.
+  var firstSeqs: [Int: (lastSeq: UInt64, firstSeq: UInt64)] = [:]
 
   /// Appends to the log; nil when read-only and while recovery replays the log.
   private(set) var writer: LogWriter?
