@@ -192,11 +192,18 @@ public final class StrataImage {
   /// being killed, though not a power loss, which is what `flush` is for. A server calls it
   /// before acknowledging writes.
   public func writeOutLog() throws {
+    try storage.completeWrites(through: try startLogWriteOut())
+  }
+
+  /// The first half of `writeOutLog`: starts the writes and returns the storage's write mark to
+  /// wait for (`SharedImage.writeOutLog` waits outside the lock).
+  func startLogWriteOut() throws -> UInt64 {
     try checkOpen()
-    guard let writer else { return }
-    writer.closeRecord()
-    try writer.writeOut()
-    try storage.completeWrites()
+    if let writer {
+      writer.closeRecord()
+      try writer.writeOut()
+    }
+    return storage.writeMark
   }
 
   /// Returns once every write, discard and snapshot before it is durable.

@@ -112,8 +112,11 @@ final class PageReader: NodeSource {
     let count = last - first + 1
     let run = UnsafeMutableRawBufferPointer.allocate(byteCount: count * Layout.pageSize, alignment: Layout.pageSize)
     defer { run.deallocate() }
-    // A sibling that cannot be read (a truncated file) must not fail the node asked for.
-    guard (try? readPages(firstPage, count, into: run)) != nil else { return try load(ref, level: level, index: index) }
+    // A sibling past the end of a truncated file must not fail the node asked for (an I/O
+    // error does: it is not swallowed).
+    do { try readPages(firstPage, count, into: run) } catch let e as StrataError where e.code == .corrupt {
+      return try load(ref, level: level, index: index)
+    }
     var wanted: MapNode?
     for s in first...last {
       let node = MapNode()

@@ -17,6 +17,18 @@ public final class SharedImage: @unchecked Sendable {
   public func with<T>(_ body: (StrataImage) throws -> T) rethrows -> T {
     try mutex.with { try body(image) }
   }
+
+  /// `StrataImage.writeOutLog` for a thread sharing the image: the writes start under the lock
+  /// and are waited for outside it, so the other threads' requests go on meanwhile (two
+  /// queues each waiting for its own write under the lock ran one at a time).
+  public func writeOutLog() throws {
+    let (mark, event) = try with { image in (try image.startLogWriteOut(), image.storage.completionFD) }
+    guard let event else { return try with { try $0.storage.completeWrites(through: mark) } }
+    while try !with({ try $0.storage.writesComplete(through: mark) }) {
+      var p = pollfd(fd: event, events: Int16(POLLIN), revents: 0)
+      _ = poll(&p, 1, 10)  // bounded: a wake-up is a hint, the check above decides
+    }
+  }
 }
 
 /// A pthread mutex guarding state kept elsewhere (`Synchronization.Mutex` owns the value it

@@ -42,6 +42,21 @@ public protocol ImageStorage: AnyObject {
   /// storage (group commit writes and syncs outside the image lock); nil when the storage
   /// cannot, and the caller then does both under its lock.
   var anyThreadIO: AnyThreadIO? { get }
+  /// Whether the writes submitted up to `mark` completed, without waiting (throws the first
+  /// error any write met, as `completeWrites`).
+  func writesComplete(through mark: UInt64) throws -> Bool
+  /// A descriptor that becomes readable when a submitted write completes, so a thread can wait
+  /// for `writesComplete` without holding the image lock; nil when the storage has none.
+  var completionFD: Int32? { get }
+}
+
+extension ImageStorage {
+  public func writesComplete(through mark: UInt64) throws -> Bool {
+    try completeWrites(through: mark)
+    return true
+  }
+
+  public var completionFD: Int32? { nil }
 }
 
 /// A synchronous write and an fdatasync callable from any thread (see `anyThreadIO`). The sync
@@ -99,6 +114,8 @@ public final class FileStorage: ImageStorage {
   public private(set) var engineDescription = ""
   public private(set) var isDirect = false
   private let bounce: UnsafeMutableRawBufferPointer
+  /// Signalled by the engine as requests complete (see `completionFD`); -1 without one.
+  private var completionEvent: Int32 = -1
 
   /// The engine the user asked for (`--aio`, STRATA_AIO), which queues on this file use too.
   private let requestedEngine: IOEngineKind?
@@ -165,6 +182,11 @@ public final class FileStorage: ImageStorage {
       engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))\(isDirect ? ", O_DIRECT" : ", page cache")"
     } catch {
       throw fail(StrataError.system(error.call, path, errno: error.errno))
+    }
+    // Without it, threads wait for the log's writes under the image lock (still correct).
+    let event = strata_eventfd(0, strata_efd_nonblock())
+    if event >= 0 {
+      if (try? engine?.signalCompletions(to: event)) != nil { completionEvent = event } else { Glibc.close(event) }
     }
   }
 
@@ -270,6 +292,44 @@ public final class FileStorage: ImageStorage {
     }
   }
 
+  public var completionFD: Int32? { completionEvent >= 0 ? completionEvent : nil }
+
+  public func writesComplete(through mark: UInt64) throws -> Bool {
+    // Reset first: a completion from here on signals the descriptor again.
+    var count: UInt64 = 0
+    if completionEvent >= 0 { _ = Glibc.read(completionEvent, &count, 8) }
+    if try reapAvailable() > 0 && completionEvent >= 0 {
+      // Another thread may be waiting for a write this reaped: let it look again.
+      var one: UInt64 = 1
+      _ = Glibc.write(completionEvent, &one, 8)
+    }
+    guard !inFlightMarks.contains(where: { $0 != 0 && $0 <= mark }) else { return false }
+    try completeWrites(through: mark)  // reports a failed write
+    return true
+  }
+
+  /// Takes the write completions already there; returns how many.
+  private func reapAvailable() throws -> Int {
+    guard let engine, engine.inFlight > 0 else { return 0 }
+    let n: Int
+    do {
+      n = try completions.withUnsafeMutableBufferPointer { try engine.reap($0, minimum: 0) }
+    } catch let e as SystemError {
+      throw StrataError.system(e.call, path, errno: e.errno)
+    }
+    precondition(!completions[..<n].contains { $0.userData == Self.syncTag }, "a synchronous request was in flight")
+    for c in completions[..<n] { noteWriteCompleted(c) }
+    return n
+  }
+
+  private func noteWriteCompleted(_ c: IOCompletion) {
+    inFlightMarks[Int((c.userData >> 16) & 0xFFFF)] = 0
+    let expected = Int32(truncatingIfNeeded: c.userData >> 32)
+    if c.result != expected && writeError == nil {
+      writeError = StrataError.system("write", path, errno: c.result < 0 ? -c.result : EIO)
+    }
+  }
+
   /// Reaps completions until one arrives (or the one tagged `waitingFor`); returns its result.
   @discardableResult
   private func reapOne(waitingFor tag: UInt64?) throws -> Int32? {
@@ -283,15 +343,7 @@ public final class FileStorage: ImageStorage {
       }
       var found: Int32?
       for c in completions[..<n] {
-        if c.userData == tag {
-          found = c.result
-        } else {
-          inFlightMarks[Int((c.userData >> 16) & 0xFFFF)] = 0
-          let expected = Int32(truncatingIfNeeded: c.userData >> 32)
-          if c.result != expected && writeError == nil {
-            writeError = StrataError.system("write", path, errno: c.result < 0 ? -c.result : EIO)
-          }
-        }
+        if c.userData == tag { found = c.result } else { noteWriteCompleted(c) }
       }
       if tag == nil || found != nil { return found }
     }
@@ -403,6 +455,8 @@ public final class FileStorage: ImageStorage {
     let pending = Result { try completeWrites() }
     engine?.close()
     engine = nil
+    if completionEvent >= 0 { Glibc.close(completionEvent) }
+    completionEvent = -1
     // io_uring tears a ring down asynchronously and may hold the registered file (and with it
     // the flock) a little longer than the ring: release the lock explicitly.
     _ = flock(fd, LOCK_UN)

@@ -760,7 +760,7 @@ final class NBDConnection: @unchecked Sendable {
   /// Write replies go out only once the log holding the writes is in the file.
   private func writeOutLogIfPending() throws {
     guard logPending else { return }
-    do { try image.with { try $0.writeOutLog() } } catch {
+    do { try image.writeOutLog() } catch {
       // The writes are not acknowledged: the client sees the connection end instead.
       throw Hangup("writing the log out failed: \(error)")
     }

@@ -216,7 +216,7 @@ final class QueueWorker: @unchecked Sendable {
     guard !done.isEmpty else { return }
     if handler.takeAppended() {
       do {
-        try handler.image.with { try $0.writeOutLog() }
+        try handler.image.writeOutLog()
       } catch {
         // The data stays in the log buffer and the next flush retries it (or reports IOERR).
         logger.error("queue \(index): writing the log out failed: \(error)")

@@ -1,4 +1,5 @@
 import Glibc
+import StrataSimulation
 import Testing
 
 @_spi(Simulation) @testable import StrataCore
@@ -73,6 +74,26 @@ struct MapReadaheadTests {
       try image.read(at: UInt64(11 * 256 * Self.blockSize), count: Self.blockSize)
     }
     #expect(error?.code == .corrupt)
+  }
+
+  /// An I/O error in the read that brings the siblings in fails the lookup: it is not taken
+  /// for a sibling's problem and retried quietly.
+  @Test func anIOErrorInTheReadaheadIsReported() throws {
+    let storage = SimulatedStorage(seed: 3)
+    let created = try StrataImage.create(storage: storage, virtualSize: UInt64(Self.leaves * 256 * Self.blockSize))
+    for leaf in 0..<Self.leaves { try created.write(Self.pattern(leaf), at: UInt64(leaf * 256 * Self.blockSize)) }
+    try created.close()
+    storage.reopen()
+    let image = try StrataImage.open(storage: storage)
+    defer { try? image.close() }
+    let before = image.cachedMapNodes
+    storage.failNext(.read)
+    let error = #expect(throws: StrataError.self) {
+      try image.read(at: UInt64(20 * 256 * Self.blockSize), count: Self.blockSize)
+    }
+    #expect(error?.code == .io)
+    #expect(image.cachedMapNodes == before)
+    #expect(try image.read(at: UInt64(20 * 256 * Self.blockSize), count: Self.blockSize) == Self.pattern(20))
   }
 
   @Test func aFullCacheReadsOneNodePerMiss() throws {
