@@ -56,6 +56,9 @@ final class LogWriter {
   private(set) var nextSeq: UInt64
   private(set) var lastChecksum: UInt32
   private var open: OpenRecord?
+  /// The last record, when a reader closed it without `flush_point` and nothing followed it
+  /// yet: the next flush marks it (`markFlushPoint`).
+  private var unmarked: (headerPage: Int, headerLength: Int)?
   /// The open record's header area (placeholder header, then operations), reused for every
   /// record so that appending allocates nothing.
   private var area = ByteWriter(capacity: Layout.pageSize)
@@ -162,6 +165,7 @@ final class LogWriter {
     if open == nil {
       if pagesLeft < 2 { try seal() }
       open = OpenRecord(kind: .pages, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock(), opCount: 1)
+      unmarked = nil
       descriptors.removeAll(keepingCapacity: true)
       nextSeq += 1
       tailPage += 1
@@ -208,6 +212,7 @@ final class LogWriter {
       if pagesLeft < 1 + payloadPages { try seal() }
       precondition(pagesLeft >= 1 + payloadPages)
       open = OpenRecord(kind: kind, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
+      unmarked = nil
       area.reset()
       area.zeros(RecordHeader.encodedLength)
       tailPage += 1
@@ -240,11 +245,33 @@ final class LogWriter {
       UnsafeMutableRawBufferPointer(rebasing: buffer[(o.headerPage * Layout.pageSize)...]).copyMemory(from: $0)
     }
     lastChecksum = header.checksum
+    unmarked = flags.contains(.flushPoint) ? nil : (o.headerPage, Int(header.headerLength))
+  }
+
+  /// Makes the end of the log a flush point: closes the open record with `flush_point`, or,
+  /// when a reader closed it already (views read the log back), sets the flag on that record
+  /// while it is still the last and not yet synced. Without this a flush after a view left
+  /// its state off the timeline (strata-sim seed 2).
+  private func markFlushPoint() throws {
+    if open != nil { return closeRecord(flags: .flushPoint) }
+    guard let u = unmarked, u.headerPage >= syncedPages else { return }
+    unmarked = nil
+    if u.headerPage < writtenPages {
+      // Handed to the file already: rewrite from its header once those writes are done (the
+      // same pages `rewindAfterFailedWrite` would rewrite; none of them is synced yet).
+      try storage.completeWrites()
+      writtenPages = u.headerPage
+    }
+    lastChecksum = LogRecord.addFlags(
+      .flushPoint,
+      toHeaderArea: UnsafeMutableRawBufferPointer(
+        rebasing: buffer[(u.headerPage * Layout.pageSize)..<(u.headerPage * Layout.pageSize + u.headerLength)]))
   }
 
   @discardableResult
   private func appendStandalone(_ ops: [LogOp]) -> (page: UInt64, header: RecordHeader) {
     precondition(open == nil)
+    unmarked = nil
     let (bytes, header) = LogRecord.encodeHeaderArea(
       ops: ops, seq: nextSeq, previousChecksum: lastChecksum, timestampNanoseconds: clock(), flags: [],
       blockSize: geometry.blockSize)
@@ -377,8 +404,8 @@ final class LogWriter {
     // A sync must not count pages a group-commit leader is still writing, or lost.
     if outside.waitIdle() { rewindAfterFailedWrite() }
     try checkUsable()
-    closeRecord(flags: .flushPoint)
     do {
+      try markFlushPoint()
       try writeOut()
       try storage.completeWrites()
       if needsSync { try storage.sync() }
@@ -413,8 +440,8 @@ final class LogWriter {
   /// reused by a seal).
   func beginSync() throws -> SyncTicket {
     try checkUsable()
-    closeRecord(flags: .flushPoint)
     do {
+      try markFlushPoint()
       try writePreviousAgain()
       try storage.completeWrites()
     } catch {

@@ -427,6 +427,18 @@ public struct LogRecord: Equatable, Sendable {
 
   /// Completes a header area whose operations were encoded after a 64-byte placeholder: fills
   /// in the header, computes the checksum and pads with zeros to whole pages, in place.
+  /// Sets `flags` in the header of a finished header area (its first `header_length` bytes)
+  /// and returns the record's new checksum.
+  public static func addFlags(_ flags: RecordHeader.Flags, toHeaderArea area: UnsafeMutableRawBufferPointer) -> UInt32 {
+    precondition(area.count > RecordHeader.encodedLength && area.count <= Layout.maxRecordHeaderLength)
+    let old = UInt16(littleEndian: area.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
+    area.storeBytes(of: (old | flags.rawValue).littleEndian, toByteOffset: 6, as: UInt16.self)
+    area.storeBytes(of: UInt32(0), toByteOffset: RecordHeader.checksumOffset, as: UInt32.self)
+    let checksum = CRC32C.checksum(UnsafeRawBufferPointer(area))
+    area.storeBytes(of: checksum.littleEndian, toByteOffset: RecordHeader.checksumOffset, as: UInt32.self)
+    return checksum
+  }
+
   public static func finishHeaderArea(
     _ w: inout ByteWriter, opCount: Int, payloadPages: Int, seq: UInt64, previousChecksum: UInt32,
     timestampNanoseconds: UInt64, flags: RecordHeader.Flags

@@ -45,8 +45,8 @@ extension Simulation {
     let flushSeqs = Set(listed.filter { $0.kind != .snapshot }.map(\.seq))
     let candidates = flushPoints.filter { flushSeqs.contains($0.seq) }
     if candidates.count < flushPoints.count {
-      // A flush that found its last record already closed (by a view, a restore, a checkpoint)
-      // marks no flush point: the timeline does not list that seq, though it is restorable.
+      // A flush that finds a CHECKPOINT or SEAL record last (nothing appended since) marks no
+      // flush point: the timeline does not list that seq, though it is restorable.
       log.note(
         "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"
       )
@@ -91,7 +91,9 @@ extension Simulation {
     } else {
       flushPoints.removeAll()
     }
-    log.note("compact (window from \(options.retainFromSeq.map(String.init) ?? "none"), at most \(options.maxSegments) segments)")
+    log.note(
+      "compact (window from \(options.retainFromSeq.map(String.init) ?? "none"), at most \(options.maxSegments) segments)"
+    )
     var report = CompactReport()
     if try attempt("compact", { report = try self.current.compact(options) }) == .done {
       counts.compactions += 1
