@@ -11,8 +11,7 @@ struct CheckRepairTests {
   /// A small image with data, a snapshot and more data after it; returns the path and the
   /// bytes the head holds.
   static func makeImage() throws -> (String, [UInt8]) {
-    var template = Array("/tmp/strata-check-XXXXXX".utf8CString)
-    let dir = String(cString: mkdtemp(&template)!)
+    let dir = temporaryDirectory("strata-check")
     let path = dir + "/disk.strata"
     let image = try StrataImage.create(path: path, virtualSize: 8 << 20)
     var state: UInt64 = 7

@@ -18,8 +18,7 @@ struct MapReadaheadTests {
   /// An image whose first 64 leaves each hold one written block, written by one checkpoint
   /// (so the leaves lie on consecutive pages). Returns its path.
   static func makeImage() throws -> String {
-    var template = Array("/tmp/strata-readahead-XXXXXX".utf8CString)
-    let path = String(cString: mkdtemp(&template)!) + "/disk.strata"
+    let path = temporaryDirectory("strata-readahead") + "/disk.strata"
     let image = try StrataImage.create(path: path, virtualSize: UInt64(leaves * 256 * blockSize))
     for leaf in 0..<leaves { try image.write(pattern(leaf), at: UInt64(leaf * 256 * blockSize)) }
     try image.flush()

@@ -1,12 +1,31 @@
+import Foundation
 import Glibc
 import Testing
 
 @testable import StrataCore
 
-/// A fresh directory under /tmp for one test's files.
-func temporaryDirectory() -> String {
-  var template = Array("/tmp/strata-smoke-XXXXXX".utf8CString)
-  return String(cString: mkdtemp(&template)!)
+/// A fresh directory under /tmp for one test's files, removed when the test process exits.
+func temporaryDirectory(_ prefix: String = "strata-smoke") -> String {
+  var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+  let path = String(cString: mkdtemp(&template)!)
+  TemporaryDirectories.shared.add(path)
+  return path
+}
+
+/// The directories `temporaryDirectory` made (a run of the suite left ~300 MB in /tmp).
+private final class TemporaryDirectories: @unchecked Sendable {
+  static let shared: TemporaryDirectories = {
+    atexit { TemporaryDirectories.shared.removeAll() }
+    return TemporaryDirectories()
+  }()
+  private let lock = NSLock()
+  private var paths: [String] = []
+
+  func add(_ path: String) { lock.withLock { paths.append(path) } }
+
+  func removeAll() {
+    for path in lock.withLock({ paths }) { try? FileManager.default.removeItem(atPath: path) }
+  }
 }
 
 @Test func smokeCreateWriteReopen() throws {
