@@ -61,6 +61,24 @@ private func makeImage(_ name: String, blocks: Int) throws -> (path: String, ima
   return (path, try StrataImage.create(path: path, virtualSize: UInt64(blocks * blockSize), options: smallSegments()))
 }
 
+/// A 256-block image with a flush point (and the disk then), after which every block is
+/// overwritten eight times, flushed every two.
+private func flushPointThenOverwrites(_ name: String, seed: UInt64) throws -> (
+  path: String, image: StrataImage, disk: Disk, point: TimelinePoint, atPoint: Disk
+) {
+  let (path, image) = try makeImage(name, blocks: 256)
+  var disk = Disk(blocks: 256, seed: seed)
+  try disk.overwrite(image, count: 512)
+  try image.flush()
+  let point = try #require(try image.timeline().last { $0.kind == .flush })
+  let atPoint = disk
+  for _ in 0..<4 {
+    try disk.overwrite(image, count: 512)
+    try image.flush()
+  }
+  return (path, image, disk, point, atPoint)
+}
+
 private func smallSegments() -> ImageOptions {
   var o = ImageOptions()
   o.segmentSize = Layout.minSegmentSize
@@ -152,17 +170,7 @@ struct CleanerTests {
   /// Points at or after `retainFromSeq` stay restorable; without it the next pass may drop
   /// them, and then asking for one fails clearly instead of returning other data.
   @Test func retainedWindowAndLogStart() throws {
-    let blocks = 256
-    let (_, image) = try makeImage("w.strata", blocks: blocks)
-    var disk = Disk(blocks: blocks, seed: 3)
-    try disk.overwrite(image, count: 2 * blocks)
-    try image.flush()
-    let point = try #require(try image.timeline().last { $0.kind == .flush })
-    let atPoint = disk
-    for _ in 0..<4 {
-      try disk.overwrite(image, count: 2 * blocks)
-      try image.flush()
-    }
+    let (_, image, disk, point, atPoint) = try flushPointThenOverwrites("w.strata", seed: 3)
     var report = try image.compact(CompactOptions(retainFromSeq: point.seq))
     #expect(report.logStartSeq <= point.seq)
     try atPoint.verify({ try image.view(atSeq: point.seq).read(at: $0, count: $1) }, "retained point")
@@ -184,16 +192,7 @@ struct CleanerTests {
   @Test(arguments: [false, true])
   func restoresInTheWindowKeepWhatTheyBroughtBack(reopen: Bool) throws {
     let blocks = 256
-    var (path, image) = try makeImage("r.strata", blocks: blocks)
-    var disk = Disk(blocks: blocks, seed: 5)
-    try disk.overwrite(image, count: 2 * blocks)
-    try image.flush()
-    let point = try #require(try image.timeline().last { $0.kind == .flush })
-    let atPoint = disk
-    for _ in 0..<4 {
-      try disk.overwrite(image, count: 2 * blocks)
-      try image.flush()
-    }
+    var (path, image, _, point, atPoint) = try flushPointThenOverwrites("r.strata", seed: 5)
     let beforeRestore = try #require(try image.timeline().last { $0.kind == .flush })
     try image.restore(toSeq: point.seq)
     var head = atPoint
