@@ -53,13 +53,11 @@ public final class BackgroundCleaner: BackgroundWorker, @unchecked Sendable {
       if r < 0 && errno == EINTR { continue }
       if r != 0 { return }  // stopped (or poll failed: stop rather than spin)
       do {
-        let pass = try image.with { img -> CleaningPass? in
+        // The pass keeps the image's protection window by itself.
+        let pass = try CleaningPass.start(shared: image, options: options) { img in
           let space = img.logSpace
-          guard space.garbageBytes >= triggerBytes,
-            Double(space.garbageBytes) >= triggerRatio * Double(space.sealedBytes)
-          else { return nil }
-          // The pass keeps the image's protection window by itself.
-          return try CleaningPass(img, options: options)
+          return space.garbageBytes >= triggerBytes
+            && Double(space.garbageBytes) >= triggerRatio * Double(space.sealedBytes)
         }
         guard let pass else {
           interval = Self.minInterval

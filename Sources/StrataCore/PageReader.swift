@@ -80,7 +80,7 @@ final class PageReader: NodeSource {
     let node = MapNode()
     try checkAddress(ref.page, what: "map node (level \(level), index \(index))")
     try readPages(ref.page, 1, into: node.bytes)
-    try verify(node, ref, level: level, index: index)
+    try Self.verify(node, ref, level: level, index: index)
     cache.insert(ref.page, node)
     return node
   }
@@ -124,9 +124,9 @@ final class PageReader: NodeSource {
       node.bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: run[at..<(at + Layout.pageSize)]))
       let siblingIndex = index - UInt64(slot) + UInt64(s)
       if s == slot {
-        try verify(node, ref, level: level, index: index)
+        try Self.verify(node, ref, level: level, index: index)
         wanted = node
-      } else if (try? verify(node, parent.child(s), level: level, index: siblingIndex)) == nil {
+      } else if (try? Self.verify(node, parent.child(s), level: level, index: siblingIndex)) == nil {
         continue  // reported if and when it is needed
       }
       cache.insert(parent.child(s).page, node)
@@ -136,7 +136,7 @@ final class PageReader: NodeSource {
   }
 
   /// Checks a node read from storage against the checksum its parent stored, and its contents.
-  private func verify(_ node: MapNode, _ ref: ChildRef, level: Int, index: UInt64) throws {
+  static func verify(_ node: MapNode, _ ref: ChildRef, level: Int, index: UInt64) throws {
     let actual = node.checksum(level: level, key: index)
     guard actual == ref.checksum else {
       throw StrataError(

@@ -223,7 +223,7 @@ struct CleanerTests {
   /// A pass in steps while the disk keeps changing in between (as `strata serve` runs it):
   /// snapshots taken mid-pass and, with a window, every flush point made mid-pass stay exactly
   /// readable, although their trees reference segments the pass was emptying.
-  @Test(arguments: [(false, false), (true, false), (false, true)])
+  @Test(arguments: [(false, false), (true, false), (false, true), (true, true)])
   func stepsInterleavedWithWritesAndSnapshots(window: Bool, shared: Bool) throws {
     let blocks = 512
     let (path, image) = try makeImage("i.strata", blocks: blocks)
@@ -233,9 +233,14 @@ struct CleanerTests {
     for _ in 0..<8 { try disk.overwrite(image, count: blocks) }
     try image.flush()
     let start = try #require(try image.timeline().last).seq
-    // Shared: the background cleaner's way, reading the copied blocks outside the lock.
+    // Shared: the background cleaner's way, walking the retained trees and reading the copied
+    // blocks outside the lock.
     let sharedImage = SharedImage(image)
-    let pass = try CleaningPass(image, options: CompactOptions(retainFromSeq: window ? start : nil))
+    let options = CompactOptions(retainFromSeq: window ? start : nil)
+    let pass =
+      shared
+      ? try #require(try CleaningPass.start(shared: sharedImage, options: options) { _ in true })
+      : try CleaningPass(image, options: options)
     var snapshots: [(String, Disk)] = []
     var points: [(UInt64, Disk)] = []
     var steps = 0
