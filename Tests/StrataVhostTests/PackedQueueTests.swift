@@ -9,8 +9,9 @@ import VhostProtocol
 
 @_spi(Fuzzing) @testable import StrataVhost
 
-/// One guest memory region of 1 MiB at guest address 0 (front-end address 0x1000_0000).
-private final class Guest {
+/// One guest memory region of 1 MiB at guest address 0 (front-end address 0x1000_0000). Shared
+/// with PackedInflightTests, like `Driver`.
+final class Guest {
   let memory = GuestMemory()
   let base: UnsafeMutableRawPointer
   static let size = 1 << 20
@@ -37,7 +38,7 @@ private final class Guest {
 }
 
 /// The driver's side of the ring: next free slot, wrap counter, next used slot.
-private struct Driver {
+struct Driver {
   let guest: Guest
   let size: Int
   var next = 0
