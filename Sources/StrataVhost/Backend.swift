@@ -317,8 +317,18 @@ final class VhostBlkBackend {
       let d = try InflightDescription.decode(p)
       try expectFds(1)
       // Mapped, the area needs no descriptor: fds[0] is closed on return.
+      // A front-end that asked for the area before SET_FEATURES (QEMU before 5.2) got one sized
+      // for split rings: taken as such, and packed rings then run without tracking rather than
+      // the device failing to start.
+      let packedLayout =
+        packed
+        && d.mmapSize
+          >= UInt64(InflightArea.mmapSize(numQueues: Int(d.numQueues), queueSize: Int(d.queueSize), packed: true))
+      if packed && !packedLayout {
+        logger.warning("the inflight area is too small for packed rings: they run without inflight tracking")
+      }
       let area = try InflightArea.map(
-        fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit, packed: packed)
+        fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit, packed: packedLayout)
       if strata_size_sealed(fds[0]) == 0 {
         logger.notice("the inflight area is not size-sealed: a front-end that truncated it would crash this back-end")
       }
