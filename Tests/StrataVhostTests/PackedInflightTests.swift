@@ -193,6 +193,60 @@ private struct Setup {
     #expect(try s.pop() == [1])
   }
 
+  /// Random traffic (buffers of one to three descriptors, completed out of order, over many
+  /// laps of rings of odd sizes) with back-end crashes at random moments, some inside a publish
+  /// before its used descriptor is out: every new back-end resubmits exactly the buffers popped
+  /// and not published, in pop order, with their descriptors, and resumes at the driver's
+  /// position.
+  @Test(arguments: 1...12 as ClosedRange<UInt64>)
+  func randomTrafficAndCrashes(seed: UInt64) throws {
+    var rng = SplitMix(seed: seed)
+    let size = [3, 5, 8, 13][Int(seed % 4)]
+    var s = try Setup(size: size, descNum: size + Int(seed % 3))
+    var lengths: [UInt16: Int] = [:]
+    // Popped and not published, in pop order.
+    var inFlight: [UInt16] = []
+    var crashes = 0
+    for step in 0..<300 {
+      // The driver adds buffers while its ring has room.
+      var busy = inFlight.reduce(0) { $0 + lengths[$1, default: 0] }
+      var added: [UInt16] = []
+      for _ in 0..<Int(rng.next() % 4) {
+        let length = Int(rng.next() % 3) + 1
+        let free = (0..<UInt16(size)).filter { !inFlight.contains($0) && !added.contains($0) }
+        guard busy + length <= size, !free.isEmpty else { break }
+        let id = free[Int(rng.next() % UInt64(free.count))]
+        s.add(id, length: length)
+        lengths[id] = length
+        busy += length
+        added.append(id)
+      }
+      #expect(try s.pop() == added, "seed \(seed) step \(step)")
+      inFlight += added
+      var completed: [UInt16] = []
+      for _ in 0..<Int(rng.next() % 3) where !inFlight.isEmpty {
+        let id = inFlight.remove(at: Int(rng.next() % UInt64(inFlight.count)))
+        s.queue.pushUsed(head: id, written: 1)
+        completed.append(id)
+      }
+      #expect(s.usedIDs() == completed, "seed \(seed) step \(step)")
+      let dice = rng.next() % 6
+      guard dice < 2 else { continue }
+      let insidePublish = dice == 1 && !inFlight.isEmpty
+      if insidePublish { s.inflight.willPublish(inFlight[Int(rng.next() % UInt64(inFlight.count))]) }
+      crashes += 1
+      let recovery = try s.restart()
+      #expect(recovery.refused == nil, "seed \(seed) step \(step)")
+      #expect(recovery.rolledBack == insidePublish, "seed \(seed) step \(step)")
+      #expect(s.inflight.resubmit.map(\.id) == inFlight, "seed \(seed) step \(step)")
+      #expect(recovery.base == s.driverBase, "seed \(seed) step \(step)")
+      let again = try s.resubmit()
+      #expect(
+        again.map(\.1) == inFlight.map { Setup.lengths($0, lengths[$0, default: 0]) }, "seed \(seed) step \(step)")
+    }
+    #expect(crashes > 50)
+  }
+
   /// A back-end dying inside a publish: before the used descriptor's flags were written the
   /// buffer is rolled back (and resubmitted); after, the batch is committed (and it is not).
   @Test func crashInsideAPublish() throws {
