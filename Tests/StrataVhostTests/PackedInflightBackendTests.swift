@@ -12,6 +12,96 @@ import VhostProtocol
 
 @_spi(Fuzzing) @testable import StrataVhost
 
+/// An image, a guest with a packed ring of `PackedInflightBackendTests.ringSize` entries, and
+/// the back-end that a front-end drives through `VhostBlkBackend.handle`.
+private final class FrontEnd {
+  let dir: String
+  let path: String
+  let image: StrataImage
+  let shared: SharedImage
+  let guest: Guest
+  var driver: Driver
+  let callFd = strata_eventfd(0, 0)
+  let kickFd = strata_eventfd(0, 0)
+  var backend: VhostBlkBackend?
+
+  init() throws {
+    var template = Array("/tmp/strata-packed-inflight-XXXXXX".utf8CString)
+    dir = try #require(mkdtemp(&template).map { String(cString: $0) })
+    path = dir + "/vm.strata"
+    image = try StrataImage.create(path: path, virtualSize: 1 << 20)
+    shared = SharedImage(image)
+    guest = try Guest()
+    driver = Driver(guest: guest, size: PackedInflightBackendTests.ringSize)
+  }
+
+  deinit {
+    backend = nil
+    try? image.close()
+    close(callFd)
+    unlink(path)
+    rmdir(dir)
+  }
+
+  func send(_ r: VhostRequest, _ payload: [UInt8], fds: [Int32] = []) -> VhostBlkBackend.Reply? {
+    guard let backend else { return nil }
+    let h = VhostHeader(
+      request: r.rawValue, flags: VhostHeader.version | VhostHeader.needReplyFlag, size: UInt32(payload.count))
+    return payload.withUnsafeBytes { backend.handle(h, $0, fds: fds) }
+  }
+
+  func expectOK(
+    _ r: VhostRequest, _ payload: [UInt8], fds: [Int32] = [], sourceLocation: SourceLocation = #_sourceLocation
+  ) {
+    #expect(send(r, payload, fds: fds)?.payload == encodeU64(0), "\(r) refused", sourceLocation: sourceLocation)
+  }
+
+  /// A new back-end, given `area` (SET_INFLIGHT_FD), the memory and the packed ring, told the
+  /// stale ring base 0x8000_8000 (QEMU has no other for a packed ring after a crash).
+  func connect(area: InflightArea) {
+    let size = PackedInflightBackendTests.ringSize
+    let userBase = PackedInflightBackendTests.userBase
+    backend = VhostBlkBackend(
+      image: shared, readOnly: false, serial: "packed", numQueues: 1, packedRing: true,
+      logger: Logger(label: "packed-inflight-test"))
+    // Before REPLY_ACK is negotiated nothing is acknowledged.
+    #expect(
+      send(.setFeatures, encodeU64(VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringPacked))
+        == nil)
+    expectOK(
+      .setProtocolFeatures, encodeU64(VhostProtocolFeature.inflightShmfd.bit | VhostProtocolFeature.replyAck.bit))
+    expectOK(.setInflightFd, area.wireDescription.encode(), fds: [dup(area.fd)])
+    let region = MemoryRegion(guestAddress: 0, size: UInt64(Guest.size), userAddress: userBase, mmapOffset: 0)
+    expectOK(.setMemTable, MemoryTable(regions: [region]).encode(), fds: [dup(guest.fd)])
+    expectOK(.setVringNum, VringState(index: 0, num: UInt32(size)).encode())
+    expectOK(
+      .setVringAddr,
+      VringAddress(
+        index: 0, flags: 0, descUser: userBase + UInt64(Guest.ring), usedUser: userBase + 0x10, availUser: userBase,
+        logGuest: 0
+      ).encode())
+    expectOK(.setVringBase, VringState(index: 0, num: 0x8000_8000).encode())
+    expectOK(.setVringCall, encodeU64(0), fds: [dup(callFd)])
+    expectOK(.setVringKick, encodeU64(0), fds: [dup(kickFd)])
+    expectOK(.setVringEnable, VringState(index: 0, num: 1).encode())
+  }
+
+  func kick() {
+    var one: UInt64 = 1
+    #expect(write(kickFd, &one, 8) == 8)
+  }
+
+  /// The ids of the next `n` used buffers (fewer after 5 s).
+  func waitUsed(_ n: Int) -> [UInt16] {
+    var ids: [UInt16] = []
+    for _ in 0..<5000 where ids.count < n {
+      while let (id, _) = driver.used() { ids.append(id) }
+      if ids.count < n { usleep(1000) }
+    }
+    return ids
+  }
+}
+
 @Suite struct PackedInflightBackendTests {
   static let ringSize = 16
   static let userBase: UInt64 = 0x1000_0000
@@ -44,17 +134,8 @@ import VhostProtocol
   }
 
   @Test func packedRequestsResubmittedByTheNextBackend() throws {
-    var template = Array("/tmp/strata-packed-inflight-XXXXXX".utf8CString)
-    let dir = try #require(mkdtemp(&template).map { String(cString: $0) })
-    let path = dir + "/vm.strata"
-    defer {
-      unlink(path)
-      rmdir(dir)
-    }
-    let image = try StrataImage.create(path: path, virtualSize: 1 << 20)
-    let shared = SharedImage(image)
-    let guest = try Guest()
-    var driver = Driver(guest: guest, size: Self.ringSize)
+    let f = try FrontEnd()
+    let guest = f.guest
     let ring = guest.base + Guest.ring
     // The front-end's area, as the first back-end's GET_INFLIGHT_FD made it.
     let frontEndArea = try InflightArea.allocate(numQueues: 1, queueSize: Self.ringSize, packed: true)
@@ -70,7 +151,7 @@ import VhostProtocol
         size: Self.ringSize, ring: ring, driverEvent: guest.base, deviceEvent: guest.base + 0x10, base: 0x8000_8000,
         eventIdx: false, indirect: false, maxSegments: 16, inflight: inflight)
       for id: UInt16 in 0..<3 {
-        Self.request(&driver, guest, id: id, type: .write, sector: 8 * UInt64(id), seed: Int(id) + 1)
+        Self.request(&f.driver, guest, id: id, type: .write, sector: 8 * UInt64(id), seed: Int(id) + 1)
       }
       var segments: [GuestSegment] = []
       var popped: [UInt16] = []
@@ -79,82 +160,52 @@ import VhostProtocol
       (guest.base + Self.status(1)).storeBytes(of: UInt8(0), as: UInt8.self)
       queue.pushUsed(head: 1, written: 1)
     }
-    var used: [UInt16] = []
-    while let (id, _) = driver.used() { used.append(id) }
-    #expect(used == [1])
+    #expect(f.waitUsed(1) == [1])
 
-    // The next back-end, told a stale ring base (QEMU has no other for a packed ring).
-    let backend = VhostBlkBackend(
-      image: shared, readOnly: false, serial: "packed", numQueues: 1, packedRing: true,
-      logger: Logger(label: "packed-inflight-test"))
-    func send(_ r: VhostRequest, _ payload: [UInt8], fds: [Int32] = []) -> VhostBlkBackend.Reply? {
-      let h = VhostHeader(
-        request: r.rawValue, flags: VhostHeader.version | VhostHeader.needReplyFlag, size: UInt32(payload.count))
-      return payload.withUnsafeBytes { backend.handle(h, $0, fds: fds) }
-    }
-    func expectOK(_ r: VhostRequest, _ payload: [UInt8], fds: [Int32] = []) {
-      #expect(send(r, payload, fds: fds)?.payload == encodeU64(0), "\(r) refused")
-    }
-    let callFd = strata_eventfd(0, 0)
-    let kickFd = strata_eventfd(0, 0)
-    defer { close(callFd) }
-    // Before REPLY_ACK is negotiated nothing is acknowledged.
-    #expect(
-      send(.setFeatures, encodeU64(VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringPacked))
-        == nil)
-    expectOK(
-      .setProtocolFeatures, encodeU64(VhostProtocolFeature.inflightShmfd.bit | VhostProtocolFeature.replyAck.bit))
-    expectOK(.setInflightFd, frontEndArea.wireDescription.encode(), fds: [dup(frontEndArea.fd)])
-    let region = MemoryRegion(guestAddress: 0, size: UInt64(Guest.size), userAddress: Self.userBase, mmapOffset: 0)
-    expectOK(.setMemTable, MemoryTable(regions: [region]).encode(), fds: [dup(guest.fd)])
-    expectOK(.setVringNum, VringState(index: 0, num: UInt32(Self.ringSize)).encode())
-    expectOK(
-      .setVringAddr,
-      VringAddress(
-        index: 0, flags: 0, descUser: Self.userBase + UInt64(Guest.ring), usedUser: Self.userBase + 0x10,
-        availUser: Self.userBase, logGuest: 0
-      ).encode())
-    expectOK(.setVringBase, VringState(index: 0, num: 0x8000_8000).encode())
-    expectOK(.setVringCall, encodeU64(0), fds: [dup(callFd)])
-    expectOK(.setVringKick, encodeU64(0), fds: [kickFd])
-    expectOK(.setVringEnable, VringState(index: 0, num: 1).encode())
-
-    func waitUsed(_ n: Int) -> [UInt16] {
-      var ids: [UInt16] = []
-      for _ in 0..<5000 where ids.count < n {
-        while let (id, _) = driver.used() { ids.append(id) }
-        if ids.count < n { usleep(1000) }
-      }
-      return ids
-    }
+    // The next back-end.
+    f.connect(area: frontEndArea)
     // Resubmitted at start, without a kick: 0 then 2, oldest pop first.
-    #expect(waitUsed(2) == [0, 2])
+    #expect(f.waitUsed(2) == [0, 2])
     for id: UInt16 in [0, 2] {
       #expect(guest.base.load(fromByteOffset: Self.status(id), as: UInt8.self) == 0, "request \(id) status")
     }
-    let written = try shared.with { img in try (0..<3).map { try img.read(at: 4096 * UInt64($0), count: 4096) } }
+    let written = try f.shared.with { img in try (0..<3).map { try img.read(at: 4096 * UInt64($0), count: 4096) } }
     #expect(written[0] == Self.pattern(1), "write 0 was not run")
     #expect(written[1] == [UInt8](repeating: 0, count: 4096), "write 1, completed before the crash, was run again")
     #expect(written[2] == Self.pattern(3), "write 2 was not run")
 
     // A new request goes on where the ring stands.
-    Self.request(&driver, guest, id: 1, type: .read, sector: 16, seed: 0)
-    var one: UInt64 = 1
-    #expect(write(kickFd, &one, 8) == 8)
-    #expect(waitUsed(1) == [1])
+    Self.request(&f.driver, guest, id: 1, type: .read, sector: 16, seed: 0)
+    f.kick()
+    #expect(f.waitUsed(1) == [1])
     #expect(guest.base.load(fromByteOffset: Self.status(1), as: UInt8.self) == 0)
     #expect(Array(UnsafeRawBufferPointer(start: guest.base + Self.data(1), count: 4096)) == Self.pattern(3))
 
     // Stopped, the ring reports the driver's position; nothing is left marked in flight.
-    let reply = try #require(send(.getVringBase, VringState(index: 0, num: 0).encode()))
+    let reply = try #require(f.send(.getVringBase, VringState(index: 0, num: 0).encode()))
     let base = try reply.payload.withUnsafeBytes { (b) throws(VhostError) in try VringState.decode(b) }
-    let position = UInt32(driver.next) | (driver.wrap ? 0x8000 : 0)
+    let position = UInt32(f.driver.next) | (f.driver.wrap ? 0x8000 : 0)
     #expect(base.num == position | position << 16)
     let marks = (0..<Self.ringSize).filter {
       frontEndArea.regionStart(0).load(fromByteOffset: 32 + 32 * $0, as: UInt8.self) != 0
     }
     #expect(marks.isEmpty, "entries still marked in flight: \(marks)")
-    _ = send(.resetOwner, [])
-    try image.close()
+  }
+
+  /// An area sized for split rings (a front-end that asked before SET_FEATURES) is taken with a
+  /// packed ring, which then runs without tracking: requests complete, the area stays untouched.
+  @Test func splitSizedAreaWithAPackedRing() throws {
+    let f = try FrontEnd()
+    let area = try InflightArea.allocate(numQueues: 1, queueSize: Self.ringSize)
+    #expect(area.mappingLength < InflightArea.mmapSize(numQueues: 1, queueSize: Self.ringSize, packed: true))
+    f.connect(area: area)
+    Self.request(&f.driver, f.guest, id: 3, type: .write, sector: 0, seed: 9)
+    f.kick()
+    #expect(f.waitUsed(1) == [3])
+    #expect(f.guest.base.load(fromByteOffset: Self.status(3), as: UInt8.self) == 0)
+    let bytes = UnsafeRawBufferPointer(start: area.regionStart(0), count: area.mappingLength)
+    #expect(bytes.allSatisfy { $0 == 0 } == false, "desc_num is set on SET_INFLIGHT_FD")
+    #expect(area.regionStart(0).load(fromByteOffset: 8, as: UInt16.self) == 0, "a split region was initialized")
+    #expect(bytes.dropFirst(12).allSatisfy { $0 == 0 }, "the area was written")
   }
 }
