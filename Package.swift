@@ -94,7 +94,12 @@ let package = Package(
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore", "StrataCLI", "StrataTestSupport"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
     .testTarget(name: "VhostClientTests", dependencies: ["VhostClient", "StrataTestSupport"]),
-    .testTarget(name: "StrataVhostTests", dependencies: ["StrataVhost", "VhostProtocol", "CStrataLinux"]),
+    .testTarget(
+      name: "StrataVhostTests",
+      dependencies: [
+        "StrataVhost", "VhostProtocol", "CStrataLinux", "StrataCore", .product(name: "Logging", package: "swift-log"),
+      ]
+    ),
     .testTarget(
       name: "StrataServeTests",
       dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD", "StrataTestSupport"]

@@ -28,8 +28,10 @@ final class VhostBlkBackend {
     var errFd: Int32 = -1
     var enabled = false
     var worker: QueueWorker?
-    /// This queue's region of the inflight area (SET_INFLIGHT_FD), when it has one.
+    /// This queue's region of the inflight area (SET_INFLIGHT_FD), when it has one: split or
+    /// packed, as the rings were negotiated when the area came.
     var inflight: InflightRing?
+    var packedInflight: PackedInflightRing?
     /// The region is examined (and in-flight chains collected for resubmission) when the ring
     /// next starts: after SET_VRING_KICK or a new area, not on the internal restarts of
     /// SET_MEM_TABLE and the like (a stopped worker leaves nothing in flight).
@@ -303,16 +305,30 @@ final class VhostBlkBackend {
       guard d.queueSize >= 1, Int(d.queueSize) <= Self.queueSizeLimit else {
         throw VhostError.invalid("inflight area for queues of \(d.queueSize) entries; at most \(Self.queueSizeLimit)")
       }
-      let area = try InflightArea.allocate(numQueues: Int(d.numQueues), queueSize: Int(d.queueSize))
+      // QEMU sends SET_FEATURES first (vhost_dev_prepare_inflight), so the ring layout is known.
+      let area = try InflightArea.allocate(numQueues: Int(d.numQueues), queueSize: Int(d.queueSize), packed: packed)
       offeredInflight = area
-      logger.debug("inflight area: \(area.mappingLength) bytes for \(d.numQueues) x \(d.queueSize) entries")
+      logger.debug(
+        "inflight area: \(area.mappingLength) bytes for \(d.numQueues) x \(d.queueSize) \(packed ? "packed" : "split") entries"
+      )
       return Reply(payload: area.wireDescription.encode(), fds: [area.fd])
     case .setInflightFd:
       guard tracksInflight else { throw VhostError.invalid("INFLIGHT_SHMFD was not negotiated") }
       let d = try InflightDescription.decode(p)
       try expectFds(1)
       // Mapped, the area needs no descriptor: fds[0] is closed on return.
-      let area = try InflightArea.map(fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit)
+      // A front-end that asked for the area before SET_FEATURES (QEMU before 5.2) got one sized
+      // for split rings: taken as such, and packed rings then run without tracking rather than
+      // the device failing to start.
+      let packedLayout =
+        packed
+        && d.mmapSize
+          >= UInt64(InflightArea.mmapSize(numQueues: Int(d.numQueues), queueSize: Int(d.queueSize), packed: true))
+      if packed && !packedLayout {
+        logger.warning("the inflight area is too small for packed rings: they run without inflight tracking")
+      }
+      let area = try InflightArea.map(
+        fd: fds[0], d, maxQueues: numQueues, maxQueueSize: Self.queueSizeLimit, packed: packedLayout)
       if strata_size_sealed(fds[0]) == 0 {
         logger.notice("the inflight area is not size-sealed: a front-end that truncated it would crash this back-end")
       }
@@ -323,7 +339,9 @@ final class VhostBlkBackend {
       inflightArea = area
       offeredInflight = nil
       for i in rings.indices {
-        rings[i].inflight = i < area.numQueues ? InflightRing(area: area, queue: i) : nil
+        let covered = i < area.numQueues
+        rings[i].inflight = covered && !area.packed ? InflightRing(area: area, queue: i) : nil
+        rings[i].packedInflight = covered && area.packed ? PackedInflightRing(area: area, queue: i) : nil
         rings[i].inflightCheckPending = true
       }
     case .setLogBase, .setLogFd, .sendRarp, .netSetMtu, .iotlbMsg, .setVringEndian, .vringKick, .setStatus,
@@ -360,11 +378,48 @@ final class VhostBlkBackend {
         let driverEvent = memory.user(a.availUser, length: PackedQueue.eventBytes),
         let deviceEvent = memory.user(a.usedUser, length: PackedQueue.eventBytes)
       else { throw VhostError.invalid("queue \(i): ring addresses lie outside guest memory") }
-      if tracksInflight { logger.notice("queue \(i): packed ring, so no inflight tracking (split rings only)") }
+      var inflight: PackedInflightRing?
+      if tracksInflight {
+        if let region = r.packedInflight {
+          guard r.size <= region.descNum else {
+            throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(region.descNum)")
+          }
+          if r.inflightCheckPending {
+            let recovery = region.recover(ringSize: r.size, ring: ring, base: r.base)
+            if let refused = recovery.refused {
+              logger.error("queue \(i): its inflight region makes no sense (\(refused)); reset, nothing resubmitted")
+            }
+            if let base = recovery.base {
+              var notes = ""
+              if recovery.committedLastBatch { notes += ", last used buffer committed" }
+              if recovery.rolledBack { notes += ", last used buffer rolled back" }
+              let what =
+                "\(recovery.resubmitted) request(s) to resubmit, base 0x\(String(base, radix: 16)) (SET_VRING_BASE said 0x\(String(r.base, radix: 16)))"
+              let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
+              logger.log(level: level, "queue \(i) resumes from its inflight region: \(what)\(notes)")
+              r.base = base
+            }
+            r.inflightCheckPending = false
+          } else {
+            let (base, reinitialized) = region.attach(ringSize: r.size, base: r.base)
+            if reinitialized {
+              logger.warning("queue \(i): its size changed with requests still to resubmit; they are dropped")
+            } else if base != r.base {
+              logger.info(
+                "queue \(i) keeps its inflight region's position 0x\(String(base, radix: 16)), not 0x\(String(r.base, radix: 16))"
+              )
+            }
+            r.base = base
+          }
+          inflight = region
+        } else {
+          logger.warning("queue \(i) starts without inflight tracking: no packed inflight area covers it")
+        }
+      }
       let queue = PackedQueue(
         size: r.size, ring: ring, driverEvent: driverEvent, deviceEvent: deviceEvent, base: r.base,
         eventIdx: features & VirtioFeature.eventIdx != 0, indirect: features & VirtioFeature.indirectDesc != 0,
-        maxSegments: Self.segMax + 2)
+        maxSegments: Self.segMax + 2, inflight: inflight)
       start(i, &r, .packed(queue), memory)
       return
     }
@@ -396,7 +451,7 @@ final class VhostBlkBackend {
         }
         inflight = ring
       } else {
-        logger.warning("queue \(i) starts without inflight tracking: no inflight area covers it")
+        logger.warning("queue \(i) starts without inflight tracking: no split inflight area covers it")
       }
     }
     let queue = SplitQueue(

@@ -22,22 +22,45 @@ import VhostProtocol
 ///     offset 16  desc[desc_num], 16 bytes each (VuDescStateSplit):
 ///                inflight u8 @0, padding[5] @1, next u16 @6, counter u64 @8
 ///
+/// Packed rings use QueueRegionPacked instead (vhost-user.rst; libvhost-user has no packed
+/// layout, DPDK's rte_vhost_inflight_info_packed is this one), see `PackedInflightRing`:
+///
+///     offset 0   features u64, version u16 @8, desc_num u16 @10, free_head u16 @12,
+///                old_free_head u16 @14, used_idx u16 @16, old_used_idx u16 @18,
+///                used_wrap_counter u8 @20, old_used_wrap_counter u8 @21, padding[7] @22
+///     offset 32  desc[desc_num], 32 bytes each (DescStatePacked, 8-byte aligned):
+///                inflight u8 @0, padding u8 @1, next u16 @2, last u16 @4, num u16 @6,
+///                counter u64 @8, id u16 @16, flags u16 @18, len u32 @20, addr u64 @24
+///
 /// All fields are little-endian (the only byte order this back-end runs on).
 final class InflightArea: @unchecked Sendable {
   static let regionAlignment = 64
   static let headerSize = 16
   static let descStateSize = 16
+  static let packedHeaderSize = 32
+  static let packedDescStateSize = 32
   static let currentVersion: UInt16 = 1
-  /// Largest area accepted from a front-end (64 queues of 32768 entries need 32 MiB).
+  /// Largest area accepted from a front-end (64 queues of 32768 entries need 32 MiB split; this
+  /// back-end's queues have at most 1024, 2 MiB packed for 64 queues).
   static let maxMmapSize: UInt64 = 64 << 20
 
-  /// Bytes of one queue's region: libvhost-user's vu_inflight_queue_size, which rounds
+  /// Bytes of one queue's region. Split: libvhost-user's vu_inflight_queue_size, which rounds
   /// `16 * queueSize + 2` up to 64 bytes (that always leaves room for the 16-byte header).
-  static func regionSize(queueSize: Int) -> Int {
-    (descStateSize * queueSize + 2 + regionAlignment - 1) / regionAlignment * regionAlignment
+  /// Packed: the 32-byte header and `queueSize` 32-byte entries, rounded up to 64 bytes; the
+  /// same as DPDK's get_pervq_shm_size_packed (`32 * queueSize + 29` rounded up to 64), since
+  /// 32 * queueSize is a multiple of 32. The back-end alone decides this: a front-end (QEMU)
+  /// maps whatever mmap_size GET_INFLIGHT_FD answers and hands the same area back.
+  static func regionSize(queueSize: Int, packed: Bool = false) -> Int {
+    let bytes =
+      packed
+      ? packedHeaderSize + packedDescStateSize * queueSize
+      : descStateSize * queueSize + 2
+    return (bytes + regionAlignment - 1) / regionAlignment * regionAlignment
   }
 
-  static func mmapSize(numQueues: Int, queueSize: Int) -> Int { numQueues * regionSize(queueSize: queueSize) }
+  static func mmapSize(numQueues: Int, queueSize: Int, packed: Bool = false) -> Int {
+    numQueues * regionSize(queueSize: queueSize, packed: packed)
+  }
 
   /// The descriptor to hand to the front-end (GET_INFLIGHT_FD), or -1 for an area it gave us.
   let fd: Int32
@@ -47,14 +70,20 @@ final class InflightArea: @unchecked Sendable {
   let start: UnsafeMutableRawPointer
   let numQueues: Int
   let queueSize: Int
+  /// Whether the regions are QueueRegionPacked ones (the rings were negotiated packed when the
+  /// area was made or handed over).
+  let packed: Bool
 
-  private init(fd: Int32, mapping: UnsafeMutableRawPointer, length: Int, numQueues: Int, queueSize: Int) {
+  private init(
+    fd: Int32, mapping: UnsafeMutableRawPointer, length: Int, numQueues: Int, queueSize: Int, packed: Bool
+  ) {
     self.fd = fd
     self.mapping = mapping
     self.mappingLength = length
     self.start = mapping
     self.numQueues = numQueues
     self.queueSize = queueSize
+    self.packed = packed
   }
 
   deinit {
@@ -64,8 +93,8 @@ final class InflightArea: @unchecked Sendable {
 
   /// GET_INFLIGHT_FD: a new zero-filled memfd for `numQueues` queues of `queueSize` entries,
   /// mapped here. The area keeps its descriptor open (the reply carries it).
-  static func allocate(numQueues: Int, queueSize: Int) throws(VhostError) -> InflightArea {
-    let size = mmapSize(numQueues: numQueues, queueSize: queueSize)
+  static func allocate(numQueues: Int, queueSize: Int, packed: Bool = false) throws(VhostError) -> InflightArea {
+    let size = mmapSize(numQueues: numQueues, queueSize: queueSize, packed: packed)
     let fd = strata_memfd("strata-vhost-inflight")
     guard fd >= 0 else {
       throw .invalid("memfd_create for the inflight area failed: \(String(cString: strerror(errno)))")
@@ -83,16 +112,16 @@ final class InflightArea: @unchecked Sendable {
       close(fd)
       throw .invalid("mmap of the \(size)-byte inflight area failed: \(String(cString: strerror(e)))")
     }
-    return InflightArea(fd: fd, mapping: p, length: size, numQueues: numQueues, queueSize: queueSize)
+    return InflightArea(fd: fd, mapping: p, length: size, numQueues: numQueues, queueSize: queueSize, packed: packed)
   }
 
   /// SET_INFLIGHT_FD: maps the front-end's area after checking its description against the
   /// limits and against the file (a mapping past the end of a file raises SIGBUS when touched).
   /// Areas a Strata back-end made are size-sealed, so the check stays true. Does not keep `fd`
   /// (the caller closes it).
-  static func map(fd: Int32, _ d: InflightDescription, maxQueues: Int, maxQueueSize: Int) throws(VhostError)
-    -> InflightArea
-  {
+  static func map(
+    fd: Int32, _ d: InflightDescription, maxQueues: Int, maxQueueSize: Int, packed: Bool = false
+  ) throws(VhostError) -> InflightArea {
     let numQueues = Int(d.numQueues)
     let queueSize = Int(d.queueSize)
     guard numQueues >= 1, numQueues <= maxQueues else {
@@ -101,7 +130,7 @@ final class InflightArea: @unchecked Sendable {
     guard queueSize >= 1, queueSize <= maxQueueSize else {
       throw .invalid("inflight area for queues of \(queueSize) entries; at most \(maxQueueSize)")
     }
-    let needed = UInt64(mmapSize(numQueues: numQueues, queueSize: queueSize))
+    let needed = UInt64(mmapSize(numQueues: numQueues, queueSize: queueSize, packed: packed))
     guard d.mmapSize >= needed, d.mmapSize <= maxMmapSize else {
       throw .invalid("inflight mmap_size \(d.mmapSize) for \(numQueues) x \(queueSize) entries (needs \(needed))")
     }
@@ -122,8 +151,10 @@ final class InflightArea: @unchecked Sendable {
     guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(d.mmapOffset)), p != MAP_FAILED else {
       throw .invalid("mmap of the \(length)-byte inflight area failed: \(String(cString: strerror(errno)))")
     }
-    let area = InflightArea(fd: -1, mapping: p, length: length, numQueues: numQueues, queueSize: queueSize)
-    // As libvhost-user does on SET_INFLIGHT_FD: every region says how many entries it has.
+    let area = InflightArea(
+      fd: -1, mapping: p, length: length, numQueues: numQueues, queueSize: queueSize, packed: packed)
+    // As libvhost-user does on SET_INFLIGHT_FD: every region says how many entries it has
+    // (desc_num is at offset 10 in both layouts).
     for q in 0..<numQueues {
       area.regionStart(q).storeBytes(of: UInt16(queueSize).littleEndian, toByteOffset: 10, as: UInt16.self)
     }
@@ -132,7 +163,7 @@ final class InflightArea: @unchecked Sendable {
 
   func regionStart(_ queue: Int) -> UnsafeMutableRawPointer {
     precondition(queue >= 0 && queue < numQueues)
-    return start + queue * Self.regionSize(queueSize: queueSize)
+    return start + queue * Self.regionSize(queueSize: queueSize, packed: packed)
   }
 
   var wireDescription: InflightDescription {

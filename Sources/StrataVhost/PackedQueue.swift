@@ -26,15 +26,19 @@ import VhostProtocol
   private var pushedSinceSignal = false
   /// Descriptors each buffer id took in the ring: the used descriptor skips as many.
   private var chainLength: [UInt16]
+  /// INFLIGHT_SHMFD: every popped buffer is recorded there until its used descriptor is out.
+  let inflight: PackedInflightRing?
 
   static func ringBytes(_ size: Int) -> Int { 16 * size }
   static let eventBytes = 4
 
   public init(
     size: Int, ring: UnsafeMutableRawPointer, driverEvent: UnsafeMutableRawPointer,
-    deviceEvent: UnsafeMutableRawPointer, base: UInt32, eventIdx: Bool, indirect: Bool, maxSegments: Int
+    deviceEvent: UnsafeMutableRawPointer, base: UInt32, eventIdx: Bool, indirect: Bool, maxSegments: Int,
+    inflight: PackedInflightRing? = nil
   ) {
     precondition(size > 0 && size <= 32768)
+    precondition(inflight.map { $0.ringSize == size } ?? true)
     self.size = size
     self.ring = ring
     self.driverEvent = driverEvent
@@ -48,6 +52,12 @@ import VhostProtocol
     usedWrap = base & 0x8000_0000 != 0
     signalledUsed = nextUsed
     chainLength = Array(repeating: 0, count: size)
+    self.inflight = inflight
+    if let inflight {
+      precondition(inflight.usedPosition == (nextUsed, usedWrap), "the ring and its inflight region disagree")
+      // Buffers to resubmit are in flight: their used descriptors skip their slots too.
+      for r in inflight.resubmit { chainLength[Int(r.id)] = UInt16(r.descriptors.count) }
+    }
     // The driver notifies for every buffer it makes available (no kick suppression).
     deviceEvent.storeBytes(of: UInt16(0), as: UInt16.self)
     strata_store_release_u16((deviceEvent + 2).assumingMemoryBound(to: UInt16.self), VirtqEventFlag.enable.littleEndian)
@@ -71,7 +81,8 @@ import VhostProtocol
     let isUsed = headFlags & VirtqDescFlag.packedUsed != 0
     guard isAvail == availWrap, isUsed != availWrap else { return nil }
     segments.removeAll(keepingCapacity: true)
-    var index = Int(nextAvail)
+    let start = Int(nextAvail)
+    var index = start
     var wrap = availWrap
     var count = 0
     var id: UInt16 = 0
@@ -93,30 +104,54 @@ import VhostProtocol
         index = 0
         wrap.toggle()
       }
-      if f & VirtqDescFlag.indirect != 0 {
-        guard indirect, f & VirtqDescFlag.next == 0 else { throw .badIndirect("indirect descriptor not allowed here") }
-        guard len > 0, len % 16 == 0, Int(len / 16) <= maxSegments else {
-          throw .badIndirect("indirect table of \(len) bytes")
-        }
-        guard let table = memory.guest(addr, length: Int(len)) else { throw .addressOutsideGuestMemory(addr, len) }
-        for i in 0..<Int(len / 16) {
-          let e = table + 16 * i
-          let ea = UInt64(littleEndian: e.loadUnaligned(as: UInt64.self))
-          let el = UInt32(littleEndian: e.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
-          let ef = UInt16(littleEndian: e.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
-          guard ef & VirtqDescFlag.indirect == 0 else { throw .badIndirect("nested indirect table") }
-          try append(ea, el, writable: ef & VirtqDescFlag.write != 0, to: &segments, memory)
-        }
-        break
-      }
-      try append(addr, len, writable: f & VirtqDescFlag.write != 0, to: &segments, memory)
-      if f & VirtqDescFlag.next == 0 { break }
+      if try !add(addr, len, f, to: &segments, memory) { break }
     }
     guard Int(id) < size else { throw .headOutOfRange(id) }
+    try inflight?.popped(id: id, ring: ring, start: start, count: count)
     chainLength[Int(id)] = UInt16(count)
     nextAvail = UInt16(index)
     availWrap = wrap
     return id
+  }
+
+  /// Walks a buffer saved in the inflight region (resubmitted after a restart) into `segments`,
+  /// with the checks of `next`: the region is front-end memory.
+  func walk(_ descriptors: [PackedInflightRing.Descriptor], memory: GuestMemory, into segments: inout [GuestSegment])
+    throws(ChainError)
+  {
+    segments.removeAll(keepingCapacity: true)
+    for (k, d) in descriptors.enumerated() {
+      let more = try add(d.addr, d.len, d.flags, to: &segments, memory)
+      // A buffer ends with its first descriptor without NEXT (or its indirect one).
+      guard more == (k < descriptors.count - 1) else {
+        throw .badIndirect("saved buffer's NEXT flags do not match its length")
+      }
+    }
+  }
+
+  /// Adds one ring descriptor (or the indirect table it points to) to `segments`; returns
+  /// whether the chain goes on.
+  private func add(
+    _ addr: UInt64, _ len: UInt32, _ f: UInt16, to segments: inout [GuestSegment], _ memory: GuestMemory
+  ) throws(ChainError) -> Bool {
+    if f & VirtqDescFlag.indirect != 0 {
+      guard indirect, f & VirtqDescFlag.next == 0 else { throw .badIndirect("indirect descriptor not allowed here") }
+      guard len > 0, len % 16 == 0, Int(len / 16) <= maxSegments else {
+        throw .badIndirect("indirect table of \(len) bytes")
+      }
+      guard let table = memory.guest(addr, length: Int(len)) else { throw .addressOutsideGuestMemory(addr, len) }
+      for i in 0..<Int(len / 16) {
+        let e = table + 16 * i
+        let ea = UInt64(littleEndian: e.loadUnaligned(as: UInt64.self))
+        let el = UInt32(littleEndian: e.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+        let ef = UInt16(littleEndian: e.loadUnaligned(fromByteOffset: 14, as: UInt16.self))
+        guard ef & VirtqDescFlag.indirect == 0 else { throw .badIndirect("nested indirect table") }
+        try append(ea, el, writable: ef & VirtqDescFlag.write != 0, to: &segments, memory)
+      }
+      return false
+    }
+    try append(addr, len, writable: f & VirtqDescFlag.write != 0, to: &segments, memory)
+    return f & VirtqDescFlag.next != 0
   }
 
   private func append(
@@ -128,8 +163,10 @@ import VhostProtocol
   }
 
   /// Writes the used descriptor for buffer `id` at the next used position and skips the
-  /// descriptors its chain took; the flags go last, with release ordering.
+  /// descriptors its chain took; the flags go last, with release ordering. With an inflight
+  /// region, the buffer is returned there around the flags' store (see PackedInflightRing).
   public func pushUsed(head id: UInt16, written: UInt32) {
+    inflight?.willPublish(id)
     let d = ring + 16 * Int(nextUsed)
     d.storeBytes(of: id.littleEndian, toByteOffset: 12, as: UInt16.self)
     d.storeBytes(of: written.littleEndian, toByteOffset: 8, as: UInt32.self)
@@ -144,6 +181,10 @@ import VhostProtocol
     }
     nextUsed = UInt16(n)
     pushedSinceSignal = true
+    if let inflight {
+      inflight.published(id)
+      assert(inflight.usedPosition == (nextUsed, usedWrap), "the ring and its inflight region disagree")
+    }
   }
 
   /// Whether the driver wants an interrupt for what was pushed since the last notification.

@@ -123,30 +123,18 @@ final class QueueWorker: @unchecked Sendable {
     var forceNotify = false
     if !broken {
       let hasRoom = { reads.map { $0.inFlight < $0.depth } ?? true }
-      if let inflight = queue.inflight {
-        // Chains the previous back-end popped and never returned go first, oldest pop first;
-        // they are still marked in flight (with their counters) until their used entries go out.
-        if !inflight.resubmit.isEmpty {
-          logger.info("queue \(index): resubmitting \(inflight.resubmit.count) request(s) in flight before the restart")
-        }
-        while !inflight.resubmit.isEmpty && hasRoom() {
-          let head = inflight.resubmit.removeFirst()
-          let walked: ChainError?
-          do throws(ChainError) {
-            try queue.walk(head: head, memory: memory, into: &segments)
-            walked = nil
-          } catch {
-            walked = error
-          }
-          execute(head, walked, &segments, reads)
-        }
-        if inflight.resumed {
-          inflight.resumed = false
-          forceNotify = true
-        }
+      // Chains the previous back-end popped and never returned go first, oldest pop first;
+      // they are still marked in flight (with their counters) until their used entries go out.
+      let pending = queue.resubmissionsPending
+      if pending > 0 {
+        logger.info("queue \(index): resubmitting \(pending) request(s) in flight before the restart")
       }
+      while hasRoom(), let (head, walked) = queue.nextResubmission(memory: memory, into: &segments) {
+        execute(head, walked, &segments, reads)
+      }
+      if queue.takeResumed() { forceNotify = true }
       do {
-        while queue.inflight?.resubmit.isEmpty ?? true, hasRoom(),
+        while queue.resubmissionsPending == 0, hasRoom(),
           let (head, walked) = try queue.next(into: &segments, memory: memory)
         {
           execute(head, walked, &segments, reads)
@@ -253,10 +241,52 @@ enum DeviceQueue {
     }
   }
 
-  /// INFLIGHT_SHMFD tracking (split rings only: its region layout is libvhost-user's split one).
-  var inflight: InflightRing? {
-    if case .split(let q) = self { return q.inflight }
-    return nil
+  /// INFLIGHT_SHMFD: chains the previous back-end left in flight, still to run.
+  var resubmissionsPending: Int {
+    switch self {
+    case .split(let q): q.inflight?.resubmit.count ?? 0
+    case .packed(let q): q.inflight?.resubmit.count ?? 0
+    }
+  }
+
+  /// The next chain to resubmit: its head (split) or buffer id (packed) and, when it cannot be
+  /// walked, why. The chain stays in flight until its used entry is published.
+  func nextResubmission(memory: GuestMemory, into segments: inout [GuestSegment]) -> (UInt16, ChainError?)? {
+    switch self {
+    case .split(let q):
+      guard let inflight = q.inflight, !inflight.resubmit.isEmpty else { return nil }
+      let head = inflight.resubmit.removeFirst()
+      do throws(ChainError) {
+        try q.walk(head: head, memory: memory, into: &segments)
+      } catch {
+        return (head, error)
+      }
+      return (head, nil)
+    case .packed(let q):
+      guard let inflight = q.inflight, !inflight.resubmit.isEmpty else { return nil }
+      let r = inflight.resubmit.removeFirst()
+      do throws(ChainError) {
+        try q.walk(r.descriptors, memory: memory, into: &segments)
+      } catch {
+        return (r.id, error)
+      }
+      return (r.id, nil)
+    }
+  }
+
+  /// Whether the ring resumed an initialized inflight region since the last call (the worker
+  /// then signals once: see `InflightRing.resumed`).
+  func takeResumed() -> Bool {
+    switch self {
+    case .split(let q):
+      guard let inflight = q.inflight, inflight.resumed else { return false }
+      inflight.resumed = false
+      return true
+    case .packed(let q):
+      guard let inflight = q.inflight, inflight.resumed else { return false }
+      inflight.resumed = false
+      return true
+    }
   }
 
   /// Where the ring resumes (GET_VRING_BASE): the next available index (packed: with its wrap
@@ -284,12 +314,6 @@ enum DeviceQueue {
       guard let id = try q.next(into: &segments, memory: memory) else { return nil }
       return (id, nil)
     }
-  }
-
-  /// Walks the chain at `head` again (split rings: requests resubmitted after a restart).
-  func walk(head: UInt16, memory: GuestMemory, into segments: inout [GuestSegment]) throws(ChainError) {
-    guard case .split(let q) = self else { preconditionFailure("only split rings resubmit") }
-    try q.walk(head: head, memory: memory, into: &segments)
   }
 
   func pushUsed(head: UInt16, written: UInt32) {

@@ -19,6 +19,10 @@ import VhostProtocol
   case addressOutsideGuestMemory(UInt64, UInt32)
   case badIndirect(String)
   case availIndexJump(from: UInt16, to: UInt16)
+  /// A packed ring's buffer id popped while that id is still in flight (INFLIGHT_SHMFD).
+  case bufferInFlight(UInt16)
+  /// More descriptors in flight than the inflight region has entries (INFLIGHT_SHMFD).
+  case inflightFull
 }
 
 /// A split virtqueue (virtio 1.2, 2.7): descriptor table, available ring, used ring, all in

@@ -9,23 +9,27 @@ import VhostProtocol
 
 @_spi(Fuzzing) @testable import StrataVhost
 
-/// One guest memory region of 1 MiB at guest address 0 (front-end address 0x1000_0000).
-private final class Guest {
+/// One guest memory region of 1 MiB at guest address 0 (front-end address 0x1000_0000). Shared
+/// with PackedInflightTests, like `Driver`.
+final class Guest {
   let memory = GuestMemory()
   let base: UnsafeMutableRawPointer
+  /// The memfd, kept open for a SET_MEM_TABLE.
+  let fd: Int32
   static let size = 1 << 20
   static let ring = 0x1000  // descriptor ring; event areas at 0x0 (driver) and 0x10 (device)
   static let indirectTables = 0x40000
   static let buffers = 0x80000
 
   init() throws {
-    let fd = strata_memfd("packed-test")
-    defer { close(fd) }
+    fd = strata_memfd("packed-test")
     #expect(ftruncate(fd, off_t(Self.size)) == 0)
     try memory.add(
       MemoryRegion(guestAddress: 0, size: UInt64(Self.size), userAddress: 0x1000_0000, mmapOffset: 0), fd: fd)
     base = memory.guest(0, length: Self.size)!
   }
+
+  deinit { close(fd) }
 
   func queue(size: Int, base: UInt32 = 0x8000_8000, eventIdx: Bool = false) -> PackedQueue {
     PackedQueue(
@@ -37,7 +41,7 @@ private final class Guest {
 }
 
 /// The driver's side of the ring: next free slot, wrap counter, next used slot.
-private struct Driver {
+struct Driver {
   let guest: Guest
   let size: Int
   var next = 0
