@@ -129,12 +129,12 @@ final class QueueWorker: @unchecked Sendable {
       if pending > 0 {
         logger.info("queue \(index): resubmitting \(pending) request(s) in flight before the restart")
       }
-      while hasRoom(), let (head, walked) = queue.nextResubmission(memory: memory, into: &segments) {
+      while !broken, hasRoom(), let (head, walked) = queue.nextResubmission(memory: memory, into: &segments) {
         execute(head, walked, &segments, reads)
       }
       if queue.takeResumed() { forceNotify = true }
       do {
-        while queue.resubmissionsPending == 0, hasRoom(),
+        while !broken, queue.resubmissionsPending == 0, hasRoom(),
           let (head, walked) = try queue.next(into: &segments, memory: memory)
         {
           execute(head, walked, &segments, reads)
@@ -152,6 +152,15 @@ final class QueueWorker: @unchecked Sendable {
   /// Runs one chain (walked into `segments`, unless `walked` says why it could not be); its used
   /// entry waits in `done` (or the read's completion) until published.
   private func execute(_ head: UInt16, _ walked: ChainError?, _ segments: inout [GuestSegment], _ reads: ImageQueue?) {
+    guard pendingStatus[Int(head)] == nil else {
+      // The driver made a chain available again while its read is in flight: two completions
+      // would name one head. Nothing of it is touched; the queue stops as for a broken ring.
+      broken = true
+      logger.error(
+        "queue \(index): the guest reused head \(head) while its request was in flight; the queue is stopped until it is reset"
+      )
+      return
+    }
     if let walked {
       // The chain cannot be trusted: complete it without touching it, as an error.
       logger.warning("queue \(index): bad descriptor chain at head \(head): \(walked); request failed")

@@ -635,6 +635,27 @@ struct StrataServeTests {
         try stillServing(c, queue: 1, "queue 1 after a bad head on queue 0")
       }
 
+      try hostile("a head made available again while its read is in flight") { c, x in
+        // Published twice before one kick: the worker pops both before the first completes.
+        // (The server used to die on the second completion for that head.)
+        x.prepare(.read, sector: 0)
+        let chain = [
+          RawDescriptor(x.header, 16, next: 1), RawDescriptor(x.data, 4096, writable: true, next: 2),
+          RawDescriptor(x.status, 1, writable: true),
+        ]
+        let ds = try c.reserveDescriptors(queue: 0, count: chain.count)
+        for (i, d) in chain.enumerated() {
+          try c.placeDescriptor(
+            queue: 0, index: ds[i], address: d.address, length: d.length, flags: d.flags,
+            next: d.next.map { ds[$0] } ?? 0)
+        }
+        try c.publish(queue: 0, head: ds[0], kick: false)
+        try c.publish(queue: 0, head: ds[0], kick: false)
+        try c.kick(queue: 0, force: true)
+        usleep(200_000)
+        try stillServing(c, queue: 1, "queue 1 after a head reused in flight on queue 0")
+      }
+
       try hostile("avail index far ahead") { c, x in
         let before = try c.usedIndex(queue: 0)
         let (avail, _) = try c.ringIndices(queue: 0)
