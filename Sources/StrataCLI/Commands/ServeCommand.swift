@@ -6,6 +6,10 @@ import StrataIO
 import StrataNBD
 import StrataVhost
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
 struct ServeCommand: ParsableCommand {
@@ -82,10 +86,34 @@ struct ServeCommand: ParsableCommand {
   @Flag(help: "Do not reclaim overwritten space in the background (strata compact does it on demand).")
   var noClean = false
 
+  @Option(
+    help: ArgumentHelp(
+      "Seconds to wait for the image lock when another process holds it: a server killed just before (kill -9) may hold it for a moment while the kernel tears down its I/O rings.",
+      valueName: "seconds"))
+  var lockWait = 3.0
+
   @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
   var logLevel = Logger.Level.info
 
+  /// Opens the image, retrying while another process holds its lock, for up to `lockWait` s.
+  private func openWaitingForLock(_ path: String, _ options: ImageOptions, _ logger: Logger) throws -> StrataImage {
+    let deadline = monotonicNanoseconds() + UInt64(lockWait * 1e9)
+    var logged = false
+    while true {
+      do {
+        return try ImageAccess.open(path, readOnly: readOnly, options: options)
+      } catch let e as FileError where e.underlying.code == .locked && monotonicNanoseconds() < deadline {
+        if !logged {
+          logger.notice("\(path) is in use by another process; waiting up to \(lockWait) s for its lock")
+          logged = true
+        }
+        usleep(50_000)
+      }
+    }
+  }
+
   func validate() throws {
+    guard lockWait >= 0 && lockWait <= 3600 else { throw ValidationError("--lock-wait must be 0...3600 seconds") }
     guard socket != nil || nbd != nil else {
       throw ValidationError("nothing to serve on: give --socket PATH (vhost-user), --nbd ADDRESS, or both")
     }
@@ -112,7 +140,7 @@ struct ServeCommand: ParsableCommand {
       options.readOnly = readOnly
       options.ioEngine = engine
       let path = try branch.path(of: image)
-      let opened = try ImageAccess.open(path, readOnly: readOnly, options: options)
+      let opened = try openWaitingForLock(path, options, logger)
       try ImageAccess.withOpened(opened, path: path) { img in
         logger.info("image \(path): \(img.size) bytes, I/O engine \(img.engineDescription)")
         let shared = SharedImage(img)
