@@ -25,6 +25,7 @@ let package = Package(
       ]
     ),
     .executableTarget(name: "FuzzNBD", dependencies: [.product(name: "StrataNBD", package: main)]),
+    .executableTarget(name: "FuzzInflight", dependencies: [.product(name: "StrataVhost", package: main)]),
     .executableTarget(
       name: "FuzzDescriptorChain",
       dependencies: [

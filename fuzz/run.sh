@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer target for a bounded time: fuzz/run.sh TARGET SECONDS
-# Targets: FuzzRecord FuzzSuperblock FuzzPages FuzzVhostMessage FuzzImageOpen FuzzDescriptorChain FuzzNBD.
+# Targets: FuzzRecord FuzzSuperblock FuzzPages FuzzVhostMessage FuzzImageOpen FuzzDescriptorChain FuzzInflight FuzzNBD.
 # Crashes land in fuzz/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -91,6 +91,12 @@ final class InflightArea: @unchecked Sendable {
     if fd >= 0 { close(fd) }
   }
 
+  /// One queue's area in memory mapped by the caller (`InflightRecovery`); unmapped at deinit.
+  convenience init(anonymous mapping: UnsafeMutableRawPointer, length: Int, queueSize: Int, packed: Bool) {
+    precondition(length >= Self.regionSize(queueSize: queueSize, packed: packed))
+    self.init(fd: -1, mapping: mapping, length: length, numQueues: 1, queueSize: queueSize, packed: packed)
+  }
+
   /// GET_INFLIGHT_FD: a new zero-filled memfd for `numQueues` queues of `queueSize` entries,
   /// mapped here. The area keeps its descriptor open (the reply carries it).
   static func allocate(numQueues: Int, queueSize: Int, packed: Bool = false) throws(VhostError) -> InflightArea {
@@ -299,5 +305,33 @@ final class InflightArea: @unchecked Sendable {
   func published(_ head: UInt16, usedIdx: UInt16) {
     strata_store_release_u16(flagPointer(Int(head)), 0)
     strata_store_release_u16(usedIdxPointer, usedIdx.littleEndian)
+  }
+}
+
+/// Recovery of a front-end-controlled inflight region as a new back-end does it, on bytes of the
+/// caller's (fuzz/FuzzInflight and the random-region tests): the region is copied into memory of
+/// its own, so any input is a region.
+@_spi(Fuzzing) public enum InflightRecovery {
+  /// What a back-end would resubmit from a one-queue region holding `bytes` (zero-filled past
+  /// them): split rings give heads, packed rings buffer ids with their descriptor counts.
+  /// `ring` is the packed descriptor ring (16 bytes per slot), unused for split rings.
+  public static func resubmissions(
+    region bytes: UnsafeRawBufferPointer, queueSize: Int, packed: Bool, ring: UnsafeRawPointer, position: UInt32
+  ) -> [(id: Int, descriptors: Int)] {
+    precondition(queueSize >= 1 && queueSize <= 32768)
+    let size = InflightArea.regionSize(queueSize: queueSize, packed: packed)
+    guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else {
+      preconditionFailure("mmap of \(size) bytes failed")
+    }
+    if let base = bytes.baseAddress { p.copyMemory(from: base, byteCount: min(bytes.count, size)) }
+    let area = InflightArea(anonymous: p, length: size, queueSize: queueSize, packed: packed)
+    if packed {
+      let packedRing = PackedInflightRing(area: area, queue: 0)
+      _ = packedRing.recover(ringSize: queueSize, ring: ring, base: position)
+      return packedRing.resubmit.map { (Int($0.id), $0.descriptors.count) }
+    }
+    let split = InflightRing(area: area, queue: 0)
+    _ = split.recover(ringSize: queueSize, usedIdx: UInt16(truncatingIfNeeded: position))
+    return split.resubmit.map { (Int($0), 1) }
   }
 }
