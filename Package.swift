@@ -87,7 +87,7 @@ let package = Package(
     // The C ABI for VMMs and tools in other languages: include/strata.h over StrataCore.
     .target(name: "StrataCABI", dependencies: ["StrataCore"], exclude: ["include"]),
     .executableTarget(name: "strata", dependencies: ["StrataCLI"]),
-    .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat"]),
+    .testTarget(name: "StrataFormatTests", dependencies: ["StrataFormat", "StrataSimulation"]),
     .testTarget(name: "StrataCoreTests", dependencies: ["StrataCore", "StrataSimulation", "StrataSimulator"]),
     // What the end-to-end suites share: the built binary's location, child processes.
     .target(name: "StrataTestSupport", path: "Tests/StrataTestSupport"),
@@ -97,12 +97,15 @@ let package = Package(
     .testTarget(
       name: "StrataVhostTests",
       dependencies: [
-        "StrataVhost", "VhostProtocol", "CStrataLinux", "StrataCore", .product(name: "Logging", package: "swift-log"),
+        "StrataVhost", "VhostProtocol", "CStrataLinux", "StrataCore", "StrataSimulation",
+        .product(name: "Logging", package: "swift-log"),
       ]
     ),
     .testTarget(
       name: "StrataServeTests",
-      dependencies: ["VhostClient", "StrataCore", "StrataControl", "StrataNBD", "StrataTestSupport"]
+      dependencies: [
+        "VhostClient", "StrataCore", "StrataControl", "StrataNBD", "StrataSimulation", "StrataTestSupport",
+      ]
     ),
     .testTarget(name: "StrataNBDTests", dependencies: ["StrataNBD"]),
   ],

@@ -265,21 +265,23 @@ enum DeviceQueue {
     case .split(let q):
       guard let inflight = q.inflight, !inflight.resubmit.isEmpty else { return nil }
       let head = inflight.resubmit.removeFirst()
-      do throws(ChainError) {
-        try q.walk(head: head, memory: memory, into: &segments)
-      } catch {
-        return (head, error)
-      }
-      return (head, nil)
+      return (head, Self.walkError { () throws(ChainError) in try q.walk(head: head, memory: memory, into: &segments) })
     case .packed(let q):
       guard let inflight = q.inflight, !inflight.resubmit.isEmpty else { return nil }
       let r = inflight.resubmit.removeFirst()
-      do throws(ChainError) {
-        try q.walk(r.descriptors, memory: memory, into: &segments)
-      } catch {
-        return (r.id, error)
-      }
-      return (r.id, nil)
+      return (
+        r.id, Self.walkError { () throws(ChainError) in try q.walk(r.descriptors, memory: memory, into: &segments) }
+      )
+    }
+  }
+
+  /// Why a chain could not be walked, or nil.
+  private static func walkError(_ walk: () throws(ChainError) -> Void) -> ChainError? {
+    do throws(ChainError) {
+      try walk()
+      return nil
+    } catch {
+      return error
     }
   }
 
@@ -313,12 +315,7 @@ enum DeviceQueue {
     switch self {
     case .split(let q):
       guard let head = try q.popAvailable() else { return nil }
-      do throws(ChainError) {
-        try q.walk(head: head, memory: memory, into: &segments)
-      } catch {
-        return (head, error)
-      }
-      return (head, nil)
+      return (head, Self.walkError { () throws(ChainError) in try q.walk(head: head, memory: memory, into: &segments) })
     case .packed(let q):
       guard let id = try q.next(into: &segments, memory: memory) else { return nil }
       return (id, nil)

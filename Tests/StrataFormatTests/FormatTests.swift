@@ -1,32 +1,8 @@
 import StrataFormat
+import StrataSimulation
 import Testing
 
 // MARK: - Helpers
-
-/// SplitMix64: a tiny deterministic PRNG so every "random" test is reproducible.
-struct SplitMix64: RandomNumberGenerator {
-  var state: UInt64
-  init(seed: UInt64) { state = seed }
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-  }
-  mutating func bytes(_ n: Int) -> [UInt8] {
-    var out: [UInt8] = []
-    out.reserveCapacity(n)
-    while out.count < n {
-      var v = next()
-      for _ in 0..<8 where out.count < n {
-        out.append(UInt8(truncatingIfNeeded: v))
-        v >>= 8
-      }
-    }
-    return out
-  }
-}
 
 /// Bitwise reference CRC-32C, independent of the table and SSE4.2 paths under test.
 func referenceCRC32C(_ bytes: [UInt8], continuing crc: UInt32 = 0) -> UInt32 {
@@ -207,7 +183,7 @@ func encodeRecord(
   }
 
   @Test func chainingEqualsWhole() {
-    var rng = SplitMix64(seed: 1)
+    var rng = SeededRandom(seed: 1)
     let data = rng.bytes(1000)
     let whole = CRC32C.checksum(data)
     for split in 0...data.count {
@@ -221,7 +197,7 @@ func encodeRecord(
   }
 
   @Test func matchesBitwiseReferenceAtEveryLengthAndAlignment() {
-    var rng = SplitMix64(seed: 2)
+    var rng = SeededRandom(seed: 2)
     let data = rng.bytes(300)
     for start in 0..<8 {
       for length in 0...(data.count - start) where length < 80 || length % 37 == 0 {
@@ -600,7 +576,7 @@ func encodeRecord(
   }
 
   @Test func largeWriteSpansSeveralHeaderPages() throws {
-    var rng = SplitMix64(seed: 3)
+    var rng = SeededRandom(seed: 3)
     let checksums = (0..<3000).map { _ in UInt32(truncatingIfNeeded: rng.next()) }
     let op = LogOp.write(firstBlock: 1 << 40, checksums: checksums)
     let (bytes, header) = encodeRecord([op])
@@ -1074,7 +1050,7 @@ func encodeRecord(
   }
 
   @Test func usagePagesRoundTrip() throws {
-    var rng = SplitMix64(seed: 4)
+    var rng = SeededRandom(seed: 4)
     let all = (0..<700).map { _ in
       let written = UInt32(truncatingIfNeeded: rng.next() % 2049)
       return SegmentUsage(
@@ -1107,7 +1083,7 @@ func encodeRecord(
   }
 
   func catalogEntries(_ n: Int, seed: UInt64) -> [SnapshotEntry] {
-    var rng = SplitMix64(seed: seed)
+    var rng = SeededRandom(seed: seed)
     let alphabet = Array("abcxyz-_. éü日本📸")
     var seq: UInt64 = 10
     return (0..<n).map { i in
@@ -1207,7 +1183,7 @@ func encodeRecord(
   }
 
   @Test func pageChecksumIsSeededByKindLevelAndKey() {
-    var rng = SplitMix64(seed: 10)
+    var rng = SeededRandom(seed: 10)
     let page = rng.bytes(4096)
     let base = page.withUnsafeBytes { pageChecksum(kind: .mapNode, level: 1, key: 7, $0) }
     let seed = CRC32C.checksum([1, 1] + le(UInt64(7)))
@@ -1310,7 +1286,7 @@ func encodeRecord(
 
   /// Pure random buffers of random length: both decoders must throw FormatError or succeed.
   @Test func randomBuffersOnlyThrowFormatErrors() {
-    var rng = SplitMix64(seed: 0x5742_4154_4100_0001)
+    var rng = SeededRandom(seed: 0x5742_4154_4100_0001)
     for i in 0..<Self.iterations {
       let length = Int(rng.next() % 3) == 0 ? Int(rng.next() % 129) : Int(rng.next() % 9000)
       var b = rng.bytes(length)
@@ -1336,7 +1312,7 @@ func encodeRecord(
   /// Superblocks with magic, version, length and checksum right and random (often boundary)
   /// field values: every validation path is reached.
   @Test func checksummedRandomSuperblocks() {
-    var rng = SplitMix64(seed: 0x5342)
+    var rng = SeededRandom(seed: 0x5342)
     var accepted = 0
     func pick64() -> UInt64 {
       switch rng.next() % 6 {
@@ -1371,7 +1347,7 @@ func encodeRecord(
   /// Valid records mutated in a few places (whole fields or bytes) with the checksum fixed up,
   /// so the operation decoders see hostile values.
   @Test func checksummedMutatedRecords() {
-    var rng = SplitMix64(seed: 0x5245_4344)
+    var rng = SeededRandom(seed: 0x5245_4344)
     var templates: [[UInt8]] = everyOp.map { encodeRecord([$0], seq: 9).bytes }
     templates.append(encodeRecord(everyOp.filter { $0.type != .seal }).bytes)
     templates.append(encodeRecord([.checkpoint(sampleCheckpoint(segments: 2, catalogPages: 0))]).bytes)

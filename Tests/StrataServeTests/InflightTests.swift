@@ -5,6 +5,7 @@
 
 import Foundation
 import Glibc
+import StrataSimulation
 import Testing
 import VhostClient
 import VhostProtocol
@@ -357,7 +358,7 @@ struct StrataServeInflightTests {
   @Test func killNineTortureLosesNoRequest() throws {
     let seed = ProcessInfo.processInfo.environment["STRATA_TORTURE_SEED"].flatMap { UInt64($0) } ?? 0x1F1_16E7
     try withServer(size: 64 << 20, arguments: ["--num-queues", "2"]) { s in
-      var rng = SplitMix(state: seed)
+      var rng = SeededRandom(seed: seed)
       var o = ServeProcess.options(queues: 2)
       o.inflight = true
       o.ioTimeoutMs = 15_000

@@ -5,6 +5,7 @@
 
 import Foundation
 import Glibc
+import StrataSimulation
 import StrataTestSupport
 import Testing
 import VhostClient
@@ -80,18 +81,6 @@ struct Scratch {
   }
 
   var statusByte: UInt8 { memory.read(at: status, count: 1)[0] }
-}
-
-/// SplitMix64, for reproducible random workloads.
-struct SplitMix: RandomNumberGenerator {
-  var state: UInt64
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-  }
 }
 
 @Suite(.enabled(if: strataBinary != nil, Comment(rawValue: binaryMissing)))
@@ -386,7 +375,7 @@ struct StrataServeTests {
       let bs = 4096
       let blocks = 256
       var model = [[UInt8]](repeating: [UInt8](repeating: 0, count: bs), count: blocks)
-      var rng = SplitMix(state: (eventIdx ? 1 : 2) &* 31 &+ (indirect ? 7 : 0))
+      var rng = SeededRandom(seed: (eventIdx ? 1 : 2) &* 31 &+ (indirect ? 7 : 0))
       enum Kind { case read, write, partialWrite, partialRead, zeroes, discard, flush }
       struct Pending {
         var kind: Kind

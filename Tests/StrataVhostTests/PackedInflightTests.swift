@@ -5,6 +5,7 @@
 
 import CStrataLinux
 import Glibc
+import StrataSimulation
 import Testing
 import VhostProtocol
 
@@ -200,7 +201,7 @@ private struct Setup {
   /// position.
   @Test(arguments: 1...12 as ClosedRange<UInt64>)
   func randomTrafficAndCrashes(seed: UInt64) throws {
-    var rng = SplitMix(seed: seed)
+    var rng = SeededRandom(seed: seed)
     let size = [3, 5, 8, 13][Int(seed % 4)]
     var s = try Setup(size: size, descNum: size + Int(seed % 3))
     var lengths: [UInt16: Int] = [:]
@@ -371,7 +372,7 @@ private struct Setup {
     }
 
     // Random bytes (a fixed generator), with a version that passes.
-    var rng = SplitMix(seed: 42)
+    var rng = SeededRandom(seed: 42)
     for round in 0..<50 {
       var s = try Setup(size: 8, descNum: 16)
       let bytes = InflightArea.regionSize(queueSize: 16, packed: true)
@@ -402,18 +403,5 @@ private struct Setup {
     #expect(s.marked.count == 1)
     let recovery = try s.restart()
     #expect(s.inflight.resubmit.map(\.id) == [1] && recovery.refused == nil)
-  }
-}
-
-/// A small fixed-seed generator (SplitMix64), so that the random regions are the same each run.
-private struct SplitMix: RandomNumberGenerator {
-  var state: UInt64
-  init(seed: UInt64) { state = seed }
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
   }
 }
