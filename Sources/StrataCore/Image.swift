@@ -142,6 +142,9 @@ public final class StrataImage {
       if let parent = backing?.image, !parent.isClosed { try? parent.close() }
     }
     if writer != nil && changedSinceCheckpoint { try checkpoint() }
+    // A close makes durable what the image shows, as a flush does: also a log tail recovery
+    // replayed from the page cache when nothing was appended since (strata-sim seed 13037).
+    if writer != nil { try flush() }
     if let writer {
       // Space allocated ahead of the log end holds nothing: give it back. The log may end in a
       // reused segment below the last one, which then bounds the file.

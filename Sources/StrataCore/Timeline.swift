@@ -27,7 +27,9 @@ extension StrataImage {
   public func timeline(since: UInt64 = 0, limit: Int = .max) throws -> [TimelinePoint] {
     try checkOpen()
     writer?.closeRecord()
-    let start = try checkpoint(before: since + 1, orOldest: true).page
+    // Strictly before `since`: a checkpoint record at seq `since - 1` holds the point at
+    // `since` (a walk from the next checkpoint would miss it).
+    let start = try checkpoint(before: since, orOldest: true).page
     guard let first = try pages.record(at: start) else {
       throw StrataError(.corrupt, "the checkpoint at page \(start) cannot be read")
     }

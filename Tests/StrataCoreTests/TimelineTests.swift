@@ -127,3 +127,19 @@ func timelineEveryFlushPointReadsBackAsItWas(seed: UInt64) throws {
     #expect(RFC3339.nanoseconds(bad) == nil, "\(bad)")
   }
 }
+
+/// strata-sim seed 2, op 341: `timeline(since:)` started its walk at the newest checkpoint
+/// record before `since + 1`; when that record immediately follows another checkpoint record,
+/// the point at `since` (the end of the earlier one) was left out.
+@Test func timelineSinceAPointRightBeforeACheckpoint() throws {
+  let image = try StrataImage.create(
+    path: temporaryDirectory() + "/c.strata", virtualSize: 1 << 20, options: options(TickingClock()), overwrite: true)
+  defer { try? image.close() }
+  try image.write([UInt8](repeating: 0xA5, count: 4096), at: 0)
+  try image.checkpoint()
+  let first = try image.info.nextSeq  // the point right after the first checkpoint
+  try image.checkpoint()
+  let listed = try image.timeline(since: first).map(\.seq)
+  #expect(listed.first == first, "timeline since \(first): \(listed)")
+  #expect(try image.timeline().map(\.seq).contains(first))
+}
