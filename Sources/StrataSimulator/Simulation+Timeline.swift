@@ -45,8 +45,8 @@ extension Simulation {
     let flushSeqs = Set(listed.filter { $0.kind != .snapshot }.map(\.seq))
     let candidates = flushPoints.filter { flushSeqs.contains($0.seq) }
     if candidates.count < flushPoints.count {
-      // A flush that finds a CHECKPOINT or SEAL record last (nothing appended since) marks no
-      // flush point: the timeline does not list that seq, though it is restorable.
+      // A flush right after a crash's recovery marks no flush point (the last replayed record
+      // carries no flag): the timeline does not list that seq, though it is restorable.
       log.note(
         "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"
       )
