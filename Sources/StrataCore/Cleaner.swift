@@ -174,9 +174,6 @@ extension StrataImage {
     }
   }
 
-  /// Visits the checkpoints from the last back to the log start, newest first, until `visit`
-  /// returns false. A link that does not lead to a checkpoint older than the one holding it
-  /// (damage, or a segment the cleaner reused) is corruption: the log before it is out of reach.
   /// The seq of the first record of sealed segment `s`.
   func firstSeq(ofSealed s: Int) throws -> UInt64 {
     let last = usage.entries[s].lastSeq
@@ -189,6 +186,9 @@ extension StrataImage {
     return first
   }
 
+  /// Visits the checkpoints from the last back to the log start, newest first, until `visit`
+  /// returns false. A link that does not lead to a checkpoint older than the one holding it
+  /// (damage, or a segment the cleaner reused) is corruption: the log before it is out of reach.
   func walkCheckpoints(_ visit: (ChainCheckpoint) throws -> Bool) throws {
     var page = lastCheckpointPage
     var newer = UInt64.max
@@ -402,14 +402,15 @@ public final class CleaningPass {
   public static func start(
     shared: SharedImage, options: CompactOptions = CompactOptions(), if due: (StrataImage) -> Bool
   ) throws -> CleaningPass? {
+    let walkEpochs = ReadEpochs()
     let started = try shared.with { image -> (Analysis, AnyThreadIO?, Geometry, UInt64)? in
       guard due(image) else { return nil }
       let analysis = try analyze(image, options)
-      image.reclaim.register(analysis.epochs)
-      return (analysis, image.storage.anyThreadIO, image.geometry, analysis.epochs.begin(image.reclaim.epoch))
+      image.reclaim.register(walkEpochs)
+      return (analysis, image.storage.anyThreadIO, image.geometry, walkEpochs.begin(image.reclaim.epoch))
     }
     guard let (analysis, io, geometry, epoch) = started else { return nil }
-    defer { analysis.epochs.end(epoch) }
+    defer { walkEpochs.end(epoch) }
     if let read = io?.read {
       // Checkpoint trees never change; a segment freed meanwhile (a snapshot deleted, another
       // pass) is not reused while this walk's epoch is open.
@@ -430,7 +431,6 @@ public final class CleaningPass {
     var retained: [Range<UInt64>]
     var tail: StrataImage.ChainCheckpoint
     var c0: StrataImage.ChainCheckpoint
-    let epochs = ReadEpochs()
   }
 
   private static func analyze(_ image: StrataImage, _ options: CompactOptions) throws -> Analysis {

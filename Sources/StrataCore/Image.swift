@@ -141,11 +141,11 @@ public final class StrataImage {
       try? storage.close()
       if let parent = backing?.image, !parent.isClosed { try? parent.close() }
     }
-    if writer != nil && changedSinceCheckpoint { try checkpoint() }
-    // A close makes durable what the image shows, as a flush does: also a log tail recovery
-    // replayed from the page cache when nothing was appended since (strata-sim seed 13037).
-    if writer != nil { try flush() }
     if let writer {
+      if changedSinceCheckpoint { try checkpoint() }
+      // A close makes durable what the image shows, as a flush does: also a log tail recovery
+      // replayed from the page cache when nothing was appended since (strata-sim seed 13037).
+      try flush()
       // Space allocated ahead of the log end holds nothing: give it back. The log may end in a
       // reused segment below the last one, which then bounds the file.
       let last = usage.segmentCount - 1

@@ -10,6 +10,15 @@ import Testing
 
 // Minimal cases of what `strata-sim` found, so that each stays fixed.
 
+/// A new image (4 MiB unless `size`) on simulated storage, with the simulator's stress options.
+private func simulatedImage(size: UInt64 = 4 << 20) throws -> (
+  storage: SimulatedStorage, image: StrataImage, options: ImageOptions
+) {
+  let options = stressOptions(clock: SimulatedClock())
+  let storage = SimulatedStorage(seed: 1)
+  return (storage, try StrataImage.create(storage: storage, virtualSize: size, options: options), options)
+}
+
 @Suite("strata-sim findings")
 struct SimulatorFindingsTests {
   /// strata-sim seed 4: a restore whose snapshot view cannot be read (EIO) failed after its
@@ -17,9 +26,7 @@ struct SimulatorFindingsTests {
   /// RESTORE durable, and after a crash the image held the restored state: what a reader saw
   /// after a successful flush was gone. Now the image refuses to go on until reopened.
   @Test func failedRestoreDoesNotReachTheLog() throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    let created = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
+    let (storage, created, options) = try simulatedImage()
     try created.write([UInt8](repeating: 0xA1, count: 4096), at: 0)
     try created.createSnapshot(name: "s")
     try created.write([UInt8](repeating: 0xB2, count: 4096), at: 0)
@@ -47,10 +54,8 @@ struct SimulatorFindingsTests {
   /// under a parent still pointing to its old page, and `check` reported a map node past the
   /// end of the disk.
   @Test func shrinkReplayedWithoutCheckpoint() throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
     // 1592 blocks: level-0 node 6 holds blocks 1536..<1592; after the shrink the disk has 1417.
-    let image = try StrataImage.create(storage: storage, virtualSize: 1592 * 4096, options: options)
+    let (storage, image, options) = try simulatedImage(size: 1592 * 4096)
     defer { image.abandon() }
     try image.write([UInt8](repeating: 0x5A, count: 4096), at: 1540 * 4096)
     try image.write([UInt8](repeating: 0x6B, count: 4096), at: 0)
@@ -116,9 +121,7 @@ extension SimulatorFindingsTests {
   /// `close` (after a close whose sync failed): a close with nothing to checkpoint synced nothing.
   @Test(arguments: [false, true])
   func aFlushOrCloseAfterOpenSyncsTheReplayedTail(close: Bool) throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    let image = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
+    let (storage, image, options) = try simulatedImage()
     try image.write([UInt8](repeating: 0x11, count: 4096), at: 0)
     try image.flush()
     let new = [UInt8](repeating: 0x22, count: 4096)
@@ -154,9 +157,7 @@ extension SimulatorFindingsTests {
   /// point's, with `since`), so the point a restore leaves was missing from a timeline that
   /// starts there.
   @Test func timelineSinceKeepsTheCheckpointPointAtSince() throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    let image = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
+    let (_, image, _) = try simulatedImage()
     defer { image.abandon() }
     try image.write([UInt8](repeating: 0xA1, count: 4096), at: 0)
     try image.createSnapshot(name: "s")
@@ -174,9 +175,7 @@ extension SimulatorFindingsTests {
   /// `restore --at TIME` just after that flush picked an older point. Now the flush sets the
   /// flag on that last record (still unsynced, so rewriting its header page is safe).
   @Test func flushAfterAViewMarksAFlushPoint() throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    let image = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
+    let (storage, image, options) = try simulatedImage()
     defer { image.abandon() }
     try image.write([UInt8](repeating: 0xA1, count: 4096), at: 0)
     try image.createSnapshot(name: "s")
@@ -214,9 +213,7 @@ extension SimulatorFindingsTests {
   /// (the image refuses until reopened, and recovery replays it); only damage is skipped.
   @Test(arguments: [EIO, ENOSPC])
   func transientReadErrorWhileDroppingASubtree(errno: Int32) throws {
-    let options = stressOptions(clock: SimulatedClock())
-    let storage = SimulatedStorage(seed: 1)
-    let created = try StrataImage.create(storage: storage, virtualSize: 4 << 20, options: options)
+    let (storage, created, options) = try simulatedImage()
     try created.write([UInt8](repeating: 0xA1, count: 1 << 20), at: 1 << 20)  // a whole leaf node
     try created.close()
     storage.reopen()
