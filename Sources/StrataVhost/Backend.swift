@@ -378,44 +378,7 @@ final class VhostBlkBackend {
         let driverEvent = memory.user(a.availUser, length: PackedQueue.eventBytes),
         let deviceEvent = memory.user(a.usedUser, length: PackedQueue.eventBytes)
       else { throw VhostError.invalid("queue \(i): ring addresses lie outside guest memory") }
-      var inflight: PackedInflightRing?
-      if tracksInflight {
-        if let region = r.packedInflight {
-          guard r.size <= region.descNum else {
-            throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(region.descNum)")
-          }
-          if r.inflightCheckPending {
-            let recovery = region.recover(ringSize: r.size, ring: ring, base: r.base)
-            if let refused = recovery.refused {
-              logger.error("queue \(i): its inflight region makes no sense (\(refused)); reset, nothing resubmitted")
-            }
-            if let base = recovery.base {
-              var notes = ""
-              if recovery.committedLastBatch { notes += ", last used buffer committed" }
-              if recovery.rolledBack { notes += ", last used buffer rolled back" }
-              let what =
-                "\(recovery.resubmitted) request(s) to resubmit, base 0x\(String(base, radix: 16)) (SET_VRING_BASE said 0x\(String(r.base, radix: 16)))"
-              let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
-              logger.log(level: level, "queue \(i) resumes from its inflight region: \(what)\(notes)")
-              r.base = base
-            }
-            r.inflightCheckPending = false
-          } else {
-            let (base, reinitialized) = region.attach(ringSize: r.size, base: r.base)
-            if reinitialized {
-              logger.warning("queue \(i): its size changed with requests still to resubmit; they are dropped")
-            } else if base != r.base {
-              logger.info(
-                "queue \(i) keeps its inflight region's position 0x\(String(base, radix: 16)), not 0x\(String(r.base, radix: 16))"
-              )
-            }
-            r.base = base
-          }
-          inflight = region
-        } else {
-          logger.warning("queue \(i) starts without inflight tracking: no packed inflight area covers it")
-        }
-      }
+      let inflight = tracksInflight ? try packedInflight(i, &r, ring: ring) : nil
       let queue = PackedQueue(
         size: r.size, ring: ring, driverEvent: driverEvent, deviceEvent: deviceEvent, base: r.base,
         eventIdx: features & VirtioFeature.eventIdx != 0, indirect: features & VirtioFeature.indirectDesc != 0,
@@ -427,38 +390,78 @@ final class VhostBlkBackend {
       let avail = memory.user(a.availUser, length: SplitQueue.availBytes(r.size)),
       let used = memory.user(a.usedUser, length: SplitQueue.usedBytes(r.size))
     else { throw VhostError.invalid("queue \(i): ring addresses lie outside guest memory") }
-    var inflight: InflightRing?
-    if tracksInflight {
-      if let ring = r.inflight {
-        guard r.size <= ring.descNum else {
-          throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(ring.descNum)")
-        }
-        if r.inflightCheckPending {
-          let usedIdx = UInt16(littleEndian: strata_load_acquire_u16((used + 2).assumingMemoryBound(to: UInt16.self)))
-          let recovery = ring.recover(ringSize: r.size, usedIdx: usedIdx)
-          if let base = recovery.base {
-            var notes = ""
-            if recovery.repairedLastBatch { notes += ", last used entry repaired" }
-            if recovery.discarded > 0 { notes += ", \(recovery.discarded) bogus mark(s) cleared" }
-            let what =
-              "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
-            let level: Logger.Level = UInt32(base) != r.base || !notes.isEmpty ? .info : .debug
-            logger.log(
-              level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
-            r.base = UInt32(base)
-          }
-          r.inflightCheckPending = false
-        }
-        inflight = ring
-      } else {
-        logger.warning("queue \(i) starts without inflight tracking: no split inflight area covers it")
-      }
-    }
+    let inflight = tracksInflight ? try splitInflight(i, &r, used: used) : nil
     let queue = SplitQueue(
       size: r.size, desc: desc, avail: avail, used: used, base: UInt16(truncatingIfNeeded: r.base),
       eventIdx: features & VirtioFeature.eventIdx != 0,
       indirect: features & VirtioFeature.indirectDesc != 0, maxSegments: Self.segMax + 2, inflight: inflight)
     start(i, &r, .split(queue), memory)
+  }
+
+  /// Queue `i`'s packed inflight region, recovered when the ring starts after SET_VRING_KICK
+  /// or a new area (its position then replaces SET_VRING_BASE's), attached otherwise.
+  private func packedInflight(_ i: Int, _ r: inout Ring, ring: UnsafeMutableRawPointer) throws -> PackedInflightRing? {
+    guard let region = r.packedInflight else {
+      logger.warning("queue \(i) starts without inflight tracking: no packed inflight area covers it")
+      return nil
+    }
+    guard r.size <= region.descNum else {
+      throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(region.descNum)")
+    }
+    guard r.inflightCheckPending else {
+      let (base, reinitialized) = region.attach(ringSize: r.size, base: r.base)
+      if reinitialized {
+        logger.warning("queue \(i): its size changed with requests still to resubmit; they are dropped")
+      } else if base != r.base {
+        logger.info(
+          "queue \(i) keeps its inflight region's position 0x\(String(base, radix: 16)), not 0x\(String(r.base, radix: 16))"
+        )
+      }
+      r.base = base
+      return region
+    }
+    let recovery = region.recover(ringSize: r.size, ring: ring, base: r.base)
+    if let refused = recovery.refused {
+      logger.error("queue \(i): its inflight region makes no sense (\(refused)); reset, nothing resubmitted")
+    }
+    if let base = recovery.base {
+      var notes = ""
+      if recovery.committedLastBatch { notes += ", last used buffer committed" }
+      if recovery.rolledBack { notes += ", last used buffer rolled back" }
+      let what =
+        "\(recovery.resubmitted) request(s) to resubmit, base 0x\(String(base, radix: 16)) (SET_VRING_BASE said 0x\(String(r.base, radix: 16)))"
+      let level: Logger.Level = base != r.base || !notes.isEmpty ? .info : .debug
+      logger.log(level: level, "queue \(i) resumes from its inflight region: \(what)\(notes)")
+      r.base = base
+    }
+    r.inflightCheckPending = false
+    return region
+  }
+
+  /// Queue `i`'s split inflight region, recovered (with the used index in guest memory) when the
+  /// ring starts after SET_VRING_KICK or a new area.
+  private func splitInflight(_ i: Int, _ r: inout Ring, used: UnsafeMutableRawPointer) throws -> InflightRing? {
+    guard let ring = r.inflight else {
+      logger.warning("queue \(i) starts without inflight tracking: no split inflight area covers it")
+      return nil
+    }
+    guard r.size <= ring.descNum else {
+      throw VhostError.invalid("queue \(i): \(r.size) entries, but its inflight region has \(ring.descNum)")
+    }
+    guard r.inflightCheckPending else { return ring }
+    let usedIdx = UInt16(littleEndian: strata_load_acquire_u16((used + 2).assumingMemoryBound(to: UInt16.self)))
+    let recovery = ring.recover(ringSize: r.size, usedIdx: usedIdx)
+    if let base = recovery.base {
+      var notes = ""
+      if recovery.repairedLastBatch { notes += ", last used entry repaired" }
+      if recovery.discarded > 0 { notes += ", \(recovery.discarded) bogus mark(s) cleared" }
+      let what = "\(recovery.resubmitted) request(s) to resubmit, next avail \(base) (SET_VRING_BASE said \(r.base))"
+      let level: Logger.Level = UInt32(base) != r.base || !notes.isEmpty ? .info : .debug
+      logger.log(level: level, "queue \(i) resumes from its inflight region: used index \(usedIdx), \(what)\(notes)")
+      r.base = UInt32(base)
+    }
+    r.inflightCheckPending = false
+    return ring
   }
 
   private func start(_ i: Int, _ r: inout Ring, _ queue: DeviceQueue, _ memory: GuestMemory) {
