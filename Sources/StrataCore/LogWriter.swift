@@ -382,6 +382,45 @@ final class LogWriter {
     needsSync = true
   }
 
+  /// What a thread writes out of the log buffer outside the image lock (see `beginWriteOut`).
+  struct WriteOut {
+    /// The pages this write-out took, and where they go; nil when there were none.
+    var pages: (bytes: UnsafeRawBufferPointer, offset: UInt64, number: UInt64)?
+    /// Write-outs to wait for: every one begun so far, which hold the records appended before.
+    var through: UInt64
+    /// Writes of the log through the storage (threshold write-outs, seals) to wait for.
+    var storageMark: UInt64
+  }
+
+  /// The first half of a write-out whose write runs on the calling thread outside the image
+  /// lock, so that threads sharing the image do not take turns on the lock while the disk
+  /// works: closes the open record and marks the pages not yet written as written. The caller
+  /// writes `pages` (straight from the buffer: the pages below `tailPage` never change, and a
+  /// seal waits for the write before the buffer can be reused), calls `outside.endWriteOut`,
+  /// then waits for `through` and `storageMark`. A failed write is written again by the next
+  /// flush, as a failed group sync is.
+  func beginWriteOut() throws -> WriteOut {
+    try checkUsable()
+    closeRecord()
+    do {
+      try writePreviousAgain()
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+    var pages: (bytes: UnsafeRawBufferPointer, offset: UInt64, number: UInt64)?
+    if pendingPages > 0 {
+      let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
+      let bytes = UnsafeRawBufferPointer(
+        rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
+      try preallocate(through: offset + UInt64(bytes.count))
+      writtenPages = tailPage
+      needsSync = true
+      pages = (bytes, offset, outside.beginWriteOut())
+    }
+    return WriteOut(pages: pages, through: outside.lastWriteOut, storageMark: storage.writeMark)
+  }
+
   /// After a failed write or sync: the unsynced pages of the segment sealed last, again.
   private func writePreviousAgain() throws {
     guard rewritePrevious, let p = previous else { return }
@@ -429,8 +468,8 @@ final class LogWriter {
     var offset: UInt64
   }
 
-  /// Group-commit writes and syncs in progress outside the image lock; `flush` waits for them.
-  let outside = OutsideSyncs()
+  /// Group-commit syncs and write-outs in progress outside the image lock; `flush` waits for them.
+  let outside = OutsideIO()
 
   /// The first half of a flush whose write and fdatasync run on another thread, outside the
   /// image lock: closes the open record, completes earlier write-outs, and copies the pages
@@ -439,6 +478,9 @@ final class LogWriter {
   /// seals may happen meanwhile: they lie past the ticket (a copy, so the buffer may even be
   /// reused by a seal).
   func beginSync() throws -> SyncTicket {
+    // The sync must cover the write-outs still running, and `markFlushPoint` may rewrite a
+    // page one of them is writing.
+    if outside.waitIdle() { rewindAfterFailedWrite() }
     try checkUsable()
     do {
       try markFlushPoint()
@@ -529,45 +571,94 @@ final class LogWriter {
   }
 }
 
-/// Counts group-commit writes and syncs running outside the image lock and remembers whether
-/// one failed, so that a flush under the lock neither overtakes them nor trusts their pages.
-final class OutsideSyncs: @unchecked Sendable {
+/// Counts the log writes and syncs running outside the image lock (group-commit syncs, and
+/// write-outs by threads that share the image) and remembers whether one failed, so that a flush
+/// under the lock neither overtakes them nor trusts their pages. Write-outs are numbered in the
+/// order they begin (under the image lock), so a thread can wait for those covering its records.
+final class OutsideIO: @unchecked Sendable {
   private let mutex: UnsafeMutablePointer<pthread_mutex_t> = .allocate(capacity: 1)
-  private let idle: UnsafeMutablePointer<pthread_cond_t> = .allocate(capacity: 1)
+  private let changed: UnsafeMutablePointer<pthread_cond_t> = .allocate(capacity: 1)
   private var running = 0
   private var failed = false
+  /// Write-outs begun so far; every one up to `endedThrough` has ended.
+  private var begunWriteOuts: UInt64 = 0
+  private var endedThrough: UInt64 = 0
+  /// Write-outs that ended out of order, above `endedThrough` (at most one per thread).
+  private var endedAhead: [UInt64] = []
 
   init() {
     pthread_mutex_init(mutex, nil)
-    pthread_cond_init(idle, nil)
+    pthread_cond_init(changed, nil)
+    endedAhead.reserveCapacity(16)
   }
 
   deinit {
-    pthread_cond_destroy(idle)
+    pthread_cond_destroy(changed)
     pthread_mutex_destroy(mutex)
-    idle.deallocate()
+    changed.deallocate()
     mutex.deallocate()
   }
 
-  func enter() {
+  private func locked<T>(_ body: () -> T) -> T {
     pthread_mutex_lock(mutex)
-    running += 1
-    pthread_mutex_unlock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    return body()
   }
 
+  /// A group-commit sync starts.
+  func enter() {
+    locked { running += 1 }
+  }
+
+  /// A group-commit sync ended.
   func leave(failed: Bool) {
+    locked {
+      running -= 1
+      self.failed = self.failed || failed
+      pthread_cond_broadcast(changed)
+    }
+  }
+
+  /// A write-out starts (under the image lock); returns its number.
+  func beginWriteOut() -> UInt64 {
+    locked {
+      running += 1
+      begunWriteOuts += 1
+      return begunWriteOuts
+    }
+  }
+
+  /// The number of the last write-out begun: waiting through it covers every record written
+  /// out so far.
+  var lastWriteOut: UInt64 { locked { begunWriteOuts } }
+
+  func endWriteOut(_ number: UInt64, failed: Bool) {
+    locked {
+      precondition(number > endedThrough && number <= begunWriteOuts, "write-out \(number) ended twice")
+      running -= 1
+      self.failed = self.failed || failed
+      endedAhead.append(number)
+      while let i = endedAhead.firstIndex(of: endedThrough + 1) {
+        endedAhead.remove(at: i)
+        endedThrough += 1
+      }
+      pthread_cond_broadcast(changed)
+    }
+  }
+
+  /// Waits until every write-out up to `number` ended (not the image lock: those running
+  /// never need it).
+  func waitWriteOuts(through number: UInt64) {
     pthread_mutex_lock(mutex)
-    running -= 1
-    self.failed = self.failed || failed
-    pthread_cond_broadcast(idle)
-    pthread_mutex_unlock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    while endedThrough < number { pthread_cond_wait(changed, mutex) }
   }
 
   /// Waits until none runs; true (once) if one failed since the last call.
   func waitIdle() -> Bool {
     pthread_mutex_lock(mutex)
     defer { pthread_mutex_unlock(mutex) }
-    while running > 0 { pthread_cond_wait(idle, mutex) }
+    while running > 0 { pthread_cond_wait(changed, mutex) }
     defer { failed = false }
     return failed
   }

@@ -18,12 +18,44 @@ public final class SharedImage: @unchecked Sendable {
     try mutex.with { try body(image) }
   }
 
-  /// `StrataImage.writeOutLog` for a thread sharing the image: the writes start under the lock
-  /// and are waited for outside it, so the other threads' requests go on meanwhile (two
-  /// queues each waiting for its own write under the lock ran one at a time).
+  /// The storage's write callable from any thread, fetched once under the lock (`.some(nil)`:
+  /// the storage has none, and write-outs run under the lock).
+  private var anyThreadIO: AnyThreadIO??
+
+  /// `StrataImage.writeOutLog` for a thread sharing the image: the pages are taken under the
+  /// lock and written outside it, and the wait for earlier write-outs holding this thread's
+  /// records is outside it too, so the other threads' requests go on meanwhile (two queues
+  /// each writing under the lock ran one at a time).
   public func writeOutLog() throws {
-    let (mark, event) = try with { image in (try image.startLogWriteOut(), image.storage.completionFD) }
-    guard let event else { return try with { try $0.storage.completeWrites(through: mark) } }
+    let step = try with { image -> (LogWriter, LogWriter.WriteOut, AnyThreadIO)? in
+      try image.checkOpen()
+      if anyThreadIO == nil { anyThreadIO = .some(image.storage.anyThreadIO) }
+      guard let writer = image.writer, let io = anyThreadIO ?? nil else { return nil }
+      var writeOut = try writer.beginWriteOut()
+      if !image.storage.writesInFlight(through: writeOut.storageMark) { writeOut.storageMark = 0 }
+      return (writer, writeOut, io)
+    }
+    guard let (writer, writeOut, io) = step else { return try writeOutUnderLock() }
+    var failure: (any Error)?
+    if let pages = writeOut.pages {
+      do { try io.write(pages.bytes, pages.offset) } catch { failure = error }
+      writer.outside.endWriteOut(pages.number, failed: failure != nil)
+    }
+    writer.outside.waitWriteOuts(through: writeOut.through)
+    if let failure { throw failure }
+    if writeOut.storageMark > 0 { try waitForStorageWrites(through: writeOut.storageMark) }
+  }
+
+  /// `writeOutLog` for a storage without an any-thread write: the writes start under the lock
+  /// and are waited for outside it.
+  private func writeOutUnderLock() throws {
+    try waitForStorageWrites(through: try with { try $0.startLogWriteOut() })
+  }
+
+  private func waitForStorageWrites(through mark: UInt64) throws {
+    guard let event = with({ $0.storage.completionFD }) else {
+      return try with { try $0.storage.completeWrites(through: mark) }
+    }
     while try !with({ try $0.storage.writesComplete(through: mark) }) {
       var p = pollfd(fd: event, events: Int16(POLLIN), revents: 0)
       _ = poll(&p, 1, 10)  // bounded: a wake-up is a hint, the check above decides

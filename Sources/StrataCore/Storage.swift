@@ -48,6 +48,9 @@ public protocol ImageStorage: AnyObject {
   /// A descriptor that becomes readable when a submitted write completes, so a thread can wait
   /// for `writesComplete` without holding the image lock; nil when the storage has none.
   var completionFD: Int32? { get }
+  /// Whether writes submitted up to `mark` may still be in flight, without a system call
+  /// (false lets a caller skip `writesComplete`; a failed write still surfaces at the next wait).
+  func writesInFlight(through mark: UInt64) -> Bool
 }
 
 extension ImageStorage {
@@ -57,6 +60,7 @@ extension ImageStorage {
   }
 
   public var completionFD: Int32? { nil }
+  public func writesInFlight(through mark: UInt64) -> Bool { true }
 }
 
 /// A synchronous write and an fdatasync callable from any thread (see `anyThreadIO`). The sync
@@ -285,7 +289,7 @@ public final class FileStorage: ImageStorage {
   }
 
   public func completeWrites(through mark: UInt64) throws {
-    while inFlightMarks.contains(where: { $0 != 0 && $0 <= mark }) { try reapOne(waitingFor: nil) }
+    while writesInFlight(through: mark) { try reapOne(waitingFor: nil) }
     if let e = writeError {
       writeError = nil
       throw e
@@ -293,6 +297,10 @@ public final class FileStorage: ImageStorage {
   }
 
   public var completionFD: Int32? { completionEvent >= 0 ? completionEvent : nil }
+
+  public func writesInFlight(through mark: UInt64) -> Bool {
+    inFlightMarks.contains { $0 != 0 && $0 <= mark }
+  }
 
   public func writesComplete(through mark: UInt64) throws -> Bool {
     // Reset first: a completion from here on signals the descriptor again.
@@ -303,7 +311,7 @@ public final class FileStorage: ImageStorage {
       var one: UInt64 = 1
       _ = Glibc.write(completionEvent, &one, 8)
     }
-    guard !inFlightMarks.contains(where: { $0 != 0 && $0 <= mark }) else { return false }
+    guard !writesInFlight(through: mark) else { return false }
     try completeWrites(through: mark)  // reports a failed write
     return true
   }

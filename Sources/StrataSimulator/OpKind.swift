@@ -5,6 +5,9 @@ enum OpKind: CaseIterable {
   /// A write or a snapshot made durable through group commit (`SharedImage.durably`): the
   /// write and the fdatasync run outside the image lock (`AnyThreadIO`).
   case groupCommit
+  /// A write a server acknowledges: appended, then handed to the file by
+  /// `SharedImage.writeOutLog`, whose write runs outside the image lock (`AnyThreadIO`).
+  case writeOut
   case snapshot, deleteSnapshot, snapshotRead
   /// `restore(snapshot:)` and `restore(toSeq:)` to a flush point the timeline lists.
   case restoreSnapshot, restorePoint
@@ -30,6 +33,7 @@ enum OpKind: CaseIterable {
     case .writeZeroes: 50
     case .flush: 140
     case .groupCommit: 20
+    case .writeOut: 30
     case .snapshot: 40
     case .deleteSnapshot: 20
     case .snapshotRead: 30

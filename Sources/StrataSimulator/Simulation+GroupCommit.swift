@@ -11,22 +11,15 @@ import StrataSimulation
 ///
 /// What one thread cannot do: append while the sync runs outside the lock. An append may seal
 /// the segment or write a checkpoint, and both wait under the lock for the outside sync to end
-/// (`OutsideSyncs.waitIdle`), which on one thread never happens. Interleaving appends
+/// (`OutsideIO.waitIdle`), which on one thread never happens. Interleaving appends
 /// deterministically needs a scheduler that runs the image's threads one at a time and knows
 /// when one blocks; the threaded tests (Tests/StrataCoreTests) cover that path without a model.
 extension Simulation {
   func groupCommit() throws {
     let shared = SharedImage(current)
     var windowFailure: SimulationFailure?
-    storage.offersAnyThreadIO = true
-    storage.beforeAnyThreadIO = { [unowned self] op in
-      guard windowFailure == nil, !self.storage.isPoweredOff, self.rng.chance(0.5) else { return }
-      windowFailure = self.readOutsideTheLock(shared, before: op)
-    }
-    defer {
-      storage.offersAnyThreadIO = false
-      storage.beforeAnyThreadIO = nil
-    }
+    offerAnyThreadIO(shared, during: "the group sync") { windowFailure = $0 }
+    defer { withdrawAnyThreadIO() }
     let outcome: Outcome
     if rng.chance(0.7) {
       let (offset, count) = range(length: work.length())
@@ -60,14 +53,56 @@ extension Simulation {
     recordFlushPoint()
   }
 
-  /// A read of the head while the group-commit leader writes or syncs outside the image lock,
-  /// compared with the model (injected faults held back: a failure here could not be reported
-  /// through the leader). Returns the failure, if any.
-  private func readOutsideTheLock(_ shared: SharedImage, before op: SimulatedStorage.Operation)
+  /// A write as `strata serve` acknowledges it: appended, then written out through
+  /// `SharedImage.writeOutLog`, which writes the pages outside the image lock. Not durable (a
+  /// power loss may take it); a failed write-out is written again by the next flush.
+  func writeOut() throws {
+    let shared = SharedImage(current)
+    var windowFailure: SimulationFailure?
+    offerAnyThreadIO(shared, during: "the write-out") { windowFailure = $0 }
+    defer { withdrawAnyThreadIO() }
+    let (offset, count) = range(length: work.length())
+    let data = work.data(count: count, at: offset)
+    let outcome = try mutate("write \(offset)+\(count), written out", blocks: DiskModel.blocks(offset, UInt64(count))) {
+      $0.write(data, at: offset)
+    } call: {
+      try shared.with { try $0.write(data, at: offset) }
+      try shared.writeOutLog()
+    }
+    if let windowFailure { throw windowFailure }
+    if outcome == .done { counts.writeOuts += 1 }
+  }
+
+  /// Lets the storage offer `anyThreadIO` for one call; half the time, before each of its
+  /// writes and syncs, the head is read through `shared` as another thread may meanwhile (the
+  /// first failure goes to `report`).
+  private func offerAnyThreadIO(
+    _ shared: SharedImage, during: String, report: @escaping (SimulationFailure) -> Void
+  ) {
+    var failed = false
+    storage.offersAnyThreadIO = true
+    storage.beforeAnyThreadIO = { [unowned self] op in
+      guard !failed, !self.storage.isPoweredOff, self.rng.chance(0.5) else { return }
+      if let failure = self.readOutsideTheLock(shared, during: during, before: op) {
+        failed = true
+        report(failure)
+      }
+    }
+  }
+
+  private func withdrawAnyThreadIO() {
+    storage.offersAnyThreadIO = false
+    storage.beforeAnyThreadIO = nil
+  }
+
+  /// A read of the head while a write or sync runs outside the image lock, compared with the
+  /// model (injected faults held back: a failure here could not be reported through the
+  /// call). Returns the failure, if any.
+  private func readOutsideTheLock(_ shared: SharedImage, during: String, before op: SimulatedStorage.Operation)
     -> SimulationFailure?
   {
     let (offset, count) = range(length: work.length())
-    let what = "read \(offset)+\(count) during the group sync (before its \(op))"
+    let what = "read \(offset)+\(count) during \(during) (before its \(op))"
     log.note(what)
     let armed = storage.faults
     storage.faults = []

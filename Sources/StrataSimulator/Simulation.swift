@@ -55,6 +55,8 @@ public struct SimulationStats: Sendable, Equatable {
   public var pointRestores = 0
   /// Flushes that went through group commit (`SharedImage.durably`), of `flushes`.
   public var groupCommits = 0
+  /// Writes handed to the file outside the image lock (`SharedImage.writeOutLog`).
+  public var writeOuts = 0
   /// External clones made (each a child on real files with its own workload), and the crashes
   /// they went through.
   public var clones = 0
@@ -79,6 +81,7 @@ public struct SimulationStats: Sendable, Equatable {
     a.restores += b.restores
     a.pointRestores += b.pointRestores
     a.groupCommits += b.groupCommits
+    a.writeOuts += b.writeOuts
     a.clones += b.clones
     a.cloneCrashes += b.cloneCrashes
     a.compactions += b.compactions
@@ -245,6 +248,8 @@ public final class Simulation {
       }
     case .groupCommit:
       try groupCommit()
+    case .writeOut:
+      try writeOut()
     case .snapshot:  // deleting one first when there are enough
       if model.snapshots.count >= config.maxSnapshots, let victim = rng.element(of: model.order) {
         try deleteSnapshot(victim)

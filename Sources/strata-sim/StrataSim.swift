@@ -132,7 +132,8 @@ struct StrataSim: ParsableCommand {
   private func summary(_ s: SimulationStats) -> String {
     "\(s.operations) ops, \(s.crashPoints) crash points (\(s.midOperationCrashes) inside an operation), "
       + "\(s.faultsInjected) faults injected (\(s.failedCalls) failed calls, \(s.refusals) refusals), "
-      + "\(s.flushes) flushes (\(s.groupCommits) group commits), \(s.snapshotsCreated) snapshots, "
+      + "\(s.flushes) flushes (\(s.groupCommits) group commits), \(s.writeOuts) write-outs, "
+      + "\(s.snapshotsCreated) snapshots, "
       + "\(s.restores) restores (\(s.pointRestores) to flush points), \(s.reopens) reopens, \(s.clones) clones (\(s.cloneCrashes) crashes), "
       + "\(s.compactions) compactions (\(s.segmentsFreed) segments freed), "
       + "digest \(String(s.digest, radix: 16))"

@@ -1,4 +1,5 @@
 import CStrataLinux
+import Dispatch
 import Glibc
 import StrataSimulation
 import Testing
@@ -299,6 +300,133 @@ private func reapAll(_ queue: ImageQueue, _ count: Int) throws -> [UInt64] {
   threads.forEach { $0.stop() }
   #expect(failures.all.isEmpty, "\(failures.all)")
   try shared.with { try $0.close() }
+}
+
+/// A write-out may hold another thread's records: thread A's write-out takes the pages of a
+/// write B appended before, so B's `writeOutLog`, finding nothing left to write, must not return
+/// before A's write is done (B acknowledges its request then; a kill before A's write would lose
+/// it). A's write is held at the storage until B has been waiting for a while.
+@Test func writeOutLogWaitsForTheWriteOutHoldingItsRecords() throws {
+  let storage = SimulatedStorage(seed: 1)
+  storage.offersAnyThreadIO = true
+  let image = try StrataImage.create(storage: storage, virtualSize: 4 << 20)
+  let shared = SharedImage(image)
+  let bs = image.blockSize
+  let aWriting = DispatchSemaphore(value: 0)
+  let releaseA = DispatchSemaphore(value: 0)
+  let held = Failures()  // counts the writes held (one)
+  storage.beforeAnyThreadIO = { op in
+    guard op == .write, held.all.isEmpty else { return }
+    held.add("A's write")
+    aWriting.signal()
+    releaseA.wait()
+  }
+  try shared.with {
+    try $0.write(pattern(block: 1, version: 1, blockSize: bs), at: UInt64(bs))  // B's
+    try $0.write(pattern(block: 2, version: 1, blockSize: bs), at: UInt64(2 * bs))  // A's
+  }
+  let failures = Failures()
+  let bReturned = Failures()
+  let a = WorkerThread { _ in
+    do { try shared.writeOutLog() } catch { failures.add("A: \(error)") }
+  }
+  let b = WorkerThread { _ in
+    do { try shared.writeOutLog() } catch { failures.add("B: \(error)") }
+    bReturned.add("B")
+  }
+  a.start()
+  aWriting.wait()
+  b.start()
+  usleep(200_000)
+  #expect(bReturned.all.isEmpty, "B returned while the write holding its record was still running")
+  releaseA.signal()
+  a.stop()
+  b.stop()
+  #expect(bReturned.all == ["B"])
+  #expect(failures.all.isEmpty, "\(failures.all)")
+  #expect(try shared.with { try $0.read(at: UInt64(bs), count: bs) } == pattern(block: 1, version: 1, blockSize: bs))
+  try shared.with { try $0.close() }
+}
+
+/// Three threads write and write the log out (outside the image lock, each write-out possibly
+/// holding another thread's records) while a fourth takes snapshots through group commit and
+/// flushes, over 1 MiB segments so that seals fall between a write-out's start and its end. An
+/// image opened from the file alone before the writer closes (as after a kill) holds every
+/// thread's last version of every block, and so does the image reopened after the close.
+@Test func writeOutsOutsideTheLockSurviveSealsAndGroupSyncs() throws {
+  var create = ImageOptions()
+  create.segmentSize = 1 << 20
+  let (path, img) = try createImage("seals.strata", virtualSize: 4 << 20, options: create)
+  let bs = img.blockSize
+  let shared = SharedImage(img)
+  let failures = Failures()
+  let latest = (0..<3).map { _ in LatestVersions() }
+  let writers = (0..<3).map { t in
+    WorkerThread { _ in
+      var random = SeededRandom(seed: UInt64(t + 1))
+      for step in 1...500 {
+        let block = t * 256 + Int(random.next() % 256)
+        let version = UInt8(truncatingIfNeeded: step)
+        do {
+          try shared.with {
+            try $0.write(pattern(block: block, version: version, blockSize: bs), at: UInt64(block * bs))
+          }
+          try shared.writeOutLog()
+          latest[t].set(block, version)
+        } catch {
+          failures.add("thread \(t): \(error)")
+        }
+      }
+    }
+  }
+  let syncer = WorkerThread { stopFd in
+    var n = 0
+    var stop = pollfd(fd: stopFd, events: Int16(POLLIN), revents: 0)
+    while poll(&stop, 1, 0) == 0 {
+      n += 1
+      do {
+        if n % 2 == 0 {
+          _ = try shared.durably { try $0.createSnapshot(name: "s\(n)") }
+        } else {
+          try shared.with { try $0.flush() }
+        }
+      } catch {
+        failures.add("syncer: \(error)")
+      }
+    }
+  }
+  syncer.start()
+  writers.forEach { $0.start() }
+  writers.forEach { $0.stop() }
+  syncer.stop()
+  #expect(failures.all.isEmpty, "\(failures.all)")
+
+  func expectLatest(_ image: StrataImage, _ when: String) throws {
+    for t in 0..<3 {
+      for (block, version) in latest[t].all {
+        let got = try image.read(at: UInt64(block * bs), count: bs)
+        #expect(got == pattern(block: block, version: version, blockSize: bs), "\(when): block \(block)")
+      }
+    }
+  }
+  var options = ImageOptions()
+  options.readOnly = true
+  options.unlocked = true
+  let killed = try StrataImage.open(path: path, options: options)
+  try expectLatest(killed, "read from the file before the close")
+  try killed.close()
+  try shared.with { try $0.close() }
+  let reopened = try StrataImage.open(path: path)
+  try expectLatest(reopened, "reopened")
+  try reopened.close()
+}
+
+/// The last version each block got, written by one thread and read after it stopped.
+private final class LatestVersions: @unchecked Sendable {
+  private let lock = Lock()
+  private var versions: [Int: UInt8] = [:]
+  func set(_ block: Int, _ version: UInt8) { lock.with { versions[block] = version } }
+  var all: [(Int, UInt8)] { lock.with { versions.map { ($0.key, $0.value) } } }
 }
 
 /// Messages from worker threads, for the test's thread to check.
