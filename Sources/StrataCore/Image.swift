@@ -195,7 +195,7 @@ public final class StrataImage {
   /// being killed, though not a power loss, which is what `flush` is for. A server calls it
   /// before acknowledging writes.
   public func writeOutLog() throws {
-    try storage.completeWrites(through: try startLogWriteOut())
+    try completeLogWrites(through: try startLogWriteOut())
   }
 
   /// The first half of `writeOutLog`: starts the writes and returns the storage's write mark to
@@ -207,6 +207,16 @@ public final class StrataImage {
       try writer.writeOut()
     }
     return storage.writeMark
+  }
+
+  /// Waits for the log writes up to `mark`; through the writer, which writes a failed one again.
+  func completeLogWrites(through mark: UInt64) throws {
+    if let writer { try writer.completeWrites(through: mark) } else { try storage.completeWrites(through: mark) }
+  }
+
+  /// Whether the log writes up to `mark` completed (see `completeLogWrites`).
+  func logWritesComplete(through mark: UInt64) throws -> Bool {
+    if let writer { try writer.writesComplete(through: mark) } else { try storage.writesComplete(through: mark) }
   }
 
   /// Returns once every write, discard and snapshot before it is durable.

@@ -421,6 +421,30 @@ final class LogWriter {
     return WriteOut(pages: pages, through: outside.lastWriteOut, storageMark: storage.writeMark)
   }
 
+  /// Waits for the log writes submitted up to `mark` (`storage.writeMark` after a write-out).
+  /// A failed one is written again by the next write-out or flush: the error must pass
+  /// through here, or a later flush would count pages that never reached the file (strata-sim
+  /// seed 21022: a seal's write-out failed, the error surfaced in a server's wait for its
+  /// acknowledgement, and the next flush synced without the sealed segment's last pages).
+  func completeWrites(through mark: UInt64) throws {
+    do {
+      try storage.completeWrites(through: mark)
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+  }
+
+  /// `completeWrites(through:)` without waiting: whether they are complete.
+  func writesComplete(through mark: UInt64) throws -> Bool {
+    do {
+      return try storage.writesComplete(through: mark)
+    } catch {
+      rewindAfterFailedWrite()
+      throw error
+    }
+  }
+
   /// After a failed write or sync: the unsynced pages of the segment sealed last, again.
   private func writePreviousAgain() throws {
     guard rewritePrevious, let p = previous else { return }

@@ -54,9 +54,9 @@ public final class SharedImage: @unchecked Sendable {
 
   private func waitForStorageWrites(through mark: UInt64) throws {
     guard let event = with({ $0.storage.completionFD }) else {
-      return try with { try $0.storage.completeWrites(through: mark) }
+      return try with { try $0.completeLogWrites(through: mark) }
     }
-    while try !with({ try $0.storage.writesComplete(through: mark) }) {
+    while try !with({ try $0.logWritesComplete(through: mark) }) {
       var p = pollfd(fd: event, events: Int16(POLLIN), revents: 0)
       _ = poll(&p, 1, 10)  // bounded: a wake-up is a hint, the check above decides
     }

@@ -140,6 +140,32 @@ extension SimulatorFindingsTests {
       "what the image showed after a \(close ? "close" : "flush") was lost")
   }
 
+  /// strata-sim seed 21022: a log write-out failed, and the error surfaced where a server waits
+  /// for the write-out before acknowledging (`writeOutLog`), past the log writer, which then
+  /// took those pages for written: the next flush synced and succeeded without them, and a
+  /// power loss lost what it had acknowledged. The writer now learns of the failure and the
+  /// flush writes the pages again. Every path: the image's own, the shared image's through the
+  /// storage's queue, and the shared image's write outside the lock (`anyThreadIO`).
+  @Test(arguments: ["image", "shared", "shared, any thread"])
+  func aFailedWriteOutIsWrittenAgainByTheNextFlush(path: String) throws {
+    let (storage, image, options) = try simulatedImage()
+    storage.offersAnyThreadIO = path == "shared, any thread"
+    let data = [UInt8](repeating: 0x5A, count: 8192)
+    try image.write(data, at: 4096)
+    storage.failNext(.write)
+    #expect(throws: StrataError.self) {
+      if path == "image" { try image.writeOutLog() } else { try SharedImage(image).writeOutLog() }
+    }
+    // A later record, so that the flush has one to mark and does not rewrite the failed one.
+    try image.write([UInt8](repeating: 0x6B, count: 4096), at: 65536)
+    try image.flush()
+    storage.crash(mode: .dropUnsynced)
+    image.abandon()
+    let recovered = try StrataImage.open(storage: storage, options: options)
+    defer { recovered.abandon() }
+    #expect(try recovered.read(at: 4096, count: data.count) == data, "a flushed write was lost")
+  }
+
   /// Seed 21294 of the long run (3000 operations): a write-out's injected EIO surfaced only in
   /// the run's final flush, which the simulator took for a failure of the image instead of a
   /// fault to report and recover from (the next flush succeeds). The workload has changed since
