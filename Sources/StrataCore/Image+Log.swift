@@ -219,6 +219,13 @@ extension StrataImage {
       }
       current = next
     }
+    // A checkpoint is a point of its own. A SEAL is not, and is the last record only when the
+    // record after it was lost (the writer appends one with every seal).
+    let checkpoint = current.record.ops.contains {
+      if case .checkpoint = $0 { return true }
+      return false
+    }
+    replayedTailUnmarked = current.page != start.page && !checkpoint && !current.header.flags.contains(.flushPoint)
     let endPage: UInt64 =
       if case .seal(let next) = current.record.ops.last { geometry.firstPage(ofSegment: Int(next)) } else {
         current.endPage

@@ -35,6 +35,9 @@ public final class StrataImage {
   private(set) var writer: LogWriter?
   /// Where recovery found the log end; read-only opens report it (a writer moves on from it).
   var recoveredEnd = LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: 0)
+  /// The last record recovery replayed is a data record without `flush_point` (its writer
+  /// stopped before a flush marked it): the first flush makes a point (`markReplayedTail`).
+  var replayedTailUnmarked = false
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
   var isClosed = false
@@ -209,6 +212,23 @@ public final class StrataImage {
     return storage.writeMark
   }
 
+  /// The first flush after a recovery whose replayed tail ends without a flush point, before
+  /// anything new was appended, would otherwise mark nothing: that record is not in the
+  /// writer's buffer, and rewriting its header in place could tear a record that is already
+  /// durable. The state the guest flushed would then be missing from the timeline. A checkpoint
+  /// is a point (and flushes): written instead. True when it did. A flush that has appended
+  /// records to mark needs nothing more.
+  func markReplayedTail() throws -> Bool {
+    guard replayedTailUnmarked, let writer else { return false }
+    guard writer.appendedPages == 0 else {
+      replayedTailUnmarked = false
+      return false
+    }
+    try checkpoint()
+    replayedTailUnmarked = false
+    return true
+  }
+
   /// Waits for the log writes up to `mark`; through the writer, which writes a failed one again.
   func completeLogWrites(through mark: UInt64) throws {
     if let writer { try writer.completeWrites(through: mark) } else { try storage.completeWrites(through: mark) }
@@ -222,6 +242,7 @@ public final class StrataImage {
   /// Returns once every write, discard and snapshot before it is durable.
   public func flush() throws {
     try checkOpen()
+    if try markReplayedTail() { return }
     try writer?.flush()
   }
 

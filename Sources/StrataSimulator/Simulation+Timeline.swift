@@ -44,13 +44,12 @@ extension Simulation {
     else { return }
     let flushSeqs = Set(listed.filter { $0.kind != .snapshot }.map(\.seq))
     let candidates = flushPoints.filter { flushSeqs.contains($0.seq) }
-    if candidates.count < flushPoints.count {
-      // A flush right after a crash's recovery marks no flush point (the last replayed record
-      // carries no flag): the timeline does not list that seq, though it is restorable.
-      log.note(
-        "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"
-      )
-    }
+    // Every flush marks a point: after a view closed the open record (the flag is set on it),
+    // and right after a crash's recovery (a checkpoint, `markReplayedTail`).
+    try log.check(
+      candidates.count == flushPoints.count,
+      "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"
+    )
     guard let point = rng.element(of: candidates) else { return }
     if try restore("restore to seq \(point.seq)", to: point.disk, call: { try self.current.restore(toSeq: point.seq) })
     {

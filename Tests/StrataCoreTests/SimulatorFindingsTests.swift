@@ -231,6 +231,32 @@ extension SimulatorFindingsTests {
     #expect(try reopened.check().result == .clean)
   }
 
+  /// strata-sim seeds 13004, 13005, … (one in twenty, with the timeline check strict): a flush
+  /// right after a crash's recovery marked no flush point. The replayed tail's last record had
+  /// no flag and is not in the writer's buffer, so the flush wrote nothing, and the state it
+  /// made durable was missing from the timeline. It now writes a checkpoint, which is a point;
+  /// through `flush` and through group commit (a server's FLUSH) alike.
+  @Test(arguments: [false, true])
+  func aFlushRightAfterRecoveryMarksAFlushPoint(groupCommit: Bool) throws {
+    let (storage, image, options) = try simulatedImage()
+    try image.write([UInt8](repeating: 0x11, count: 4096), at: 0)
+    try image.flush()
+    let new = [UInt8](repeating: 0x22, count: 4096)
+    try image.write(new, at: 4096)
+    try image.writeOutLog()  // in the file, not flushed: the record has no flag
+    image.abandon()  // killed; the page cache keeps the write
+    let recovered = try StrataImage.open(storage: storage, options: options)
+    defer { recovered.abandon() }
+    if groupCommit { try SharedImage(recovered).durably { _ in } } else { try recovered.flush() }
+    let point = try recovered.info.nextSeq
+    #expect(try recovered.timeline().map(\.seq).contains(point), "the flushed state is not on the timeline")
+    #expect(try recovered.view(atSeq: point).read(at: 4096, count: 4096) == new)
+    // A flush after more writes marks their record as usual.
+    try recovered.write([UInt8](repeating: 0x33, count: 4096), at: 8192)
+    try recovered.flush()
+    #expect(try recovered.timeline().map(\.seq).contains(recovered.info.nextSeq))
+  }
+
   /// strata-sim seed 31073 (long run on the merged code): a shrink dropped whole map subtrees
   /// past the new end while an injected ENOSPC hit the read of one of their nodes. Dropping a
   /// subtree reads its nodes to release their pages; an unreadable node was taken for damage
