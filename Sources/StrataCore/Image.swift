@@ -148,7 +148,10 @@ public final class StrataImage {
       if changedSinceCheckpoint { try checkpoint() }
       // A close makes durable what the image shows, as a flush does: also a log tail recovery
       // replayed from the page cache when nothing was appended since (strata-sim seed 13037).
-      try flush()
+      // Unlike `flush` it writes no checkpoint for a replayed tail (`markReplayedTail`): a
+      // close after nothing but reads, or after a command refused a damaged image, leaves the
+      // file as it was.
+      try writer.flush()
       // Space allocated ahead of the log end holds nothing: give it back. The log may end in a
       // reused segment below the last one, which then bounds the file.
       let last = usage.segmentCount - 1

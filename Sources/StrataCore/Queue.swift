@@ -55,6 +55,10 @@ public final class ImageQueue {
   }
 
   private let image: StrataImage
+  /// The backing chain, parent first: a block the image never wrote is read from the first
+  /// layer that holds it, through the engine (file `index + 1`), as the image's own blocks are.
+  /// Parents are read-only, so their maps stay as they were planned.
+  private let layers: [(image: StrataImage, map: BlockMap, size: UInt64)]
   /// Set when the image is shared with other threads: held around every use of `image`.
   private let shared: SharedImage?
   private let engine: any IOEngine
@@ -111,11 +115,24 @@ public final class ImageQueue {
     self.depth = depth
     self.registered = registered
     let bs = image.blockSize
+    var layers: [(image: StrataImage, map: BlockMap, size: UInt64)] = []
+    var parentFiles: [FileStorage] = []
+    var next = image.backing
+    // Only a chain of files with this block size is planned here; any other layer is read
+    // through the image (`readMapped`), as before.
+    while let b = next, let parentFile = b.image.storage as? FileStorage, b.image.blockSize == bs {
+      layers.append((b.image, b.view?.view.map ?? b.image.map, b.size))
+      parentFiles.append(parentFile)
+      next = b.image.backing
+    }
+    self.layers = next == nil ? layers : []
+    if next != nil { parentFiles = [] }
     // A request becomes at most `maxPieces` engine reads (one per run of blocks contiguous in
     // the file); the rest of a more fragmented request is read synchronously.
     piecesPerRequest = max(1, min(Self.maxPieces, 4096 / depth))
     let choice = try file.makeEngine(
-      depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly)
+      depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly,
+      otherFiles: parentFiles)
     engine = choice.engine
     engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))"
     if let completionEventFD {
@@ -290,14 +307,18 @@ public final class ImageQueue {
       let block = position / UInt64(bs)
       let inBlock = Int(position % UInt64(bs))
       let n = min(bs - inBlock, count - done)
-      let entry = try map.entry(block)
+      var entry = try map.entry(block)
+      var file = 0
+      if entry.state == .unallocated && image.backing != nil {
+        (entry, file) = try backingEntry(block)
+      }
       let dest = base + done
-      if entry.state == .unallocated && image.backingImage != nil {
-        // The backing chain holds it: read it synchronously through the image.
+      if file < 0 {
+        // A layer the engine does not reach: read it synchronously through the image.
         try image.readMapped(map, into: UnsafeMutableRawBufferPointer(start: dest, count: n), at: position)
       } else if entry.state != .data {
         dest.initializeMemory(as: UInt8.self, repeating: 0, count: n)
-      } else if image.writer?.isPending(page: entry.page) ?? false
+      } else if file == 0 && image.writer?.isPending(page: entry.page) ?? false
         // O_DIRECT reads straight into the caller's memory need it aligned: an aligned buffer is
         // not enough when the read starts inside a block (NBD reads are byte-granular).
         || (n == bs && Int(bitPattern: dest) % Layout.pageSize != 0)
@@ -320,6 +341,7 @@ public final class ImageQueue {
           whole && pieces > 0
           && requests[pieces - 1].buffer.map { $0 + requests[pieces - 1].length == target } == true
           && requests[pieces - 1].offset + UInt64(requests[pieces - 1].length) == fileOffset
+          && requests[pieces - 1].file == UInt16(file)
         if extends {
           requests[pieces - 1].length += bs
           slots[s].pieceLengths[pieces - 1] += Int32(bs)
@@ -327,12 +349,29 @@ public final class ImageQueue {
           requests[pieces] = IORequest(
             opcode: .read, buffer: target, length: ppb * Layout.pageSize, offset: fileOffset,
             userData: UInt64(s) << 16 | UInt64(pieces), registeredBuffer: registeredIndex(target, bs))
+          requests[pieces].file = UInt16(file)
           slots[s].pieceLengths[pieces] = Int32(bs)
           pieces += 1
         }
       }
       done += n
     }
+  }
+
+  /// Where a block the image never wrote comes from: the entry of the first layer of the
+  /// backing chain that holds it and the engine file to read it from (zeros past a parent's end
+  /// or where no layer holds it), or file -1 when the engine cannot reach it (a parent of
+  /// another block size, or a block that crosses a parent's end).
+  private func backingEntry(_ block: UInt64) throws -> (MapEntry, Int) {
+    guard !layers.isEmpty else { return (.unallocated, -1) }
+    let bs = UInt64(image.blockSize)
+    for (i, layer) in layers.enumerated() {
+      guard block * bs < layer.size else { return (.unallocated, 0) }
+      guard (block + 1) * bs <= layer.size else { return (.unallocated, -1) }
+      let entry = try layer.map.entry(block)
+      if entry.state != .unallocated || layer.image.backing == nil { return (entry, i + 1) }
+    }
+    return (.unallocated, 0)
   }
 
   private func registeredIndex(_ p: UnsafeMutableRawPointer, _ length: Int) -> Int16 {

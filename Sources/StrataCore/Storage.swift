@@ -195,17 +195,19 @@ public final class FileStorage: ImageStorage {
   }
 
   /// A second engine on the same file for a high-queue-depth queue (one engine per thread).
-  /// `registered` memory is registered with io_uring so requests into it skip page pinning.
+  /// `registered` memory is registered with io_uring so requests into it skip page pinning;
+  /// `otherFiles` are the engine's files 1, 2, ... (a clone's parents).
   public func makeEngine(
-    depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer], singleThread: Bool
+    depth: Int, kind: IOEngineKind?, registered: [UnsafeMutableRawBufferPointer], singleThread: Bool,
+    otherFiles: [FileStorage] = []
   )
     throws -> EngineChoice
   {
-    precondition(fd >= 0)
+    precondition(fd >= 0 && otherFiles.allSatisfy { $0.fd >= 0 })
     do {
       return try IOEngines.make(
-        fd: fd, depth: depth, requested: kind ?? requestedEngine, registeredBuffers: registered,
-        singleThread: singleThread)
+        fd: fd, otherFiles: otherFiles.map(\.fd), depth: depth, requested: kind ?? requestedEngine,
+        registeredBuffers: registered, singleThread: singleThread)
     } catch {
       throw StrataError.system(error.call, path, errno: error.errno)
     }

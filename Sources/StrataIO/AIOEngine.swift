@@ -12,7 +12,8 @@ public final class AIOEngine: IOEngine {
   public let kind = IOEngineKind.native
   public let depth: Int
   public private(set) var inFlight = 0
-  private let fd: Int32
+  /// The file it was made for, then `otherFiles` (`IORequest.file` indexes them).
+  private let files: [Int32]
   private var context: io_context_t?
   private let iocbs: UnsafeMutablePointer<iocb>
   private let batch: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
@@ -24,9 +25,9 @@ public final class AIOEngine: IOEngine {
   private var closed = false
   private var eventFD: Int32 = -1
 
-  public init(fd: Int32, depth: Int) throws(SystemError) {
+  public init(fd: Int32, otherFiles: [Int32] = [], depth: Int) throws(SystemError) {
     precondition(depth >= 1 && depth <= 4096)
-    self.fd = fd
+    files = [fd] + otherFiles
     self.depth = depth
     var ctx: io_context_t?
     let r = io_setup(Int32(depth), &ctx)
@@ -54,6 +55,8 @@ public final class AIOEngine: IOEngine {
     var queued = 0
     for request in requests {
       guard inFlight + queued < depth else { break }
+      precondition(Int(request.file) < files.count, "request for file \(request.file) of \(files.count)")
+      let fd = files[Int(request.file)]
       if request.opcode == .fsync {
         try flushBatch(&queued)
         let r = fdatasync(fd)

@@ -30,6 +30,9 @@ public struct IORequest {
   public var userData: UInt64
   /// Index of a buffer registered at engine creation that contains `buffer`, or -1.
   public var registeredBuffer: Int16
+  /// Which of the engine's files: 0 is the one it was made for, 1... its `otherFiles` (a
+  /// clone's queue reads its parents' files through the same ring).
+  public var file: UInt16 = 0
 
   public init(
     opcode: IOOpcode, buffer: UnsafeMutableRawPointer?, length: Int, offset: UInt64, userData: UInt64,
@@ -127,34 +130,37 @@ public enum IOEngines {
   /// Opens the best available engine for `fd`: io_uring unless the kernel refuses it, then
   /// native AIO, then synchronous I/O. `requested` forces one (and fails if it is unavailable).
   public static func make(
-    fd: Int32, depth: Int, requested: IOEngineKind? = nil, registeredBuffers: [UnsafeMutableRawBufferPointer] = [],
-    sqpoll: Bool = false, singleThread: Bool = false
+    fd: Int32, otherFiles: [Int32] = [], depth: Int, requested: IOEngineKind? = nil,
+    registeredBuffers: [UnsafeMutableRawBufferPointer] = [], sqpoll: Bool = false, singleThread: Bool = false
   ) throws(SystemError) -> EngineChoice {
     if let requested {
       let engine: any IOEngine =
         switch requested {
         case .ioUring:
           try URingEngine(
-            fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll, singleThread: singleThread)
-        case .native: try AIOEngine(fd: fd, depth: depth)
-        case .threads: SyncEngine(fd: fd, depth: depth)
+            fd: fd, otherFiles: otherFiles, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll,
+            singleThread: singleThread)
+        case .native: try AIOEngine(fd: fd, otherFiles: otherFiles, depth: depth)
+        case .threads: SyncEngine(fd: fd, otherFiles: otherFiles, depth: depth)
         }
       return EngineChoice(engine: engine, reason: "requested")
     }
     var reasons: [String] = []
     do {
       let e = try URingEngine(
-        fd: fd, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll, singleThread: singleThread)
+        fd: fd, otherFiles: otherFiles, depth: depth, registeredBuffers: registeredBuffers, sqpoll: sqpoll,
+        singleThread: singleThread)
       return EngineChoice(engine: e, reason: "io_uring is available")
     } catch {
       reasons.append("io_uring unavailable (\(error))")
     }
     do {
-      let e = try AIOEngine(fd: fd, depth: depth)
+      let e = try AIOEngine(fd: fd, otherFiles: otherFiles, depth: depth)
       return EngineChoice(engine: e, reason: reasons.joined(separator: "; "))
     } catch {
       reasons.append("native AIO unavailable (\(error))")
     }
-    return EngineChoice(engine: SyncEngine(fd: fd, depth: depth), reason: reasons.joined(separator: "; "))
+    return EngineChoice(
+      engine: SyncEngine(fd: fd, otherFiles: otherFiles, depth: depth), reason: reasons.joined(separator: "; "))
   }
 }

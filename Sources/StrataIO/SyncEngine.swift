@@ -9,12 +9,13 @@ public final class SyncEngine: IOEngine {
   public let kind = IOEngineKind.threads
   public let depth: Int
   public var inFlight: Int { ready.count }
-  private let fd: Int32
+  /// The file it was made for, then `otherFiles` (`IORequest.file` indexes them).
+  private let files: [Int32]
   private var ready: CompletionQueue
 
-  public init(fd: Int32, depth: Int) {
+  public init(fd: Int32, otherFiles: [Int32] = [], depth: Int) {
     precondition(depth >= 1)
-    self.fd = fd
+    files = [fd] + otherFiles
     self.depth = depth
     ready = CompletionQueue(capacity: depth)
   }
@@ -30,6 +31,8 @@ public final class SyncEngine: IOEngine {
   }
 
   private func perform(_ r: IORequest) -> Int32 {
+    precondition(Int(r.file) < files.count, "request for file \(r.file) of \(files.count)")
+    let fd = files[Int(r.file)]
     switch r.opcode {
     case .fsync:
       return fdatasync(fd) == 0 ? 0 : -errno

@@ -5,8 +5,8 @@ import CURing
   import Glibc
 #endif
 
-/// io_uring through liburing. The file is registered (index 0), so the kernel skips the file
-/// table lookup on every request; buffers given at creation are registered too, so reads and
+/// io_uring through liburing. The files are registered (the engine's own at index 0, then
+/// `otherFiles`), so the kernel skips the file table lookup on every request; buffers given at creation are registered too, so reads and
 /// writes into them skip page pinning. Completions already in the ring are taken without a
 /// system call.
 public final class URingEngine: IOEngine {
@@ -23,16 +23,19 @@ public final class URingEngine: IOEngine {
   /// so, and marks IORING_SQ_TASKRUN while any wait: a reap that does not wait must fetch them,
   /// or the eventfd stays silent for good.
   private var deferredCompletions = false
+  /// Registered files (`IORequest.file` indexes them).
+  private let fileCount: Int
 
   /// `singleThread`: the creating thread is the only one that will ever submit or reap, which
   /// lets the kernel deliver completions when that thread enters it instead of interrupting it
   /// (SINGLE_ISSUER + DEFER_TASKRUN, Linux 6.1+). Any other thread's submission then fails.
   public init(
-    fd: Int32, depth: Int, registeredBuffers: [UnsafeMutableRawBufferPointer] = [], sqpoll: Bool = false,
-    singleThread: Bool = false
+    fd: Int32, otherFiles: [Int32] = [], depth: Int, registeredBuffers: [UnsafeMutableRawBufferPointer] = [],
+    sqpoll: Bool = false, singleThread: Bool = false
   ) throws(SystemError) {
     precondition(depth >= 1 && depth <= 4096)
     self.depth = depth
+    fileCount = 1 + otherFiles.count
     ring = .allocate(capacity: 1)
     cqes = .allocate(capacity: depth)
     var params = io_uring_params()
@@ -55,8 +58,8 @@ public final class URingEngine: IOEngine {
       closed = true
       throw SystemError("io_uring_queue_init", errno: -r)
     }
-    var fds = [fd]
-    let rf = io_uring_register_files(ring, &fds, 1)
+    var fds = [fd] + otherFiles
+    let rf = io_uring_register_files(ring, &fds, UInt32(fds.count))
     if rf != 0 {
       io_uring_queue_exit(ring)
       closed = true
@@ -83,19 +86,21 @@ public final class URingEngine: IOEngine {
     var queued = 0
     for request in requests {
       guard inFlight + queued < depth, let sqe = io_uring_get_sqe(ring) else { break }
+      precondition(Int(request.file) < fileCount, "request for file \(request.file) of \(fileCount)")
+      let file = Int32(request.file)
       switch request.opcode {
       case .read where request.registeredBuffer >= 0:
         io_uring_prep_read_fixed(
-          sqe, 0, request.buffer, UInt32(request.length), request.offset, Int32(request.registeredBuffer))
+          sqe, file, request.buffer, UInt32(request.length), request.offset, Int32(request.registeredBuffer))
       case .read:
-        io_uring_prep_read(sqe, 0, request.buffer, UInt32(request.length), request.offset)
+        io_uring_prep_read(sqe, file, request.buffer, UInt32(request.length), request.offset)
       case .write where request.registeredBuffer >= 0:
         io_uring_prep_write_fixed(
-          sqe, 0, request.buffer, UInt32(request.length), request.offset, Int32(request.registeredBuffer))
+          sqe, file, request.buffer, UInt32(request.length), request.offset, Int32(request.registeredBuffer))
       case .write:
-        io_uring_prep_write(sqe, 0, request.buffer, UInt32(request.length), request.offset)
+        io_uring_prep_write(sqe, file, request.buffer, UInt32(request.length), request.offset)
       case .fsync:
-        io_uring_prep_fsync(sqe, 0, UInt32(IORING_FSYNC_DATASYNC))
+        io_uring_prep_fsync(sqe, file, UInt32(IORING_FSYNC_DATASYNC))
       }
       sqe.pointee.flags |= UInt8(1 << IOSQE_FIXED_FILE_BIT)
       sqe.pointee.user_data = request.userData
