@@ -178,7 +178,7 @@ struct FakeBackendTests {
     let expected: [R] =
       [
         .getFeatures, .getProtocolFeatures, .setProtocolFeatures, .getQueueNum, .getMaxMemSlots, .setOwner, .getConfig,
-        .getInflightFd, .setInflightFd, .setFeatures, .addMemReg,
+        .setFeatures, .getInflightFd, .setInflightFd, .addMemReg,
       ] + perQueue + perQueue + [.setVringEnable, .setVringEnable]
     let seen = fake.seen.withLock { $0 }
     #expect(seen.map(\.request) == expected.map(\.rawValue))
