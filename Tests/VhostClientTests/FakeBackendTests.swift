@@ -196,6 +196,29 @@ struct FakeBackendTests {
     #expect(seen.first { $0.request == R.addMemReg.rawValue }?.size == 40)
   }
 
+  /// The fake back-end offers no packed rings: a client that wants them stops right after
+  /// GET_FEATURES with an error that says why, having set nothing up.
+  @Test func packedRingNotOfferedIsAClearError() throws {
+    let fake = try FakeBackend()
+    defer { fake.stop() }
+    var o = VhostUserClient.Options()
+    o.memorySize = 4 << 20
+    o.ring = .packed
+    do throws(VhostClientError) {
+      let c = try VhostUserClient.connect(path: fake.socketPath, options: o)
+      c.shutdown()
+      Issue.record("a packed-ring client started against a back-end without VIRTIO_F_RING_PACKED")
+    } catch {
+      guard case .unsupported(let why) = error else {
+        Issue.record("expected .unsupported, got \(error)")
+        return
+      }
+      #expect(why.contains("VIRTIO_F_RING_PACKED") && why.contains("bit 34"), "\(why)")
+    }
+    fake.stop()
+    #expect(fake.seen.withLock { $0.map(\.request) } == [VhostRequest.getFeatures.rawValue])
+  }
+
   @Test func refusalIsReported() throws {
     let fake = try FakeBackend(refuse: .setMemTable)
     defer { fake.stop() }
