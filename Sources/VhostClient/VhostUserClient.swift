@@ -86,6 +86,11 @@ public final class VhostUserClient {
   private var queues: [Virtqueue] = []
   private var nextRequestID: UInt64 = 1
 
+  /// Waits that slept until their deadline and then found used elements: the back-end
+  /// published them without the interrupt the driver asked for. The wait still returns them,
+  /// so a lost interrupt would otherwise show only as slowness; tests expect 0.
+  public private(set) var unsignalledWakeups = 0
+
   /// Queues set up by `start`.
   public var queueCount: Int { queues.count }
   /// Whether every bit of `f` was acknowledged with SET_FEATURES.
@@ -564,6 +569,7 @@ public final class VhostUserClient {
     -> [VhostCompletion]
   {
     let memory = try guestMemory()
+    var sleptToDeadline = false
     while true {
       var out: [VhostCompletion] = []
       for vq in list {
@@ -571,7 +577,10 @@ public final class VhostUserClient {
         vq.stash = []
         out += try vq.reap(memory: memory)
       }
-      if !out.isEmpty { return out }
+      if !out.isEmpty {
+        if sleptToDeadline { unsignalledWakeups += 1 }
+        return out
+      }
       if stopWhenIdle && list.allSatisfy({ $0.inFlight == 0 }) { return [] }
       // Arm notifications, then re-check before sleeping so no completion is missed.
       var ready = false
@@ -589,6 +598,7 @@ public final class VhostUserClient {
         if errno == EINTR { continue }
         throw .system("poll", errno: errno)
       }
+      sleptToDeadline = r == 0
       for (i, vq) in list.enumerated() where fds[i].revents & Int16(POLLIN) != 0 { vq.drainCall() }
       if fds[list.count].revents & (Int16(POLLHUP) | Int16(POLLERR) | pollRDHUP) != 0 {
         // Take what the back-end completed before it went away, then report the disconnect.

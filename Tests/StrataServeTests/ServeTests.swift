@@ -476,6 +476,7 @@ struct StrataServeTests {
         }
         #expect(done == 64, "round \(round): \(done) of 64 completed")
       }
+      #expect(c.unsignalledWakeups == 0, "completions that came without an interrupt")
       // The whole area against the model, 16 blocks per read, alternating queues.
       for chunk in 0..<(blocks / 16) {
         let r = try c.perform(queue: chunk % 2, .read(sector: UInt64(chunk * 16 * bs / 512), length: 16 * bs))
