@@ -76,7 +76,7 @@ public struct VhostCompletion: Sendable, Equatable {
   /// The id `submit` returned; nil for a head placed with the raw API (or one the back-end
   /// returned that no request owns).
   public var requestID: UInt64?
-  /// The used element's id (the chain head).
+  /// The used element's id: the chain head (split ring) or the buffer id (packed ring).
   public var head: UInt32
   /// The used element's len: bytes the device says it wrote into device-writable buffers.
   public var usedLength: UInt32

@@ -7,10 +7,10 @@ import VhostProtocol
 ///
 /// Lifecycle: `connect(path:options:)` = `init(path:options:)` (socket only) + `negotiate()`
 /// (GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-/// GET_MAX_MEM_SLOTS, SET_OWNER, GET_CONFIG) + `start()` (GET/SET_INFLIGHT_FD, SET_FEATURES,
+/// GET_MAX_MEM_SLOTS, SET_OWNER, GET_CONFIG) + `start()` (SET_FEATURES, GET/SET_INFLIGHT_FD,
 /// SET_MEM_TABLE or ADD_MEM_REG, per queue SET_VRING_NUM/BASE/ADDR/KICK/CALL, then
 /// SET_VRING_ENABLE 1 on every queue). The steps are public so tests can stop anywhere and send
-/// whatever they like.
+/// whatever they like. Split virtqueues unless `Options.ring` asks for packed ones.
 ///
 /// Not thread-safe: one thread drives a client (it may poll all queues at once, see `waitAny`).
 public final class VhostUserClient {
@@ -21,11 +21,15 @@ public final class VhostUserClient {
     public var queueSize: Int = 256
     /// Queues wanted; `start` sets up min(this, what the back-end offers).
     public var queues: Int = 1
+    /// The virtqueue format. `.packed` negotiates VIRTIO_F_RING_PACKED, and `negotiate` fails
+    /// with `.unsupported` when the back-end does not offer it.
+    public var ring: RingKind = .split
     /// Protocol features the client is willing to use (intersected with the back-end's).
     public var protocolFeatures: UInt64 =
       VhostProtocolFeature.mq.bit | VhostProtocolFeature.replyAck.bit | VhostProtocolFeature.config.bit
     /// Device features wanted besides VERSION_1 and PROTOCOL_FEATURES (intersected with the
-    /// back-end's). EVENT_IDX and INDIRECT_DESC are added by `eventIdx` / `indirect`.
+    /// back-end's). EVENT_IDX, INDIRECT_DESC and RING_PACKED are added by `eventIdx` /
+    /// `indirect` / `ring`.
     public var deviceFeatures: UInt64 =
       VirtioBlkFeature.flush | VirtioBlkFeature.blkSize | VirtioBlkFeature.segMax | VirtioBlkFeature.sizeMax
       | VirtioBlkFeature.mq | VirtioBlkFeature.discard | VirtioBlkFeature.writeZeroes | VirtioBlkFeature.readOnly
@@ -82,12 +86,19 @@ public final class VhostUserClient {
   private var queues: [Virtqueue] = []
   private var nextRequestID: UInt64 = 1
 
+  /// Waits that slept until their deadline and then found used elements: the back-end
+  /// published them without the interrupt the driver asked for. The wait still returns them,
+  /// so a lost interrupt would otherwise show only as slowness; tests expect 0.
+  public private(set) var unsignalledWakeups = 0
+
   /// Queues set up by `start`.
   public var queueCount: Int { queues.count }
   /// Whether every bit of `f` was acknowledged with SET_FEATURES.
   public func hasFeature(_ f: UInt64) -> Bool { features & f == f }
   /// Whether requests go in indirect tables (one ring descriptor each instead of up to three).
   public var usesIndirect: Bool { options.indirect && features & VirtioFeature.indirectDesc != 0 }
+  /// The virtqueue format negotiated (known after `negotiate`).
+  public var ringKind: RingKind { features & VirtioFeature.ringPacked != 0 ? .packed : .split }
   /// Most requests one queue can hold at once (read/write chains take 3 descriptors).
   public var maxDepth: Int { usesIndirect ? options.queueSize : options.queueSize / 3 }
   /// Capacity in bytes from the configuration (nil without GET_CONFIG).
@@ -206,6 +217,11 @@ public final class VhostUserClient {
       throw .unsupported(
         "back-end does not offer VIRTIO_F_VERSION_1 (features 0x\(String(backendFeatures, radix: 16)))")
     }
+    guard options.ring == .split || backendFeatures & VirtioFeature.ringPacked != 0 else {
+      throw .unsupported(
+        "packed virtqueues asked for, but the back-end does not offer VIRTIO_F_RING_PACKED (bit 34; "
+          + "features 0x\(String(backendFeatures, radix: 16)))")
+    }
     if backendFeatures & VirtioFeature.protocolFeatures != 0 {
       backendProtocolFeatures = try getU64(.getProtocolFeatures)
       var wanted = options.protocolFeatures
@@ -225,6 +241,9 @@ public final class VhostUserClient {
     var wanted = VirtioFeature.version1 | VirtioFeature.protocolFeatures | options.deviceFeatures
     if options.eventIdx { wanted |= VirtioFeature.eventIdx }
     if options.indirect { wanted |= VirtioFeature.indirectDesc }
+    // The ring format follows `ring` alone, whatever `deviceFeatures` says.
+    wanted &= ~VirtioFeature.ringPacked
+    if options.ring == .packed { wanted |= VirtioFeature.ringPacked }
     features = backendFeatures & wanted
   }
 
@@ -253,7 +272,7 @@ public final class VhostUserClient {
 
   // MARK: Start
 
-  /// Inflight area, SET_FEATURES, guest memory, the virtqueues, then SET_VRING_ENABLE.
+  /// SET_FEATURES, inflight area, guest memory, the virtqueues, then SET_VRING_ENABLE.
   public func start() throws(VhostClientError) {
     guard queues.isEmpty else { throw .invalidArgument("start called twice") }
     let n = options.queueSize
@@ -266,20 +285,24 @@ public final class VhostUserClient {
       count = 1
     }
 
-    if hasProtocol(.inflightShmfd) { try setUpInflight(queues: count) }
+    // Features first, as QEMU's vhost_dev_prepare_inflight does: the back-end sizes the
+    // inflight area for the ring format they name.
     try send(.setFeatures, payload: encodeU64(features))
+    if hasProtocol(.inflightShmfd) { try setUpInflight(queues: count) }
 
     let memory = try GuestMemory(size: options.memorySize)
     self.memory = memory
     try sendMemory(memory)
 
     let eventIdx = features & VirtioFeature.eventIdx != 0
+    let kind = ringKind
+    let bytes = VirtqueueLayout.areaBytes(kind, n)
     for q in 0..<count {
-      guard let d = memory.allocate(VirtqueueLayout.descBytes(n), alignment: 4096),
-        let a = memory.allocate(VirtqueueLayout.availBytes(n), alignment: 4096),
-        let u = memory.allocate(VirtqueueLayout.usedBytes(n), alignment: 4096)
-      else { throw .outOfGuestMemory(requested: VirtqueueLayout.descBytes(n)) }
-      let layout = VirtqueueLayout(size: n, desc: d, avail: a, used: u)
+      guard let d = memory.allocate(bytes.desc, alignment: 4096),
+        let a = memory.allocate(bytes.avail, alignment: 4096),
+        let u = memory.allocate(bytes.used, alignment: 4096)
+      else { throw .outOfGuestMemory(requested: bytes.desc) }
+      let layout = VirtqueueLayout(kind: kind, size: n, desc: d, avail: a, used: u)
       let kick = strata_eventfd(0, 0)
       guard kick >= 0 else { throw .system("eventfd", errno: errno) }
       let call = strata_eventfd(0, strata_efd_nonblock())
@@ -289,7 +312,7 @@ public final class VhostUserClient {
       }
       let vq = Virtqueue(index: q, layout: layout, memory: memory, kickFd: kick, callFd: call, eventIdx: eventIdx)
       queues.append(vq)
-      try sendRing(vq, memory: memory, base: 0)
+      try sendRing(vq, memory: memory)
     }
     try enableRings()
   }
@@ -305,11 +328,13 @@ public final class VhostUserClient {
   }
 
   /// SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL of one queue.
-  private func sendRing(_ vq: Virtqueue, memory: GuestMemory, base: UInt16) throws(VhostClientError) {
+  /// The base is where guest memory says the device stands (0, or both wrap counters set, for a
+  /// new ring).
+  private func sendRing(_ vq: Virtqueue, memory: GuestMemory) throws(VhostClientError) {
     let idx = UInt32(vq.index)
     let l = vq.layout
     try send(.setVringNum, payload: VringState(index: idx, num: UInt32(l.size)).encode())
-    try send(.setVringBase, payload: VringState(index: idx, num: UInt32(base)).encode())
+    try send(.setVringBase, payload: VringState(index: idx, num: vq.ring.resumeBase).encode())
     try send(
       .setVringAddr,
       payload: VringAddress(
@@ -329,12 +354,13 @@ public final class VhostUserClient {
   }
 
   /// Connects again after the back-end went away, as QEMU does with `reconnect=`: a new socket,
-  /// `negotiate`, then SET_INFLIGHT_FD with the area kept from `start` (GET_INFLIGHT_FD only if
-  /// there is none yet), SET_FEATURES, the same guest memory, and every queue again with its
-  /// eventfds and SET_VRING_BASE = the used index in guest memory (what QEMU restores when
-  /// GET_VRING_BASE is impossible). Requests in flight stay tracked: a back-end with
-  /// INFLIGHT_SHMFD resubmits those the previous one had not completed, and the rest are still
-  /// in the avail ring. Throws `.unsupported` if the new back-end negotiates other features.
+  /// `negotiate`, SET_FEATURES, then SET_INFLIGHT_FD with the area kept from `start`
+  /// (GET_INFLIGHT_FD only if there is none yet), the same guest memory, and every queue again
+  /// with its eventfds and SET_VRING_BASE = the used position in guest memory (what QEMU
+  /// restores for a split ring when GET_VRING_BASE is impossible). Requests in flight stay
+  /// tracked: a back-end with INFLIGHT_SHMFD resubmits those the previous one had not
+  /// completed, and the rest are still available in the ring. Throws `.unsupported` if the new
+  /// back-end negotiates other features.
   public func reconnect(path: String) throws(VhostClientError) {
     guard let memory, !queues.isEmpty else { throw .invalidArgument("reconnect before start") }
     let previous = (features: features, protocolFeatures: protocolFeatures)
@@ -347,6 +373,7 @@ public final class VhostUserClient {
         "the back-end negotiated features 0x\(String(features, radix: 16)) / protocol 0x\(String(protocolFeatures, radix: 16)), "
           + "was 0x\(String(previous.features, radix: 16)) / 0x\(String(previous.protocolFeatures, radix: 16))")
     }
+    try send(.setFeatures, payload: encodeU64(features))
     if hasProtocol(.inflightShmfd) {
       if inflightFd >= 0, let d = inflightDescription {
         let set = InflightDescription(
@@ -357,9 +384,8 @@ public final class VhostUserClient {
         try setUpInflight(queues: queues.count)
       }
     }
-    try send(.setFeatures, payload: encodeU64(features))
     try sendMemory(memory)
-    for vq in queues { try sendRing(vq, memory: memory, base: vq.deviceUsedIdx) }
+    for vq in queues { try sendRing(vq, memory: memory) }
     try enableRings()
   }
 
@@ -450,66 +476,46 @@ public final class VhostUserClient {
       if !readable.isEmpty { memory.write(readable, at: d) }
     }
 
-    var chain: [(address: UInt64, length: UInt32, flags: UInt16)] = [(header, 16, 0)]
+    var chain = [ChainElement(address: header, length: 16, flags: 0)]
     if let d = dataAddress {
-      if !readable.isEmpty { chain.append((d, UInt32(readable.count), 0)) }
-      if writable > 0 { chain.append((d + UInt64(writableOffset), UInt32(writable), VirtqDescFlag.write)) }
+      if !readable.isEmpty { chain.append(ChainElement(address: d, length: UInt32(readable.count), flags: 0)) }
+      if writable > 0 {
+        chain.append(
+          ChainElement(address: d + UInt64(writableOffset), length: UInt32(writable), flags: VirtqDescFlag.write))
+      }
     }
-    chain.append((header + 16, 1, VirtqDescFlag.write))
+    chain.append(ChainElement(address: header + 16, length: 1, flags: VirtqDescFlag.write))
 
-    let useIndirect = usesIndirect
-    var indirectAddress: UInt64?
-    let descriptors: [UInt16]
     func release() {
       memory.free(header, count: 64)
       if let d = dataAddress { memory.free(d, count: dataCount) }
     }
-    if useIndirect {
+    var elements = chain
+    var indirectAddress: UInt64?
+    if usesIndirect {
       guard let table = memory.allocate(16 * chain.count, alignment: 16) else {
         release()
         throw .outOfGuestMemory(requested: 16 * chain.count)
       }
-      guard let ds = vq.takeDescriptors(1) else {
-        memory.free(table, count: 16 * chain.count)
-        release()
-        throw .queueFull(queue: q)
-      }
-      let tp = memory.pointer(table)
-      for (i, e) in chain.enumerated() {
-        let last = i == chain.count - 1
-        let p = tp + 16 * i
-        p.storeBytes(of: e.address.littleEndian, toByteOffset: 0, as: UInt64.self)
-        p.storeBytes(of: e.length.littleEndian, toByteOffset: 8, as: UInt32.self)
-        p.storeBytes(of: (e.flags | (last ? 0 : VirtqDescFlag.next)).littleEndian, toByteOffset: 12, as: UInt16.self)
-        p.storeBytes(of: UInt16(last ? 0 : i + 1).littleEndian, toByteOffset: 14, as: UInt16.self)
-      }
-      vq.writeDescriptor(
-        ds[0], address: table, length: UInt32(16 * chain.count), flags: VirtqDescFlag.indirect, next: 0)
+      vq.ring.writeTable(chain, at: memory.pointer(table))
       indirectAddress = table
-      descriptors = ds
-    } else {
-      guard let ds = vq.takeDescriptors(chain.count) else {
-        release()
-        throw .queueFull(queue: q)
-      }
-      for (i, e) in chain.enumerated() {
-        let last = i == chain.count - 1
-        vq.writeDescriptor(
-          ds[i], address: e.address, length: e.length, flags: e.flags | (last ? 0 : VirtqDescFlag.next),
-          next: last ? 0 : ds[i + 1])
-      }
-      descriptors = ds
+      elements = [ChainElement(address: table, length: UInt32(16 * chain.count), flags: VirtqDescFlag.indirect)]
     }
-
+    let submitNs = monotonicNanoseconds()
+    guard let head = vq.ring.publish(elements) else {
+      if let t = indirectAddress { memory.free(t, count: 16 * chain.count) }
+      release()
+      throw .queueFull(queue: q)
+    }
     let id = nextRequestID
     nextRequestID += 1
+    // Tracked after publishing: completions are only reaped by this thread, later.
     vq.track(
-      head: descriptors[0],
+      id: head,
       .init(
         id: id, headerAddress: header, dataAddress: dataAddress, dataCount: dataCount, writableOffset: writableOffset,
-        writableLength: writable, indirectAddress: indirectAddress, indirectCount: chain.count,
-        descriptors: descriptors, copyData: copyData, submitNs: monotonicNanoseconds()))
-    vq.publish(head: descriptors[0])
+        writableLength: writable, indirectAddress: indirectAddress, indirectCount: chain.count, copyData: copyData,
+        submitNs: submitNs))
     if kick { try vq.kick(force: false) }
     return id
   }
@@ -523,8 +529,8 @@ public final class VhostUserClient {
   /// Requests published and not completed.
   public func inFlight(queue q: Int) -> Int { q < queues.count ? queues[q].inFlight : 0 }
 
-  /// Free descriptors in a queue's table.
-  public func freeDescriptorCount(queue q: Int) -> Int { q < queues.count ? queues[q].freeDescriptors.count : 0 }
+  /// Free descriptors in a queue's table (split) or ring (packed).
+  public func freeDescriptorCount(queue q: Int) -> Int { q < queues.count ? queues[q].ring.freeCount : 0 }
 
   /// Completions available now, without blocking.
   public func poll(queue q: Int) throws(VhostClientError) -> [VhostCompletion] {
@@ -563,6 +569,7 @@ public final class VhostUserClient {
     -> [VhostCompletion]
   {
     let memory = try guestMemory()
+    var sleptToDeadline = false
     while true {
       var out: [VhostCompletion] = []
       for vq in list {
@@ -570,7 +577,10 @@ public final class VhostUserClient {
         vq.stash = []
         out += try vq.reap(memory: memory)
       }
-      if !out.isEmpty { return out }
+      if !out.isEmpty {
+        if sleptToDeadline { unsignalledWakeups += 1 }
+        return out
+      }
       if stopWhenIdle && list.allSatisfy({ $0.inFlight == 0 }) { return [] }
       // Arm notifications, then re-check before sleeping so no completion is missed.
       var ready = false
@@ -588,6 +598,7 @@ public final class VhostUserClient {
         if errno == EINTR { continue }
         throw .system("poll", errno: errno)
       }
+      sleptToDeadline = r == 0
       for (i, vq) in list.enumerated() where fds[i].revents & Int16(POLLIN) != 0 { vq.drainCall() }
       if fds[list.count].revents & (Int16(POLLHUP) | Int16(POLLERR) | pollRDHUP) != 0 {
         // Take what the back-end completed before it went away, then report the disconnect.
@@ -624,44 +635,52 @@ public final class VhostUserClient {
   /// The guest-physical placement of a queue's rings.
   public func layout(queue q: Int) throws(VhostClientError) -> VirtqueueLayout { try queue(q).layout }
 
+  /// The split ring of queue `q`: the raw calls below place descriptors by table index and
+  /// heads in the avail ring, which a packed ring does not have.
+  private func splitRing(_ q: Int) throws(VhostClientError) -> (Virtqueue, SplitRing) {
+    let vq = try queue(q)
+    guard let ring = vq.split else { throw .invalidArgument("queue \(q) is packed: raw ring access is split-only") }
+    return (vq, ring)
+  }
+
   /// Takes descriptors out of the managed free list so raw placement cannot collide with
   /// managed requests.
   public func reserveDescriptors(queue q: Int, count: Int) throws(VhostClientError) -> [UInt16] {
-    guard let d = try queue(q).takeDescriptors(count) else { throw .queueFull(queue: q) }
+    guard let d = try splitRing(q).1.takeDescriptors(count) else { throw .queueFull(queue: q) }
     return d
   }
 
   /// Gives reserved descriptors back (only once the back-end is done with them).
   public func releaseDescriptors(queue q: Int, _ d: [UInt16]) throws(VhostClientError) {
-    try queue(q).returnDescriptors(d)
+    try splitRing(q).1.returnDescriptors(d)
   }
 
   /// Writes any values into descriptor `index` of a queue's table (index must be < queue size).
   public func placeDescriptor(queue q: Int, index: UInt16, address: UInt64, length: UInt32, flags: UInt16, next: UInt16)
     throws(VhostClientError)
   {
-    let vq = try queue(q)
+    let (vq, ring) = try splitRing(q)
     guard Int(index) < vq.size else { throw .invalidArgument("descriptor \(index) of \(vq.size)") }
-    vq.writeDescriptor(index, address: address, length: length, flags: flags, next: next)
+    ring.writeDescriptor(index, address: address, length: length, flags: flags, next: next)
   }
 
   /// Publishes any head value (even out of range) in the avail ring, then kicks unconditionally.
   public func publish(queue q: Int, head: UInt16, kick: Bool = true) throws(VhostClientError) {
-    let vq = try queue(q)
-    vq.publish(head: head)
+    let (vq, ring) = try splitRing(q)
+    ring.publish(head: head)
     if kick { try vq.kick(force: true) }
   }
 
   /// Sets avail->idx to any value (e.g. far ahead of the ring) and kicks.
   public func setAvailIndex(queue q: Int, _ value: UInt16, kick: Bool = true) throws(VhostClientError) {
-    let vq = try queue(q)
-    vq.forceAvailIdx(value)
+    let (vq, ring) = try splitRing(q)
+    ring.forceAvailIdx(value)
     if kick { try vq.kick(force: true) }
   }
 
   /// The avail index the client last published and the used index it last reaped.
   public func ringIndices(queue q: Int) throws(VhostClientError) -> (avail: UInt16, lastUsed: UInt16) {
-    let vq = try queue(q)
-    return (vq.availIdx, vq.lastUsedIdx)
+    let ring = try splitRing(q).1
+    return (ring.availIdx, ring.lastUsedIdx)
   }
 }

@@ -131,15 +131,16 @@ final class ServeProcess {
       notListening: { ServeTestError("strata serve is not listening on \(self.socketPath); log:\n\(self.log)") })
   }
 
-  /// Options for a client using `queues` queues.
-  static func options(queues: Int = 1, queueSize: Int = 256, eventIdx: Bool = true, indirect: Bool = false)
-    -> VhostUserClient.Options
-  {
+  /// Options for a client using `queues` queues of the `ring` format.
+  static func options(
+    queues: Int = 1, queueSize: Int = 256, eventIdx: Bool = true, indirect: Bool = false, ring: RingKind = .split
+  ) -> VhostUserClient.Options {
     var o = VhostUserClient.Options()
     o.queues = queues
     o.queueSize = queueSize
     o.eventIdx = eventIdx
     o.indirect = indirect
+    o.ring = ring
     return o
   }
 
@@ -282,6 +283,11 @@ func withServer<T>(
   }
   if s.status == nil { s.stop(sourceLocation: sourceLocation) }
   return result
+}
+
+extension RingKind {
+  /// The `strata serve` arguments that offer this ring format (packed rings are opt-in there).
+  var serveArguments: [String] { self == .packed ? ["--packed-ring"] : [] }
 }
 
 // MARK: - Data and requests

@@ -87,9 +87,10 @@ struct Scratch {
 struct StrataServeTests {
   // MARK: 1. Negotiation
 
-  @Test func negotiationFeaturesAndConfig() throws {
-    try withServer(size: 48 << 20, arguments: ["--num-queues", "3"]) { s in
-      let c = try s.client(ServeProcess.options(queues: 4))
+  @Test(arguments: RingKind.allCases)
+  func negotiationFeaturesAndConfig(ring: RingKind) throws {
+    try withServer(size: 48 << 20, arguments: ["--num-queues", "3"] + ring.serveArguments) { s in
+      let c = try s.client(ServeProcess.options(queues: 4, ring: ring))
       defer { c.shutdown() }
       let features: [(String, UInt64)] = [
         ("VERSION_1", VirtioFeature.version1), ("FLUSH", VirtioBlkFeature.flush),
@@ -102,7 +103,11 @@ struct StrataServeTests {
         #expect(c.backendFeatures & bit != 0, "\(name) not offered (0x\(String(c.backendFeatures, radix: 16)))")
       }
       #expect(c.backendFeatures & VirtioBlkFeature.readOnly == 0, "RO offered without --read-only")
-      #expect(c.backendFeatures & VirtioFeature.ringPacked == 0)
+      #expect(
+        (c.backendFeatures & VirtioFeature.ringPacked != 0) == (ring == .packed),
+        "RING_PACKED offered: 0x\(String(c.backendFeatures, radix: 16))")
+      #expect(c.hasFeature(VirtioFeature.ringPacked) == (ring == .packed))
+      #expect(c.ringKind == ring)
       for f in [VhostProtocolFeature.replyAck, .config, .mq] {
         #expect(c.backendProtocolFeatures & f.bit != 0, "protocol feature \(f) not offered")
         #expect(c.hasProtocol(f))
@@ -140,14 +145,27 @@ struct StrataServeTests {
         #expect(try c.perform(queue: q, .write(sector: UInt64(q * 8), data: data)).isOK)
         #expect(try c.perform(queue: q, .read(sector: UInt64(q * 8), length: 4096)).data == data)
       }
+
+      guard ring == .split else { return }
+      // This server does not offer packed rings: a front-end that wants them gets told so
+      // right after GET_FEATURES.
+      c.shutdown()
+      let refusal = #expect(throws: VhostClientError.self) {
+        try VhostUserClient.connect(path: s.socketPath, options: ServeProcess.options(ring: .packed)).shutdown()
+      }
+      let said = refusal.map { "\($0)" } ?? ""
+      #expect(said.hasPrefix("unsupported:") && said.contains("VIRTIO_F_RING_PACKED"), "\(said)")
+      try checkAliveAndServing(s, after: "a packed-ring client was refused")
     }
   }
 
   // MARK: 2. Data
 
-  @Test func writeThenReadBackOnBothQueuesAndAfterStop() throws {
-    try withServer(size: 64 << 20, arguments: ["--num-queues", "2"]) { s in
-      let c = try s.client(ServeProcess.options(queues: 2))
+  @Test(arguments: RingKind.allCases)
+  func writeThenReadBackOnBothQueuesAndAfterStop(ring: RingKind) throws {
+    try withServer(size: 64 << 20, arguments: ["--num-queues", "2"] + ring.serveArguments) { s in
+      let c = try s.client(ServeProcess.options(queues: 2, ring: ring))
+      #expect(c.ringKind == ring)
       #expect(c.queueCount == 2)
       let last = s.size / 512
       // Non-overlapping: 512 B to 1 MiB, aligned and not, at the start, middle and end.
@@ -249,10 +267,12 @@ struct StrataServeTests {
 
   // MARK: 3. Request types
 
-  @Test func flushGetIDErrorsDiscardAndWriteZeroes() throws {
+  @Test(arguments: RingKind.allCases)
+  func flushGetIDErrorsDiscardAndWriteZeroes(ring: RingKind) throws {
     let serial = "STRATA-SERIAL-0042"
-    try withServer(arguments: ["--serial", serial]) { s in
-      let c = try s.client()
+    try withServer(arguments: ["--serial", serial] + ring.serveArguments) { s in
+      let c = try s.client(ServeProcess.options(ring: ring))
+      #expect(c.ringKind == ring)
       defer { c.shutdown() }
       #expect(c.hasFeature(VirtioBlkFeature.flush | VirtioBlkFeature.discard | VirtioBlkFeature.writeZeroes))
       let capacity = s.size / 512
@@ -324,10 +344,11 @@ struct StrataServeTests {
 
   // MARK: 4. Read-only
 
-  @Test func readOnlyServesReadsAndRefusesWrites() throws {
+  @Test(arguments: RingKind.allCases)
+  func readOnlyServesReadsAndRefusesWrites(ring: RingKind) throws {
     let data = pattern(8192, seed: 77)
     try withServer(
-      arguments: ["--read-only"],
+      arguments: ["--read-only"] + ring.serveArguments,
       prepare: { s in
         let input = s.directory + "/input.bin"
         try Data(data).write(to: URL(fileURLWithPath: input))
@@ -335,8 +356,9 @@ struct StrataServeTests {
         guard w.succeeded else { throw ServeTestError("strata write: \(w.stderr)") }
       }
     ) { s in
-      let c = try s.client()
+      let c = try s.client(ServeProcess.options(ring: ring))
       defer { c.shutdown() }
+      #expect(c.ringKind == ring)
       #expect(c.backendFeatures & VirtioBlkFeature.readOnly != 0, "VIRTIO_BLK_F_RO not offered")
       #expect(c.hasFeature(VirtioBlkFeature.readOnly))
       #expect(c.backendFeatures & (VirtioBlkFeature.discard | VirtioBlkFeature.writeZeroes) == 0)
@@ -364,12 +386,16 @@ struct StrataServeTests {
 
   // MARK: 5. Queue depth 32 on two queues against a model
 
-  @Test(arguments: [true, false], [false, true])
-  func queueDepth32MixedOnTwoQueues(eventIdx: Bool, indirect: Bool) throws {
-    try withServer(arguments: ["--num-queues", "2"]) { s in
-      let c = try s.client(ServeProcess.options(queues: 2, eventIdx: eventIdx, indirect: indirect))
+  /// Each queue's 384 requests go round its 256-descriptor ring at least once (four times and
+  /// a half with 3-descriptor chains): a packed ring runs with both wrap counter values.
+  @Test(arguments: RingKind.allCases, [(true, false), (true, true), (false, false), (false, true)])
+  func queueDepth32MixedOnTwoQueues(ring: RingKind, variant: (eventIdx: Bool, indirect: Bool)) throws {
+    let (eventIdx, indirect) = variant
+    try withServer(arguments: ["--num-queues", "2"] + ring.serveArguments) { s in
+      let c = try s.client(ServeProcess.options(queues: 2, eventIdx: eventIdx, indirect: indirect, ring: ring))
       defer { c.shutdown() }
       #expect(c.queueCount == 2)
+      #expect(c.ringKind == ring)
       #expect(c.hasFeature(VirtioFeature.eventIdx) == eventIdx)
       #expect(c.usesIndirect == indirect)
       let bs = 4096
@@ -450,6 +476,7 @@ struct StrataServeTests {
         }
         #expect(done == 64, "round \(round): \(done) of 64 completed")
       }
+      #expect(c.unsignalledWakeups == 0, "completions that came without an interrupt")
       // The whole area against the model, 16 blocks per read, alternating queues.
       for chunk in 0..<(blocks / 16) {
         let r = try c.perform(queue: chunk % 2, .read(sector: UInt64(chunk * 16 * bs / 512), length: 16 * bs))

@@ -178,7 +178,7 @@ struct FakeBackendTests {
     let expected: [R] =
       [
         .getFeatures, .getProtocolFeatures, .setProtocolFeatures, .getQueueNum, .getMaxMemSlots, .setOwner, .getConfig,
-        .getInflightFd, .setInflightFd, .setFeatures, .addMemReg,
+        .setFeatures, .getInflightFd, .setInflightFd, .addMemReg,
       ] + perQueue + perQueue + [.setVringEnable, .setVringEnable]
     let seen = fake.seen.withLock { $0 }
     #expect(seen.map(\.request) == expected.map(\.rawValue))
@@ -194,6 +194,26 @@ struct FakeBackendTests {
     #expect(seen.first { $0.request == R.getConfig.rawValue }?.size == 72)
     #expect(seen.first { $0.request == R.setVringAddr.rawValue }?.size == 40)
     #expect(seen.first { $0.request == R.addMemReg.rawValue }?.size == 40)
+  }
+
+  /// The fake back-end offers no packed rings: a client that wants them stops right after
+  /// GET_FEATURES with an error that says why, having set nothing up.
+  @Test func packedRingNotOfferedIsAClearError() throws {
+    let fake = try FakeBackend()
+    defer { fake.stop() }
+    var o = VhostUserClient.Options()
+    o.memorySize = 4 << 20
+    o.ring = .packed
+    let error = #expect(throws: VhostClientError.self) {
+      try VhostUserClient.connect(path: fake.socketPath, options: o).shutdown()
+    }
+    if case .unsupported(let why)? = error {
+      #expect(why.contains("VIRTIO_F_RING_PACKED") && why.contains("bit 34"), "\(why)")
+    } else {
+      Issue.record("expected .unsupported, got \(String(describing: error))")
+    }
+    fake.stop()
+    #expect(fake.seen.withLock { $0.map(\.request) } == [VhostRequest.getFeatures.rawValue])
   }
 
   @Test func refusalIsReported() throws {

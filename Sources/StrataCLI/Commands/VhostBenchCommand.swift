@@ -7,9 +7,9 @@ struct VhostBenchCommand: ParsableCommand {
     commandName: "vhost-bench",
     abstract: "Measure any vhost-user-blk server through the in-repo front-end.",
     discussion: """
-      Connects to SOCKET like a VMM would (shared guest memory, split virtqueues), sends COUNT \
-      requests of SIZE bytes with DEPTH in flight on each of QUEUES queues, and prints IOPS and \
-      latency percentiles. Works against 'strata serve' and against qemu-storage-daemon \
+      Connects to SOCKET like a VMM would (shared guest memory, split virtqueues, or packed \
+      ones with --packed), sends COUNT requests of SIZE bytes with DEPTH in flight on each of \
+      QUEUES queues, and prints IOPS and latency percentiles. Works against 'strata serve' and against qemu-storage-daemon \
       (--export type=vhost-user-blk), which is how bench/vhost.sh compares them.
       """
   )
@@ -38,6 +38,9 @@ struct VhostBenchCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Restrict offsets to the first SPAN bytes of the disk.", valueName: "span"))
   var span = "0"
 
+  @Flag(help: "Use packed virtqueues (the server must offer them: strata serve --packed-ring).")
+  var packed = false
+
   @OptionGroup var format: OutputOptions
 
   func validate() throws {
@@ -51,6 +54,7 @@ struct VhostBenchCommand: ParsableCommand {
       let bytes = Int(try ByteCount.parse(size))
       var options = VhostUserClient.Options()
       options.queues = queues
+      options.ring = packed ? .packed : .split
       options.memorySize = max(64 << 20, 4 * queues * depth * bytes)
       let result: (iops: Double, p50us: Double, p99us: Double)
       do {
