@@ -58,9 +58,22 @@ import VhostProtocol
       // Buffers to resubmit are in flight: their used descriptors skip their slots too.
       for r in inflight.resubmit { chainLength[Int(r.id)] = UInt16(r.descriptors.count) }
     }
-    // The driver notifies for every buffer it makes available (no kick suppression).
-    deviceEvent.storeBytes(of: UInt16(0), as: UInt16.self)
-    strata_store_release_u16((deviceEvent + 2).assumingMemoryBound(to: UInt16.self), VirtqEventFlag.enable.littleEndian)
+    // With EVENT_IDX the driver notifies only for a buffer at the position the device will look
+    // at next (`publishAvailEvent`), as avail_event does for split rings; without it, for every one.
+    if eventIdx {
+      publishAvailEvent()
+    } else {
+      deviceEvent.storeBytes(of: UInt16(0), as: UInt16.self)
+      strata_store_release_u16(
+        (deviceEvent + 2).assumingMemoryBound(to: UInt16.self), VirtqEventFlag.enable.littleEndian)
+    }
+  }
+
+  /// Device event suppression in descriptor mode: "notify me when you make the buffer at my
+  /// next available position available" (off_wrap: that position, its wrap counter in bit 15).
+  private func publishAvailEvent() {
+    deviceEvent.storeBytes(of: (nextAvail | (availWrap ? 0x8000 : 0)).littleEndian, as: UInt16.self)
+    strata_store_release_u16((deviceEvent + 2).assumingMemoryBound(to: UInt16.self), VirtqEventFlag.desc.littleEndian)
   }
 
   /// SET/GET_VRING_BASE encoding of where the ring stands.
@@ -76,10 +89,17 @@ import VhostProtocol
   /// chain that cannot be walked breaks the ring (its id, in its last descriptor, cannot be
   /// trusted), unlike a split ring where the head names the request.
   public func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> UInt16? {
-    let headFlags = flags(at: Int(nextAvail))
-    let isAvail = headFlags & VirtqDescFlag.packedAvail != 0
-    let isUsed = headFlags & VirtqDescFlag.packedUsed != 0
-    guard isAvail == availWrap, isUsed != availWrap else { return nil }
+    var headFlags = flags(at: Int(nextAvail))
+    if !isAvailable(headFlags) {
+      guard eventIdx else { return nil }
+      // Publish the event position, then look again after a full fence: a buffer made
+      // available between the first look and that store may have gone without a kick (the
+      // driver read the old position), and would otherwise wait until the next one.
+      publishAvailEvent()
+      strata_fence_seq_cst()
+      headFlags = flags(at: Int(nextAvail))
+      guard isAvailable(headFlags) else { return nil }
+    }
     segments.removeAll(keepingCapacity: true)
     let start = Int(nextAvail)
     var index = start
@@ -111,7 +131,14 @@ import VhostProtocol
     chainLength[Int(id)] = UInt16(count)
     nextAvail = UInt16(index)
     availWrap = wrap
+    // Tell the driver up to where the device has looked, so it notifies only for news.
+    if eventIdx { publishAvailEvent() }
     return id
+  }
+
+  /// Whether descriptor flags mark a buffer available in the current lap.
+  private func isAvailable(_ flags: UInt16) -> Bool {
+    (flags & VirtqDescFlag.packedAvail != 0) == availWrap && (flags & VirtqDescFlag.packedUsed != 0) != availWrap
   }
 
   /// Walks a buffer saved in the inflight region (resubmitted after a restart) into `segments`,
