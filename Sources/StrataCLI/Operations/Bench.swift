@@ -5,6 +5,12 @@ import StrataIO
   import Glibc
 #endif
 
+/// `v` rounded to `digits` decimals, as the benchmark reports print numbers ("12.34").
+func rounded(_ v: Double, digits: Int) -> String {
+  let scale = Double((0..<digits).reduce(1) { r, _ in r * 10 })
+  return String(Double((v * scale).rounded()) / scale)
+}
+
 /// What `strata bench` measures, modelled on `qemu-img bench`: `count` requests of `size`
 /// bytes with `depth` in flight, random or sequential, reads or writes.
 struct BenchSettings {
@@ -45,10 +51,7 @@ struct BenchResult: Encodable {
   }
 
   var humanText: String {
-    func f(_ v: Double, _ digits: Int = 2) -> String {
-      let scale = Double((0..<digits).reduce(1) { r, _ in r * 10 })
-      return String(Double((v * scale).rounded()) / scale)
-    }
+    func f(_ v: Double, _ digits: Int = 2) -> String { rounded(v, digits: digits) }
     return """
       Sending \(requests) \(operation) requests, \(requestBytes) bytes each, \(depth) in parallel (\(pattern), engine \(engine))
       Run completed in \(f(elapsedSeconds, 3)) seconds.

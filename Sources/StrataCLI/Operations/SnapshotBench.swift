@@ -62,10 +62,7 @@ struct SnapshotBenchResult: Encodable {
   }
 
   var humanText: String {
-    func f(_ v: Double, _ digits: Int = 1) -> String {
-      let scale = Double((0..<digits).reduce(1) { r, _ in r * 10 })
-      return String(Double((v * scale).rounded()) / scale)
-    }
+    func f(_ v: Double, _ digits: Int = 1) -> String { rounded(v, digits: digits) }
     return """
       Prefilled \(prefilled) snapshots in \(f(prefillSeconds, 2)) s; reopened with \(existingSnapshots) in \(f(openSeconds * 1e3, 2)) ms (\(catalogPagesReadAtOpen) catalog pages read), info \(f(infoSeconds * 1e3, 2)) ms, newest 100 listed in \(f(listSeconds * 1e3, 2)) ms.
       Created \(count) \(waitedForSync ? "durable " : "")snapshots with \(clients) clients in \(f(elapsedSeconds, 3)) s: \(f(perSecond, 0)) snapshots/s.
