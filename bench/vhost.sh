@@ -33,19 +33,29 @@ for s in strata qcow2 raw; do
   "$strata" vhost-bench --socket "$work/$s.sock" -w --pattern seq -s 1M -c $(( $(numfmt --from=iec "$size") >> 20 )) -d 8 >/dev/null
 done
 
+# Each cell is the median of ROUNDS runs; within a round the three servers run back to back,
+# so a burst of noise on this shared machine hits one round of all three, not one server.
+rounds=${ROUNDS:-3}
 rows=()
 for op in read write; do
   for qd in 1 32; do
     for q in 1 2; do
+      n=$count; [ "$qd" = 1 ] && n=$((count / 4))
+      flag=""; [ "$op" = write ] && flag="-w"
+      declare -A runs=()
+      for r in $(seq "$rounds"); do
+        for s in strata qcow2 raw; do
+          iops=$("$strata" vhost-bench --socket "$work/$s.sock" $flag --pattern rand -c "$n" -d "$qd" --queues "$q" \
+            --output json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["iops"]))')
+          runs[$s]="${runs[$s]:-} $iops"
+        done
+        echo "  4K rand$op QD$qd ${q}q round $r:${runs[strata]##* } ${runs[qcow2]##* } ${runs[raw]##* }" >&2
+      done
       line="4K rand$op QD$qd ${q}q"
       for s in strata qcow2 raw; do
-        n=$count; [ "$qd" = 1 ] && n=$((count / 4))
-        flag=""; [ "$op" = write ] && flag="-w"
-        iops=$("$strata" vhost-bench --socket "$work/$s.sock" $flag --pattern rand -c "$n" -d "$qd" --queues "$q" \
-          --output json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["iops"]))')
-        line="$line|$iops"
-        echo "  $line" >&2
+        line="$line|$(python3 -c 'import statistics,sys; print(int(statistics.median(map(int, sys.argv[1:]))))' ${runs[$s]})"
       done
+      unset runs
       rows+=("$line")
     done
   done
@@ -58,6 +68,7 @@ mkdir -p bench/results
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; kernel $(uname -r); $(qemu-storage-daemon --version | head -1)"
   echo "- $size disks filled first; client: strata vhost-bench (the in-repo front-end), 4 KiB random requests"
+  echo "- each cell: the median IOPS of $rounds rounds (the three servers back to back in each round)"
   echo
   ratio_table "${rows[@]}"
 } >"$out"

@@ -186,6 +186,44 @@ public final class ControlServer: @unchecked Sendable {
       case "flush":
         try image.durably { _ in }
         return ["ok": true]
+      case "delete_snapshot":
+        guard let name = request["name"] as? String else {
+          throw StrataError(.invalidArgument, "delete_snapshot needs a \"name\" string")
+        }
+        try image.durably { try $0.deleteSnapshot(name: name) }
+        logger.info("control: snapshot '\(name)' deleted")
+        return ["ok": true]
+      case "prune":
+        let counts = try ["keep_last", "keep_hourly", "keep_daily", "keep_weekly"].map { key -> Int in
+          guard let value = request[key] else { return 0 }
+          guard let n = (value as? NSNumber)?.intValue, n >= 0 else {
+            throw StrataError(.invalidArgument, "prune: \"\(key)\" must be a count (0 or more)")
+          }
+          return n
+        }
+        let policy = RetentionPolicy(last: counts[0], hourly: counts[1], daily: counts[2], weekly: counts[3])
+        guard !policy.keepsNothing else {
+          throw StrataError(
+            .invalidArgument,
+            "prune needs at least one keep_* rule (a policy that keeps nothing would delete every snapshot)")
+        }
+        let prefix = request["prefix"] as? String ?? ""
+        let dryRun = request["dry_run"] as? Bool ?? false
+        let deleted = try image.durably { try $0.pruneSnapshots(policy, prefix: prefix, dryRun: dryRun) }
+        if !dryRun { logger.info("control: pruned \(deleted.count) snapshot(s)") }
+        return [
+          "ok": true,
+          "deleted": deleted.map { ["name": $0.name, "seq": $0.seq, "timestamp_ns": $0.timestampNanoseconds] },
+        ]
+      case "set":
+        let window = try Self.cdpWindow(request)
+        let previous = try image.durably { img -> CDPWindow? in
+          let previous = img.cdpWindow
+          try img.setCDPWindow(window)
+          return previous
+        }
+        logger.info("control: CDP window set to \(window.map { "\($0)" } ?? "none")")
+        return ["ok": true, "previous": Self.fields(previous)]
       case "compact":
         // A whole pass under the image lock: the guest waits for it (the background cleaner
         // takes small steps instead).
@@ -200,13 +238,38 @@ public final class ControlServer: @unchecked Sendable {
         ]
       default:
         throw StrataError(
-          .invalidArgument, "unknown command \"\(command)\" (status, snapshot, resize, flush, compact)")
+          .invalidArgument,
+          "unknown command \"\(command)\" (status, snapshot, delete_snapshot, prune, set, resize, flush, compact)")
       }
     } catch let e as StrataError {
       return failure(e)
     } catch {
       return failure(StrataError(.io, "\(error)"))
     }
+  }
+
+  /// The CDP window a `set` request names: exactly one of "cdp_window_ns" (a duration),
+  /// "cdp_window_bytes" (a log size) or "cdp_window": "none".
+  private static func cdpWindow(_ request: [String: Any]) throws -> CDPWindow? {
+    let ns = (request["cdp_window_ns"] as? NSNumber)?.uint64Value
+    let bytes = (request["cdp_window_bytes"] as? NSNumber)?.uint64Value
+    let none = request["cdp_window"] as? String == "none"
+    switch (ns, bytes, none) {
+    case (let ns?, nil, false) where ns > 0: return .duration(nanoseconds: ns)
+    case (nil, let bytes?, false) where bytes > 0: return .size(bytes: bytes)
+    case (nil, nil, true): return nil
+    default:
+      throw StrataError(
+        .invalidArgument,
+        "set needs exactly one of \"cdp_window_ns\" or \"cdp_window_bytes\" (a positive number), or \"cdp_window\": \"none\""
+      )
+    }
+  }
+
+  /// A window as the `set` reply states it (both 0: none), as the superblock stores it.
+  private static func fields(_ window: CDPWindow?) -> [String: UInt64] {
+    let f = window?.fields ?? (nanoseconds: 0, bytes: 0)
+    return ["cdp_window_ns": f.nanoseconds, "cdp_window_bytes": f.bytes]
   }
 
   private func failure(_ error: StrataError) -> [String: Any] {

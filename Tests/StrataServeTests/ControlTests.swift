@@ -103,6 +103,61 @@ import VhostProtocol
     #expect(access(control, F_OK) != 0)
   }
 
+  /// Snapshot deletion, pruning and the CDP window of a served image, through the `strata`
+  /// command's --control options (the server does the work, the guest keeps its disk), and the
+  /// bad requests of each.
+  @Test func deletePruneAndSetWhileServing() throws {
+    let control = "/tmp/strata-control-\(UUID().uuidString.prefix(8)).sock"
+    defer { unlink(control) }
+    try withServer(size: 16 << 20, arguments: ["--control", control]) { s in
+      let c = try s.client(ServeProcess.options(queues: 1))
+      defer { c.shutdown() }
+      let data = pattern(4096, seed: 7)
+      #expect(try c.perform(.write(sector: 8, data: data)).isOK)
+      for name in ["a1", "a2", "a3", "b1"] {
+        let r = try s.strata(["snapshot", "create", s.image, name, "--control", control])
+        #expect(r.succeeded, "snapshot create \(name): \(r.stderr)")
+      }
+      let deleted = try s.strata(["snapshot", "delete", s.image, "a1", "--control", control])
+      #expect(deleted.succeeded, "snapshot delete: \(deleted.stderr)")
+      let pruned = try s.strata([
+        "snapshot", "prune", s.image, "--prefix", "a", "--keep-last", "1", "--control", control, "--output", "json",
+      ])
+      #expect(pruned.succeeded, "prune: \(pruned.stderr)")
+      let names = (try JSONSerialization.jsonObject(with: Data(pruned.stdout)) as? [[String: Any]])?.map {
+        $0["name"] as? String
+      }
+      #expect(names == ["a2"], "pruned: \(String(decoding: pruned.stdout, as: UTF8.self))")
+      let set = try s.strata(["set", s.image, "--cdp-window", "2h", "--control", control])
+      #expect(set.succeeded && String(decoding: set.stdout, as: UTF8.self).contains("2h"), "set: \(set.stderr)")
+      let again = try s.strata(["set", s.image, "--cdp-window", "none", "--control", control])
+      #expect(String(decoding: again.stdout, as: UTF8.self).contains("was 2h"), "set: \(again.stdout)")
+      #expect(try s.strata(["set", s.image, "--cdp-window", "512M", "--control", control]).succeeded)
+
+      let replies = try rawExchange(
+        control,
+        [
+          "{\"command\":\"delete_snapshot\",\"name\":\"nope\"}", "{\"command\":\"delete_snapshot\"}",
+          "{\"command\":\"prune\",\"prefix\":\"a\"}", "{\"command\":\"prune\",\"keep_last\":-1}",
+          "{\"command\":\"set\"}", "{\"command\":\"set\",\"cdp_window_ns\":5,\"cdp_window_bytes\":5}",
+        ])
+      #expect(replies.allSatisfy { $0["ok"] as? Bool == false }, "\(replies)")
+      #expect((replies[0]["error"] as? String ?? "").contains("nope"), "\(replies[0])")
+      #expect((replies[2]["error"] as? String ?? "").contains("keep_"), "\(replies[2])")
+      #expect(try c.perform(.read(sector: 8, length: 4096)).data == data, "the guest's disk is intact")
+      s.stop()
+      let list = try s.strata(["snapshot", "list", s.image, "--output", "json"])
+      let left = (try JSONSerialization.jsonObject(with: Data(list.stdout)) as? [[String: Any]])?.compactMap {
+        $0["name"] as? String
+      }
+      #expect(left.map(Set.init) == ["a3", "b1"], "snapshots left: \(String(describing: left))")
+      let info = try #require(
+        try JSONSerialization.jsonObject(with: Data(s.strata(["info", s.image, "--output", "json"]).stdout))
+          as? [String: Any])
+      #expect((info["cdp_window_bytes"] as? NSNumber)?.uint64Value == 512 << 20, "\(info)")
+    }
+  }
+
   /// While the guest overwrites its disk, the background cleaner frees segments (reported in
   /// `status`), the guest reads back what it wrote, and `compact --control` runs a whole pass.
   @Test func backgroundCleanerReclaimsWhileServing() throws {

@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import StrataControl
 import StrataCore
 
 struct SetCommand: ParsableCommand {
@@ -16,12 +18,14 @@ struct SetCommand: ParsableCommand {
       The cleaner (`strata compact`, and `strata serve` in the background) reclaims the log of \
       points outside the window; snapshots stay whatever the window says. Without a window it \
       keeps only snapshots and the current disk. The setting is stored in the image and durable \
-      when the command returns; a served image must be stopped first.
+      when the command returns. For an image that `strata serve` is serving, pass its control \
+      socket: the server's cleaner follows the new window from its next pass.
 
       Examples:
         strata set vm.strata --cdp-window 24h
         strata set vm.strata --cdp-window 50G
         strata set vm.strata --cdp-window none
+        strata set vm.strata --cdp-window 7d --control /run/vm1.control
       """
   )
 
@@ -36,6 +40,8 @@ struct SetCommand: ParsableCommand {
     transform: CDPWindowArgument.parse)
   var cdpWindow: CDPWindowArgument?
 
+  @OptionGroup var control: ControlOption
+
   func validate() throws {
     if cdpWindow == nil { throw ValidationError("Nothing to set: give --cdp-window DURATION|SIZE|none.") }
   }
@@ -43,11 +49,13 @@ struct SetCommand: ParsableCommand {
   func run() throws {
     try runReportingErrors {
       let window = cdpWindow?.window
-      let previous = try ImageAccess.with(image, readOnly: false) { opened -> CDPWindow? in
-        let previous = opened.cdpWindow
-        try opened.setCDPWindow(window)
-        return previous
-      }
+      let previous =
+        try control.control.map { try setServed(window, $0) }
+        ?? ImageAccess.with(image, readOnly: false) { opened -> CDPWindow? in
+          let previous = opened.cdpWindow
+          try opened.setCDPWindow(window)
+          return previous
+        }
       let was = previous.map { " (was \(CDPWindowArgument.format($0)))" } ?? ""
       if let window {
         print(
@@ -57,5 +65,21 @@ struct SetCommand: ParsableCommand {
         print("CDP window removed\(was): the cleaner may reclaim any point that no snapshot needs.")
       }
     }
+  }
+
+  /// The same through the control socket of the server serving the image; returns the window
+  /// it replaced.
+  private func setServed(_ window: CDPWindow?, _ socket: String) throws -> CDPWindow? {
+    var request: [String: Any] = ["command": "set"]
+    switch window {
+    case .duration(let ns): request["cdp_window_ns"] = ns
+    case .size(let bytes): request["cdp_window_bytes"] = bytes
+    case nil: request["cdp_window"] = "none"
+    }
+    let reply = try ControlClient.request(request, path: socket)
+    let previous = reply["previous"] as? [String: Any] ?? [:]
+    let ns = (previous["cdp_window_ns"] as? NSNumber)?.uint64Value ?? 0
+    let bytes = (previous["cdp_window_bytes"] as? NSNumber)?.uint64Value ?? 0
+    return ns > 0 ? .duration(nanoseconds: ns) : bytes > 0 ? .size(bytes: bytes) : nil
   }
 }

@@ -73,7 +73,8 @@ private func hint(for code: StrataError.Code) -> String? {
   case .noSpace:
     "strata: hint: free space on the file system holding the image and try again"
   case .locked:
-    "strata: hint: wait for the other process to close the image, then try again"
+    "strata: hint: wait for the other process to close the image, then try again; if `strata serve` serves it, "
+      + "pass its control socket (--control PATH) to snapshot create/delete/prune, resize, set, compact or clone"
   default:
     nil
   }

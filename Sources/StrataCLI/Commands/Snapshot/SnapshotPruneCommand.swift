@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import StrataControl
 import StrataCore
 
 struct SnapshotPruneCommand: ParsableCommand {
@@ -11,7 +13,8 @@ struct SnapshotPruneCommand: ParsableCommand {
       that have snapshots; a snapshot any rule keeps stays. --prefix limits pruning to names \
       that start with it (e.g. the auto- snapshots of `serve --snapshot-every`). Deleting a \
       snapshot frees nothing the disk, another snapshot or the timeline still needs. A snapshot \
-      a branch is based on (see `strata clone`) is kept, with a note naming the branch.
+      a branch is based on (see `strata clone`) is kept, with a note naming the branch. For an \
+      image that `strata serve` is serving, pass its control socket.
 
       Example:
         strata snapshot prune vm.strata --prefix auto- --keep-last 24 --keep-daily 7 --keep-weekly 4
@@ -36,6 +39,8 @@ struct SnapshotPruneCommand: ParsableCommand {
   @Flag(help: "Show what would be deleted; delete nothing.")
   var dryRun = false
 
+  @OptionGroup var control: ControlOption
+
   @OptionGroup var format: OutputOptions
 
   private var policy: RetentionPolicy {
@@ -54,22 +59,24 @@ struct SnapshotPruneCommand: ParsableCommand {
 
   func run() throws {
     try runReportingErrors {
-      let deleted = try ImageAccess.with(image, readOnly: dryRun) { opened in
-        // Snapshots branches are based on stay whatever the policy says.
-        let pins = try opened.branchPins()
-        if !pins.isEmpty {
-          let candidates = try opened.snapshots.filter { $0.name.hasPrefix(prefix) }
-          for s in policy.apply(to: candidates).delete {
-            guard let branches = pins[s.seq] else { continue }
-            Printer.note(
-              "Kept snapshot '\(s.name)': branch \(branches.map { "'\($0)'" }.joined(separator: ", ")) is based on it "
-                + "('strata branch delete' first to let it go).")
+      let deleted =
+        try control.control.map(pruneServed)
+        ?? ImageAccess.with(image, readOnly: dryRun) { opened in
+          // Snapshots branches are based on stay whatever the policy says.
+          let pins = try opened.branchPins()
+          if !pins.isEmpty {
+            let candidates = try opened.snapshots.filter { $0.name.hasPrefix(prefix) }
+            for s in policy.apply(to: candidates).delete {
+              guard let branches = pins[s.seq] else { continue }
+              Printer.note(
+                "Kept snapshot '\(s.name)': branch \(branches.map { "'\($0)'" }.joined(separator: ", ")) is based on it "
+                  + "('strata branch delete' first to let it go).")
+            }
           }
+          let deleted = try opened.pruneSnapshots(policy, prefix: prefix, dryRun: dryRun)
+          if !dryRun { try opened.flush() }
+          return deleted.map(SnapshotEntry.init)
         }
-        let deleted = try opened.pruneSnapshots(policy, prefix: prefix, dryRun: dryRun)
-        if !dryRun { try opened.flush() }
-        return deleted.map(SnapshotEntry.init)
-      }
       switch format.output {
       case .human:
         let verb = dryRun ? "Would delete" : "Deleted"
@@ -77,6 +84,20 @@ struct SnapshotPruneCommand: ParsableCommand {
         if !deleted.isEmpty { print(SnapshotEntry.table(deleted)) }
       case .json: try Printer.printJSON(deleted)
       }
+    }
+  }
+
+  /// The same through the control socket of the server serving the image.
+  private func pruneServed(_ socket: String) throws -> [SnapshotEntry] {
+    let reply = try ControlClient.request(
+      [
+        "command": "prune", "keep_last": keepLast, "keep_hourly": keepHourly, "keep_daily": keepDaily,
+        "keep_weekly": keepWeekly, "prefix": prefix, "dry_run": dryRun,
+      ], path: socket)
+    return (reply["deleted"] as? [[String: Any]] ?? []).map {
+      SnapshotEntry(
+        name: $0["name"] as? String ?? "", seq: ($0["seq"] as? NSNumber)?.uint64Value ?? 0,
+        timestampNanoseconds: ($0["timestamp_ns"] as? NSNumber)?.uint64Value ?? 0)
     }
   }
 }
