@@ -162,29 +162,60 @@ struct StoredRecord {
   /// First payload page (data blocks and metadata pages follow the header area).
   var payloadPage: UInt64 { page + UInt64(header.headerPages) }
   var endPage: UInt64 { page + UInt64(header.totalPages) }
+
+  /// Decodes and checks the record at `page`, its header pages read with `read` (first page,
+  /// count, page-aligned destination; zeros past the end of the file). Nil when there is no
+  /// valid record there (the end of the log); throws only for I/O errors.
+  static func decode(
+    at page: UInt64, geometry: Geometry,
+    read: (_ first: UInt64, _ count: Int, _ into: UnsafeMutableRawBufferPointer) throws -> Void
+  ) throws -> StoredRecord? {
+    guard page >= geometry.firstDataPage else { return nil }
+    let local = geometry.pageInSegment(page)
+    let first = UnsafeMutableRawBufferPointer.allocate(byteCount: Layout.pageSize, alignment: Layout.pageSize)
+    defer { first.deallocate() }
+    try read(page, 1, first)
+    guard let header = try? RecordHeader.decode(UnsafeRawBufferPointer(first)) else { return nil }
+    guard local + header.totalPages <= geometry.pagesPerSegment else { return nil }
+    let area = UnsafeMutableRawBufferPointer.allocate(
+      byteCount: header.headerPages * Layout.pageSize, alignment: Layout.pageSize)
+    defer { area.deallocate() }
+    area.copyMemory(from: UnsafeRawBufferPointer(first))
+    if header.headerPages > 1 {
+      try read(page + 1, header.headerPages - 1, UnsafeMutableRawBufferPointer(rebasing: area[Layout.pageSize...]))
+    }
+    guard let record = try? LogRecord.decode(headerArea: UnsafeRawBufferPointer(area), blockSize: geometry.blockSize)
+    else { return nil }
+    // Every record but a segment's last (its SEAL) leaves a page for that SEAL.
+    if case .seal = record.ops.last {} else if local + header.totalPages >= geometry.pagesPerSegment { return nil }
+    return StoredRecord(page: page, record: record)
+  }
+
+  /// The records of sealed segment `s`, from its first page to its SEAL (or the first page
+  /// that holds no valid record), read with `read` as in `decode`.
+  static func records(
+    inSegment s: Int, geometry: Geometry,
+    read: (_ first: UInt64, _ count: Int, _ into: UnsafeMutableRawBufferPointer) throws -> Void
+  ) throws -> [StoredRecord] {
+    var records: [StoredRecord] = []
+    var page = geometry.firstPage(ofSegment: s)
+    let end = page + UInt64(geometry.pagesPerSegment)
+    while page < end, let stored = try decode(at: page, geometry: geometry, read: read) {
+      records.append(stored)
+      if case .seal = stored.record.ops.last { break }
+      page = stored.endPage
+    }
+    return records
+  }
 }
 
 extension PageReader {
   /// Reads and checks the record at `page`. Returns nil when there is no valid record there
   /// (the end of the log); throws only for I/O errors.
   func record(at page: UInt64) throws -> StoredRecord? {
-    guard page >= geometry.firstDataPage else { return nil }
-    let local = geometry.pageInSegment(page)
-    let first = try readPage(page, zeroPastEnd: true)
-    guard let header = try? first.withUnsafeBytes({ try RecordHeader.decode($0) }) else { return nil }
-    guard local + header.totalPages <= geometry.pagesPerSegment else { return nil }
-    var area = first
-    if header.headerPages > 1 {
-      var rest = [UInt8](repeating: 0, count: (header.headerPages - 1) * Layout.pageSize)
-      try rest.withUnsafeMutableBytes { try readPages(page + 1, header.headerPages - 1, into: $0, zeroPastEnd: true) }
-      area += rest
+    try StoredRecord.decode(at: page, geometry: geometry) { first, count, out in
+      try readPages(first, count, into: out, zeroPastEnd: true)
     }
-    guard
-      let record = try? area.withUnsafeBytes({ try LogRecord.decode(headerArea: $0, blockSize: geometry.blockSize) })
-    else { return nil }
-    // Every record but a segment's last (its SEAL) leaves a page for that SEAL.
-    if case .seal = record.ops.last {} else if local + header.totalPages >= geometry.pagesPerSegment { return nil }
-    return StoredRecord(page: page, record: record)
   }
 
   /// True when the page starts with a record magic (whether or not the record is valid).
