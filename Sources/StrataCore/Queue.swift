@@ -75,6 +75,10 @@ public final class ImageQueue {
   /// Requests larger than this are served synchronously (virtio-blk and NBD limits are lower).
   public static let maxRequestBytes = 4 << 20
   static let maxPieces = 64
+  /// Engine requests a queue may have in flight. Native AIO takes its events from a system-wide
+  /// pool (fs.aio-max-nr, 65,536 by default): at 4,096 a queue, a server with 16 queues would
+  /// take it all and the next io_setup fail, so it gets a quarter of that.
+  static func engineBudget(_ kind: IOEngineKind?) -> Int { kind == .native ? 1024 : 4096 }
   /// Engine reads one request may use: the engine holds `depth * piecesPerRequest` (≤ 4096).
   private let piecesPerRequest: Int
 
@@ -129,7 +133,7 @@ public final class ImageQueue {
     if next != nil { parentFiles = [] }
     // A request becomes at most `maxPieces` engine reads (one per run of blocks contiguous in
     // the file); the rest of a more fragmented request is read synchronously.
-    piecesPerRequest = max(1, min(Self.maxPieces, 4096 / depth))
+    piecesPerRequest = max(1, min(Self.maxPieces, Self.engineBudget(kind ?? file.queueEngine) / depth))
     let choice = try file.makeEngine(
       depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly,
       otherFiles: parentFiles)

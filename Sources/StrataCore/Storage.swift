@@ -123,6 +123,8 @@ public final class FileStorage: ImageStorage {
 
   /// The engine the user asked for (`--aio`, STRATA_AIO), which queues on this file use too.
   private let requestedEngine: IOEngineKind?
+  /// The engine queues on this file get unless they ask for one (nil: the best available).
+  public var queueEngine: IOEngineKind? { requestedEngine }
 
   public init(path: String, mode: Mode, engine requested: IOEngineKind? = nil, direct: Bool = true) throws {
     self.path = path

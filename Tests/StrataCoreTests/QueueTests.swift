@@ -329,6 +329,27 @@ func queueReadsThroughTheBackingChain(engine: IOEngineKind) throws {
   try reopened.close()
 }
 
+/// Native AIO takes its events from a system-wide pool (fs.aio-max-nr, 65,536 by default): 20
+/// queues of depth 256 on one image, as a server with 24 queues has, all get the native engine
+/// (at 4,096 events a queue the pool ran out after 15 and the next io_setup failed), and read.
+@Test func manyNativeQueuesFitTheSystemAIOPool() throws {
+  let (_, img) = try createImage("aio.strata", virtualSize: 1 << 20, blocks: 0..<4, version: 5)
+  defer { try? img.close() }  // after the queues (defers run in reverse), also when one fails
+  try img.flush()
+  var queues: [ImageQueue] = []
+  defer { queues.forEach { $0.close() } }
+  for _ in 0..<20 { queues.append(try ImageQueue(image: img, depth: 256, engine: .native)) }
+  #expect(queues.allSatisfy { $0.engineDescription.hasPrefix("native") })
+  let bs = img.blockSize
+  let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bs, alignment: 4096)
+  defer { buffer.deallocate() }
+  for (i, q) in queues.enumerated() {
+    try q.submitRead(into: buffer, at: UInt64((i % 4) * bs), tag: 1)
+    #expect(try reapAll(q, 1) == [1])
+    #expect(buffer.elementsEqual(pattern(block: i % 4, version: 5, blockSize: bs)), "queue \(i)")
+  }
+}
+
 /// Two threads write and hand the log to the file (`SharedImage.writeOutLog`, which waits for
 /// the writes outside the image lock, each thread possibly reaping the other's completions) at
 /// the same time: neither hangs, and after each call an image opened from the file alone (as
