@@ -93,7 +93,7 @@ let package = Package(
     .target(name: "StrataTestSupport", path: "Tests/StrataTestSupport"),
     .testTarget(name: "StrataCLITests", dependencies: ["StrataCore", "StrataCLI", "StrataTestSupport"]),
     .testTarget(name: "StrataIOTests", dependencies: ["StrataIO"]),
-    .testTarget(name: "VhostClientTests", dependencies: ["VhostClient", "StrataTestSupport"]),
+    .testTarget(name: "VhostClientTests", dependencies: ["VhostClient", "StrataTestSupport", "StrataSimulation"]),
     .testTarget(
       name: "StrataVhostTests",
       dependencies: [

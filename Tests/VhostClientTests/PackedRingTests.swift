@@ -3,6 +3,7 @@
 // device's, out-of-order completion, event suppression and the ring base. A small ring wraps
 // every few requests, so both wrap counter values are exercised many times.
 
+import StrataSimulation
 import Testing
 import VhostProtocol
 
@@ -144,7 +145,7 @@ struct PackedRingTests {
         laps += 1
         lastWrap = device.availWrap
       }
-      var shuffler = SplitMix(state: rng)
+      var shuffler = SeededRandom(seed: rng)
       popped.shuffle(using: &shuffler)
       var reaped: [UsedElement] = []
       for (k, id) in popped.enumerated() {
@@ -274,17 +275,5 @@ struct PackedRingTests {
     #expect(offWrap() == 0x0000, "next used descriptor: slot 0, wrap counter 0")
     #expect(!ring.hasUsed())
     _ = memory
-  }
-}
-
-/// Deterministic shuffles.
-struct SplitMix: RandomNumberGenerator {
-  var state: UInt64
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
   }
 }
