@@ -64,7 +64,7 @@ extension StrataImage {
     let step = try shared.with { image -> (LogWriter, LogWriter.SyncTicket, AnyThreadIO)? in
       try image.checkOpen()
       guard let writer = image.writer, writer.durableSeq < target else { return nil }
-      if try image.markReplayedTail() { return nil }  // a checkpoint: flushed under the lock
+      if try image.markTailWithoutPoint() { return nil }  // a checkpoint: flushed under the lock
       guard let io = image.storage.anyThreadIO else {
         try writer.flush()  // the storage cannot work from here: write and sync under the lock
         return nil

@@ -36,7 +36,7 @@ public final class StrataImage {
   /// Where recovery found the log end; read-only opens report it (a writer moves on from it).
   var recoveredEnd = LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: 0)
   /// The last record recovery replayed is a data record without `flush_point` (its writer
-  /// stopped before a flush marked it): the first flush makes a point (`markReplayedTail`).
+  /// stopped before a flush marked it): the first flush makes a point (`markTailWithoutPoint`).
   var replayedTailUnmarked = false
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0
@@ -148,7 +148,7 @@ public final class StrataImage {
       if changedSinceCheckpoint { try checkpoint() }
       // A close makes durable what the image shows, as a flush does: also a log tail recovery
       // replayed from the page cache when nothing was appended since (strata-sim seed 13037).
-      // Unlike `flush` it writes no checkpoint for a replayed tail (`markReplayedTail`): a
+      // Unlike `flush` it writes no checkpoint for a replayed tail (`markTailWithoutPoint`): a
       // close after nothing but reads, or after a command refused a damaged image, leaves the
       // file as it was.
       try writer.flush()
@@ -215,18 +215,17 @@ public final class StrataImage {
     return storage.writeMark
   }
 
-  /// The first flush after a recovery whose replayed tail ends without a flush point, before
-  /// anything new was appended, would otherwise mark nothing: that record is not in the
+  /// A flush whose log ends in a record it cannot mark as a flush point would otherwise leave
+  /// the state it made durable off the timeline: the first flush after a recovery whose
+  /// replayed tail ends unmarked, before anything new was appended (that record is not in the
   /// writer's buffer, and rewriting its header in place could tear a record that is already
-  /// durable. The state the guest flushed would then be missing from the timeline. A checkpoint
-  /// is a point (and flushes): written instead. True when it did. A flush that has appended
-  /// records to mark needs nothing more.
-  func markReplayedTail() throws -> Bool {
-    guard replayedTailUnmarked, let writer else { return false }
-    guard writer.appendedPages == 0 else {
-      replayedTailUnmarked = false
-      return false
-    }
+  /// durable), and a flush after a SEAL whose record failed to follow (strata-sim seed 29105:
+  /// ENOSPC preallocating the new segment). A checkpoint is a point (and flushes): written
+  /// instead. True when it did.
+  func markTailWithoutPoint() throws -> Bool {
+    guard let writer else { return false }
+    if replayedTailUnmarked && writer.appendedPages > 0 { replayedTailUnmarked = false }
+    guard replayedTailUnmarked || writer.endsWithSeal else { return false }
     try checkpoint()
     replayedTailUnmarked = false
     return true
@@ -245,7 +244,7 @@ public final class StrataImage {
   /// Returns once every write, discard and snapshot before it is durable.
   public func flush() throws {
     try checkOpen()
-    if try markReplayedTail() { return }
+    if try markTailWithoutPoint() { return }
     try writer?.flush()
   }
 

@@ -76,6 +76,10 @@ final class LogWriter {
   private var failure: String?
   /// The segment a SEAL continues in while the seal's write-out or sync has not succeeded.
   private var unfinishedSeal: Int?
+  /// The last record is a SEAL: the append that needed the room failed after it (a seal is
+  /// otherwise followed by its record at once). A SEAL is no flush point and cannot be marked
+  /// as one, so a flush then needs a record that is (`StrataImage.markTailWithoutPoint`).
+  private(set) var endsWithSeal = false
   /// Pages appended since the writer started: checkpoints are due by log volume.
   private(set) var appendedPages: UInt64 = 0
   /// Every operation up to this seq is known durable (0: nothing synced by this writer yet).
@@ -166,6 +170,7 @@ final class LogWriter {
       if pagesLeft < 2 { try seal() }
       open = OpenRecord(kind: .pages, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock(), opCount: 1)
       unmarked = nil
+      endsWithSeal = false
       descriptors.removeAll(keepingCapacity: true)
       nextSeq += 1
       tailPage += 1
@@ -211,6 +216,7 @@ final class LogWriter {
     if open == nil {
       if pagesLeft < 1 + payloadPages { try seal() }
       precondition(pagesLeft >= 1 + payloadPages)
+      endsWithSeal = false
       open = OpenRecord(kind: kind, headerPage: tailPage, firstSeq: nextSeq, timestamp: clock())
       unmarked = nil
       area.reset()
@@ -272,6 +278,7 @@ final class LogWriter {
   private func appendStandalone(_ ops: [LogOp]) -> (page: UInt64, header: RecordHeader) {
     precondition(open == nil)
     unmarked = nil
+    endsWithSeal = false
     let (bytes, header) = LogRecord.encodeHeaderArea(
       ops: ops, seq: nextSeq, previousChecksum: lastChecksum, timestampNanoseconds: clock(), flags: [],
       blockSize: geometry.blockSize)
@@ -300,6 +307,7 @@ final class LogWriter {
     precondition(tailPage < geometry.pagesPerSegment)
     let next = sealHandler(segment, tailPage + 1, nextSeq)
     appendStandalone([.seal(nextSegment: UInt64(next))])
+    endsWithSeal = true
     unfinishedSeal = next
     try finishSeal()
   }

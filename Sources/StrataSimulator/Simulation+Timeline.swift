@@ -45,7 +45,8 @@ extension Simulation {
     let flushSeqs = Set(listed.filter { $0.kind != .snapshot }.map(\.seq))
     let candidates = flushPoints.filter { flushSeqs.contains($0.seq) }
     // Every flush marks a point: after a view closed the open record (the flag is set on it),
-    // and right after a crash's recovery (a checkpoint, `markReplayedTail`).
+    // right after a crash's recovery and after a SEAL whose record failed to follow (a
+    // checkpoint, `markTailWithoutPoint`).
     try log.check(
       candidates.count == flushPoints.count,
       "timeline lists \(candidates.count) of the \(flushPoints.count) kept flush points (not \(flushPoints.map(\.seq).filter { !flushSeqs.contains($0) }))"

@@ -257,6 +257,19 @@ extension SimulatorFindingsTests {
     #expect(try recovered.timeline().map(\.seq).contains(recovered.info.nextSeq))
   }
 
+  /// strata-sim seed 29105 (3000 operations, fifth session): a write filled its segment, the
+  /// SEAL was appended, and the write-out that moves the log to the next segment failed
+  /// (ENOSPC preallocating): the log ended in the SEAL, which is no flush point and cannot be
+  /// marked as one, so the next flush made its state durable but left it off the timeline. A
+  /// flush after such a SEAL now writes a checkpoint. Kept as the seed's run (the simulator's
+  /// timeline check catches it), as the state takes a fault at one exact write-out.
+  @Test func aFlushAfterASealWhoseRecordFailedMarksAFlushPoint() throws {
+    var config = SimulationConfig()
+    config.operations = 3000
+    let stats = try Simulation(seed: 29105, config: config).run()
+    #expect(stats.faultsInjected > 0 && stats.pointRestores > 0)
+  }
+
   /// strata-sim seed 31073 (long run on the merged code): a shrink dropped whole map subtrees
   /// past the new end while an injected ENOSPC hit the read of one of their nodes. Dropping a
   /// subtree reads its nodes to release their pages; an unreadable node was taken for damage
