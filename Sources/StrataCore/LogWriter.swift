@@ -373,19 +373,32 @@ final class LogWriter {
   func writeOut() throws {
     precondition(open == nil, "an open record cannot be written out")
     try writePreviousAgain()
-    guard pendingPages > 0 else { return }
-    let bytes = UnsafeRawBufferPointer(
-      rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
     // Asynchronous: the buffer below `tailPage` never changes until the segment is sealed,
     // and sealing waits for these writes before the buffer is reused.
-    let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
     do {
-      try preallocate(through: offset + UInt64(bytes.count))
-      try storage.submitWrite(bytes, at: offset)
+      guard let run = try unwrittenRun() else { return }
+      try storage.submitWrite(run.bytes, at: run.offset)
     } catch {
       rewindAfterFailedWrite()
       throw error
     }
+    markUnwrittenTaken()
+  }
+
+  /// The pages appended but not yet handed to the file, in the buffer, and where they go in
+  /// the file, its space allocated; nil when there are none. The caller writes them (or a
+  /// copy), then `markUnwrittenTaken`.
+  private func unwrittenRun() throws -> (bytes: UnsafeRawBufferPointer, offset: UInt64)? {
+    guard pendingPages > 0 else { return nil }
+    let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
+    let bytes = UnsafeRawBufferPointer(
+      rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
+    try preallocate(through: offset + UInt64(bytes.count))
+    return (bytes, offset)
+  }
+
+  /// The pages `unwrittenRun` returned are on their way to the file; a sync must cover them.
+  private func markUnwrittenTaken() {
     writtenPages = tailPage
     needsSync = true
   }
@@ -417,14 +430,9 @@ final class LogWriter {
       throw error
     }
     var pages: (bytes: UnsafeRawBufferPointer, offset: UInt64, number: UInt64)?
-    if pendingPages > 0 {
-      let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
-      let bytes = UnsafeRawBufferPointer(
-        rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
-      try preallocate(through: offset + UInt64(bytes.count))
-      writtenPages = tailPage
-      needsSync = true
-      pages = (bytes, offset, outside.beginWriteOut())
+    if let run = try unwrittenRun() {
+      markUnwrittenTaken()
+      pages = (run.bytes, run.offset, outside.beginWriteOut())
     }
     return WriteOut(pages: pages, through: outside.lastWriteOut, storageMark: storage.writeMark)
   }
@@ -495,7 +503,8 @@ final class LogWriter {
     var segment: Int
     var pages: Int
     var seq: UInt64
-    /// A page-aligned copy of the pages to write (the leader writes, then deallocates it).
+    /// A page-aligned copy of the pages to write (the leader writes, then deallocates it), and
+    /// where it goes.
     var copy: UnsafeMutableRawBufferPointer?
     var offset: UInt64
   }
@@ -522,20 +531,16 @@ final class LogWriter {
       rewindAfterFailedWrite()
       throw error
     }
-    let offset = Geometry.byteOffset(ofPage: geometry.firstPage(ofSegment: segment) + UInt64(writtenPages))
     var copy: UnsafeMutableRawBufferPointer?
-    if pendingPages > 0 {
-      let bytes = UnsafeRawBufferPointer(
-        rebasing: buffer[(writtenPages * Layout.pageSize)..<(tailPage * Layout.pageSize)])
-      try preallocate(through: offset + UInt64(bytes.count))
-      let c = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: Layout.pageSize)
-      c.copyMemory(from: bytes)
+    let run = try unwrittenRun()
+    if let run {
+      let c = UnsafeMutableRawBufferPointer.allocate(byteCount: run.bytes.count, alignment: Layout.pageSize)
+      c.copyMemory(from: run.bytes)
       copy = c
-      writtenPages = tailPage
-      needsSync = true
+      markUnwrittenTaken()
     }
     outside.enter()
-    return SyncTicket(segment: segment, pages: writtenPages, seq: nextSeq - 1, copy: copy, offset: offset)
+    return SyncTicket(segment: segment, pages: writtenPages, seq: nextSeq - 1, copy: copy, offset: run?.offset ?? 0)
   }
 
   /// Records a sync started with `beginSync`: on success everything up to the ticket is
