@@ -35,8 +35,9 @@ public final class StrataImage {
   private(set) var writer: LogWriter?
   /// Where recovery found the log end; read-only opens report it (a writer moves on from it).
   var recoveredEnd = LogEnd(segment: 0, page: 0, nextSeq: 1, lastChecksum: 0)
-  /// The last record recovery replayed is a data record without `flush_point` (its writer
-  /// stopped before a flush marked it): the first flush makes a point (`markTailWithoutPoint`).
+  /// The last record recovery replayed is no flush point (a data record its writer stopped
+  /// before a flush marked, or a SEAL whose next record was lost): the first flush makes a
+  /// point (`markTailWithoutPoint`).
   var replayedTailUnmarked = false
   var changedSinceCheckpoint = false
   var pagesAtCheckpoint: UInt64 = 0

@@ -213,9 +213,17 @@ extension PageReader {
   /// Reads and checks the record at `page`. Returns nil when there is no valid record there
   /// (the end of the log); throws only for I/O errors.
   func record(at page: UInt64) throws -> StoredRecord? {
-    try StoredRecord.decode(at: page, geometry: geometry) { first, count, out in
-      try readPages(first, count, into: out, zeroPastEnd: true)
-    }
+    try StoredRecord.decode(at: page, geometry: geometry, read: readRecordPages)
+  }
+
+  /// The records of sealed segment `s` (see `StoredRecord.records`).
+  func records(inSegment s: Int) throws -> [StoredRecord] {
+    try StoredRecord.records(inSegment: s, geometry: geometry, read: readRecordPages)
+  }
+
+  /// Record pages as `StoredRecord.decode` reads them: zeros past the end of the file.
+  private func readRecordPages(_ first: UInt64, _ count: Int, into out: UnsafeMutableRawBufferPointer) throws {
+    try readPages(first, count, into: out, zeroPastEnd: true)
   }
 
   /// True when the page starts with a record magic (whether or not the record is valid).

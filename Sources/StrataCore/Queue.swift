@@ -129,14 +129,14 @@ public final class ImageQueue {
       parentFiles.append(parentFile)
       next = b.image.backing
     }
-    self.layers = next == nil ? layers : []
-    if next != nil { parentFiles = [] }
+    let reachable = next == nil
+    self.layers = reachable ? layers : []
     // A request becomes at most `maxPieces` engine reads (one per run of blocks contiguous in
     // the file); the rest of a more fragmented request is read synchronously.
     piecesPerRequest = max(1, min(Self.maxPieces, Self.engineBudget(kind ?? file.queueEngine) / depth))
     let choice = try file.makeEngine(
       depth: depth * piecesPerRequest, kind: kind, registered: registered, singleThread: ownerThreadOnly,
-      otherFiles: parentFiles)
+      otherFiles: reachable ? parentFiles : [])
     engine = choice.engine
     engineDescription = "\(choice.engine.kind.rawValue) (\(choice.reason))"
     if let completionEventFD {

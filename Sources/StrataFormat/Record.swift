@@ -425,8 +425,6 @@ public struct LogRecord: Equatable, Sendable {
     return (w.bytes, header)
   }
 
-  /// Completes a header area whose operations were encoded after a 64-byte placeholder: fills
-  /// in the header, computes the checksum and pads with zeros to whole pages, in place.
   /// Sets `flags` in the header of a finished header area (its first `header_length` bytes)
   /// and returns the record's new checksum.
   public static func addFlags(_ flags: RecordHeader.Flags, toHeaderArea area: UnsafeMutableRawBufferPointer) -> UInt32 {
@@ -439,6 +437,8 @@ public struct LogRecord: Equatable, Sendable {
     return checksum
   }
 
+  /// Completes a header area whose operations were encoded after a 64-byte placeholder: fills
+  /// in the header, computes the checksum and pads with zeros to whole pages, in place.
   public static func finishHeaderArea(
     _ w: inout ByteWriter, opCount: Int, payloadPages: Int, seq: UInt64, previousChecksum: UInt32,
     timestampNanoseconds: UInt64, flags: RecordHeader.Flags
