@@ -161,7 +161,7 @@ public final class ControlServer: @unchecked Sendable {
         let info = try image.durably { try $0.createSnapshot(name: name) }
         logger.info("control: snapshot '\(name)' created (seq \(info.seq))")
         return [
-          "ok": true, "snapshot": ["name": info.name, "seq": info.seq, "timestamp_ns": info.timestampNanoseconds],
+          "ok": true, "snapshot": ControlWire.snapshot(info),
         ]
       case "resize":
         guard let size = (request["size"] as? NSNumber)?.uint64Value else {
@@ -213,17 +213,17 @@ public final class ControlServer: @unchecked Sendable {
         if !dryRun { logger.info("control: pruned \(deleted.count) snapshot(s)") }
         return [
           "ok": true,
-          "deleted": deleted.map { ["name": $0.name, "seq": $0.seq, "timestamp_ns": $0.timestampNanoseconds] },
+          "deleted": deleted.map(ControlWire.snapshot),
         ]
       case "set":
-        let window = try Self.cdpWindow(request)
+        let window = try ControlWire.cdpWindow(from: request)
         let previous = try image.durably { img -> CDPWindow? in
           let previous = img.cdpWindow
           try img.setCDPWindow(window)
           return previous
         }
         logger.info("control: CDP window set to \(window.map { "\($0)" } ?? "none")")
-        return ["ok": true, "previous": Self.fields(previous)]
+        return ["ok": true, "previous": ControlWire.cdpWindow(previous)]
       case "compact":
         // A whole pass under the image lock: the guest waits for it (the background cleaner
         // takes small steps instead).
@@ -246,30 +246,6 @@ public final class ControlServer: @unchecked Sendable {
     } catch {
       return failure(StrataError(.io, "\(error)"))
     }
-  }
-
-  /// The CDP window a `set` request names: exactly one of "cdp_window_ns" (a duration),
-  /// "cdp_window_bytes" (a log size) or "cdp_window": "none".
-  private static func cdpWindow(_ request: [String: Any]) throws -> CDPWindow? {
-    let ns = (request["cdp_window_ns"] as? NSNumber)?.uint64Value
-    let bytes = (request["cdp_window_bytes"] as? NSNumber)?.uint64Value
-    let none = request["cdp_window"] as? String == "none"
-    switch (ns, bytes, none) {
-    case (let ns?, nil, false) where ns > 0: return .duration(nanoseconds: ns)
-    case (nil, let bytes?, false) where bytes > 0: return .size(bytes: bytes)
-    case (nil, nil, true): return nil
-    default:
-      throw StrataError(
-        .invalidArgument,
-        "set needs exactly one of \"cdp_window_ns\" or \"cdp_window_bytes\" (a positive number), or \"cdp_window\": \"none\""
-      )
-    }
-  }
-
-  /// A window as the `set` reply states it (both 0: none), as the superblock stores it.
-  private static func fields(_ window: CDPWindow?) -> [String: UInt64] {
-    let f = window?.fields ?? (nanoseconds: 0, bytes: 0)
-    return ["cdp_window_ns": f.nanoseconds, "cdp_window_bytes": f.bytes]
   }
 
   private func failure(_ error: StrataError) -> [String: Any] {

@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import StrataControl
 import StrataCore
 
@@ -70,16 +69,8 @@ struct SetCommand: ParsableCommand {
   /// The same through the control socket of the server serving the image; returns the window
   /// it replaced.
   private func setServed(_ window: CDPWindow?, _ socket: String) throws -> CDPWindow? {
-    var request: [String: Any] = ["command": "set"]
-    switch window {
-    case .duration(let ns): request["cdp_window_ns"] = ns
-    case .size(let bytes): request["cdp_window_bytes"] = bytes
-    case nil: request["cdp_window"] = "none"
-    }
+    let request = ControlWire.cdpWindow(window).merging(["command": "set"]) { a, _ in a }
     let reply = try ControlClient.request(request, path: socket)
-    let previous = reply["previous"] as? [String: Any] ?? [:]
-    let ns = (previous["cdp_window_ns"] as? NSNumber)?.uint64Value ?? 0
-    let bytes = (previous["cdp_window_bytes"] as? NSNumber)?.uint64Value ?? 0
-    return ns > 0 ? .duration(nanoseconds: ns) : bytes > 0 ? .size(bytes: bytes) : nil
+    return try ControlWire.cdpWindow(from: reply["previous"] as? [String: Any] ?? [:])
   }
 }

@@ -1,3 +1,4 @@
+import StrataControl
 import StrataCore
 
 /// One snapshot as `strata snapshot list` and `create` print it.
@@ -15,6 +16,12 @@ struct SnapshotEntry: Encodable {
 
   init(_ info: SnapshotInfo) {
     self.init(name: info.name, seq: info.seq, timestampNanoseconds: info.timestampNanoseconds)
+  }
+
+  /// A snapshot as a control socket reply spells it (`ControlWire.snapshot`).
+  init(controlReply object: Any?) {
+    let s = ControlWire.snapshotFields(object)
+    self.init(name: s.name, seq: s.seq, timestampNanoseconds: s.timestampNanoseconds)
   }
 
   init(name: String, seq: UInt64, timestampNanoseconds: UInt64) {

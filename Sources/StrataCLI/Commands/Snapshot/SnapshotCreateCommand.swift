@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import StrataControl
 import StrataCore
 
@@ -29,10 +28,7 @@ struct SnapshotCreateCommand: ParsableCommand {
       let created: SnapshotEntry
       if let socket = control.control {
         let reply = try ControlClient.request(["command": "snapshot", "name": name], path: socket)
-        let snapshot = reply["snapshot"] as? [String: Any] ?? [:]
-        created = SnapshotEntry(
-          name: name, seq: (snapshot["seq"] as? NSNumber)?.uint64Value ?? 0,
-          timestampNanoseconds: (snapshot["timestamp_ns"] as? NSNumber)?.uint64Value ?? 0)
+        created = SnapshotEntry(controlReply: reply["snapshot"])
       } else {
         created = try ImageAccess.with(image, readOnly: false) { opened in
           let info = try opened.createSnapshot(name: name)

@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import StrataControl
 import StrataCore
 
@@ -94,10 +93,6 @@ struct SnapshotPruneCommand: ParsableCommand {
         "command": "prune", "keep_last": keepLast, "keep_hourly": keepHourly, "keep_daily": keepDaily,
         "keep_weekly": keepWeekly, "prefix": prefix, "dry_run": dryRun,
       ], path: socket)
-    return (reply["deleted"] as? [[String: Any]] ?? []).map {
-      SnapshotEntry(
-        name: $0["name"] as? String ?? "", seq: ($0["seq"] as? NSNumber)?.uint64Value ?? 0,
-        timestampNanoseconds: ($0["timestamp_ns"] as? NSNumber)?.uint64Value ?? 0)
-    }
+    return (reply["deleted"] as? [Any] ?? []).map { SnapshotEntry(controlReply: $0) }
   }
 }
