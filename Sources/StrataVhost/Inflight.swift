@@ -178,10 +178,18 @@ final class InflightArea: @unchecked Sendable {
   }
 }
 
+/// What a queue worker asks of an inflight region, split or packed alike.
+protocol InflightResumption: AnyObject {
+  /// Chains in flight when the previous back-end stopped, still to resubmit.
+  var resubmissionsLeft: Int { get }
+  /// Set when the ring resumed an initialized region (see `InflightRing.resumed`).
+  var resumed: Bool { get set }
+}
+
 /// One virtqueue's inflight region and the back-end's bookkeeping for it: the pop counter and
 /// the chains to resubmit. Lives as long as the connection's area (across the worker restarts
 /// of SET_MEM_TABLE and the like); used by the queue's worker thread only while it runs.
-@_spi(Fuzzing) public final class InflightRing: @unchecked Sendable {
+@_spi(Fuzzing) public final class InflightRing: InflightResumption, @unchecked Sendable {
   let area: InflightArea
   let queue: Int
   private let region: UnsafeMutableRawPointer
@@ -195,6 +203,7 @@ final class InflightArea: @unchecked Sendable {
   /// signals the call eventfd once, since a used entry may have been published without a
   /// notification just before the previous back-end died.
   var resumed = false
+  var resubmissionsLeft: Int { resubmit.count }
 
   init(area: InflightArea, queue: Int) {
     self.area = area

@@ -23,7 +23,7 @@ import VhostProtocol
 /// by `recover`. While the ring runs the back-end writes it from private copies of the links,
 /// so a front-end that scribbles on it can derail the next recovery (which refuses what does
 /// not add up), never this process.
-@_spi(Fuzzing) public final class PackedInflightRing: @unchecked Sendable {
+@_spi(Fuzzing) public final class PackedInflightRing: InflightResumption, @unchecked Sendable {
   /// A ring descriptor as saved in the region.
   public struct Descriptor: Equatable, Sendable {
     public var addr: UInt64
@@ -87,6 +87,7 @@ import VhostProtocol
   var resubmit: [Resubmission] = []
   /// Set when the ring resumed an initialized region (see `InflightRing.resumed`).
   var resumed = false
+  var resubmissionsLeft: Int { resubmit.count }
 
   init(area: InflightArea, queue: Int) {
     precondition(area.packed && area.queueSize < Int(UInt16.max))

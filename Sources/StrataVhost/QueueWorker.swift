@@ -250,13 +250,16 @@ enum DeviceQueue {
     }
   }
 
-  /// INFLIGHT_SHMFD: chains the previous back-end left in flight, still to run.
-  var resubmissionsPending: Int {
+  /// INFLIGHT_SHMFD tracking, if the ring has it.
+  private var inflight: (any InflightResumption)? {
     switch self {
-    case .split(let q): q.inflight?.resubmit.count ?? 0
-    case .packed(let q): q.inflight?.resubmit.count ?? 0
+    case .split(let q): q.inflight
+    case .packed(let q): q.inflight
     }
   }
+
+  /// INFLIGHT_SHMFD: chains the previous back-end left in flight, still to run.
+  var resubmissionsPending: Int { inflight?.resubmissionsLeft ?? 0 }
 
   /// The next chain to resubmit: its head (split) or buffer id (packed) and, when it cannot be
   /// walked, why. The chain stays in flight until its used entry is published.
@@ -288,16 +291,9 @@ enum DeviceQueue {
   /// Whether the ring resumed an initialized inflight region since the last call (the worker
   /// then signals once: see `InflightRing.resumed`).
   func takeResumed() -> Bool {
-    switch self {
-    case .split(let q):
-      guard let inflight = q.inflight, inflight.resumed else { return false }
-      inflight.resumed = false
-      return true
-    case .packed(let q):
-      guard let inflight = q.inflight, inflight.resumed else { return false }
-      inflight.resumed = false
-      return true
-    }
+    guard let inflight, inflight.resumed else { return false }
+    inflight.resumed = false
+    return true
   }
 
   /// Where the ring resumes (GET_VRING_BASE): the next available index (packed: with its wrap
