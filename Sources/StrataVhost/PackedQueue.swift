@@ -90,7 +90,7 @@ import VhostProtocol
   /// trusted), unlike a split ring where the head names the request.
   public func next(into segments: inout [GuestSegment], memory: GuestMemory) throws(ChainError) -> UInt16? {
     var headFlags = flags(at: Int(nextAvail))
-    if !isAvailable(headFlags) {
+    if !Self.isAvailable(headFlags, lap: availWrap) {
       guard eventIdx else { return nil }
       // Publish the event position, then look again after a full fence: a buffer made
       // available between the first look and that store may have gone without a kick (the
@@ -98,7 +98,7 @@ import VhostProtocol
       publishAvailEvent()
       strata_fence_seq_cst()
       headFlags = flags(at: Int(nextAvail))
-      guard isAvailable(headFlags) else { return nil }
+      guard Self.isAvailable(headFlags, lap: availWrap) else { return nil }
     }
     segments.removeAll(keepingCapacity: true)
     let start = Int(nextAvail)
@@ -116,7 +116,7 @@ import VhostProtocol
       let f = count == 1 ? headFlags : flags(at: index)
       // Every descriptor of the chain must be available in this lap (the driver publishes the
       // head last, so the others are visible once the head is).
-      guard (f & VirtqDescFlag.packedAvail != 0) == wrap, (f & VirtqDescFlag.packedUsed != 0) != wrap else {
+      guard Self.isAvailable(f, lap: wrap) else {
         throw .badIndirect("descriptor \(index) of a chain is not available")
       }
       index += 1
@@ -136,9 +136,9 @@ import VhostProtocol
     return id
   }
 
-  /// Whether descriptor flags mark a buffer available in the current lap.
-  private func isAvailable(_ flags: UInt16) -> Bool {
-    (flags & VirtqDescFlag.packedAvail != 0) == availWrap && (flags & VirtqDescFlag.packedUsed != 0) != availWrap
+  /// Whether descriptor flags mark a buffer available in the lap whose wrap counter is `lap`.
+  private static func isAvailable(_ flags: UInt16, lap: Bool) -> Bool {
+    (flags & VirtqDescFlag.packedAvail != 0) == lap && (flags & VirtqDescFlag.packedUsed != 0) != lap
   }
 
   /// Walks a buffer saved in the inflight region (resubmitted after a restart) into `segments`,
